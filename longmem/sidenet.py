@@ -1,0 +1,167 @@
+"""SideNet: the trainable side network that reads a frozen backbone (LongMem §3.2).
+
+Side layer i is a copy of backbone layer r*(i+1)-1. With H^j the backbone state after j layers,
+the cross-network residual is
+
+    S^0 = H^0,   S^l = S^{l-1} + Block_l(S^{l-1}) + (H^{r*l} - H^{r*(l-1)})
+
+computed through the deviation D^l = S^l - H^{r*l}:  D^l = D^{l-1} + alpha_l * Block_l(H^{r*(l-1)} + D^{l-1}),
+where Block_l(x) is the layer's update (attention + MLP outputs, *without* the residual input, which
+an HF decoder layer adds itself). alpha_l = 1 for the paper's init; for side_init="zero" it is a
+learned scalar starting at 0, so that at step 0 S^{L_s} = H^L exactly and LongMem's logits are the
+backbone's.
+
+One layer (the copy of the backbone's memory layer m) attends jointly to its local causal context
+and to the chunks retrieved from memory: two softmaxes per head mixed by sigmoid(g_h).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbone import BackboneAdapter, BackboneStates
+from .config import LongMemConfig
+from .memory import MemoryRetrieval
+
+
+@dataclass
+class LayerCache:
+    """Post-positional keys/values of one side layer's local context: (B, Hkv, T, D)."""
+
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+
+@dataclass
+class MemoryReadout:
+    """What the memory layer read, for traces and metrics."""
+
+    retrieval: MemoryRetrieval
+    weights: torch.Tensor  # (B, Hq, T, K) attention over retrieved tokens (0 where empty)
+    gate: torch.Tensor  # (B, Hq, T) effective mix weight on memory (0 where nothing retrieved)
+
+
+def memory_attention(q, retrieval: MemoryRetrieval, scale: float):
+    """Attention of each query token over its own retrieved tokens, no positions.
+
+    q (B, Hq, T, D) pre-positional; returns out (B, Hq, T, D), weights (B, Hq, T, K).
+    """
+    keys = retrieval.keys.to(q.dtype)  # (B, Hq, T, K, D)
+    values = retrieval.values.to(q.dtype)
+    logits = torch.einsum("bhtd,bhtkd->bhtk", q, keys) * scale
+    logits = logits.masked_fill(~retrieval.token_mask, float("-inf"))
+    weights = torch.softmax(logits.float(), dim=-1)
+    weights = torch.where(retrieval.token_mask, weights, torch.zeros_like(weights)).to(q.dtype)  # no NaN rows
+    out = torch.einsum("bhtk,bhtkd->bhtd", weights, values)
+    return out, weights
+
+
+class SideLayer(nn.Module):
+    def __init__(self, adapter: BackboneAdapter, backbone_layer: int, config: LongMemConfig, memory_layer: bool):
+        super().__init__()
+        self.block = copy.deepcopy(adapter.layers[backbone_layer])
+        for p in self.block.parameters():
+            p.requires_grad_(True)
+        self.backbone_layer = backbone_layer
+        self.is_memory_layer = memory_layer
+        self.alpha = nn.Parameter(torch.zeros(())) if config.side_init == "zero" else None
+        if memory_layer:
+            self.gate = nn.Parameter(torch.full((adapter.num_heads,), float(config.gate_init)))
+
+    def forward(
+        self,
+        adapter: BackboneAdapter,
+        x: torch.Tensor,  # (B, T, C)
+        position_ids: torch.Tensor,  # (1, T)
+        cache: LayerCache | None = None,
+        retrieve: Callable[[torch.Tensor], MemoryRetrieval | None] | None = None,
+    ) -> tuple[torch.Tensor, MemoryReadout | None]:
+        """Returns the layer's update Block(x) (B, T, C) and, in the memory layer, what it read."""
+        B, T, _ = x.shape
+        norm_in, out_proj, norm_post, mlp = adapter.attention_parts(self.block)
+        scale = adapter.attention_scale(self.backbone_layer)
+
+        q, k, v = adapter.project_qkv(self.block, norm_in(x))  # (B, T, H, D) each, no positions yet
+        q_plain = q.transpose(1, 2)  # (B, Hq, T, D)
+        q, k = adapter.apply_positions(q_plain, k.transpose(1, 2), position_ids)
+        v = v.transpose(1, 2)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            if past:
+                k = torch.cat([cache.keys, k], dim=2)
+                v = torch.cat([cache.values, v], dim=2)
+            cache.keys, cache.values = k, v
+        if T == 1:
+            local = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+        elif past == 0:
+            local = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            local = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        # local: (B, Hq, T, D)
+
+        readout = None
+        retrieval = retrieve(q_plain) if (self.is_memory_layer and retrieve is not None) else None
+        if retrieval is not None:
+            remembered, weights = memory_attention(q_plain, retrieval, scale)
+            has = retrieval.has_memory  # (B, Hq, T)
+            gate = torch.sigmoid(self.gate).to(local.dtype)[None, :, None].expand(B, -1, T)
+            mixed = local + gate[..., None] * (remembered - local)
+            # Where nothing was retrieved the layer is exactly the local layer: empty memory == no memory.
+            local = torch.where(has[..., None], mixed, local)
+            readout = MemoryReadout(retrieval, weights, torch.where(has, gate, torch.zeros_like(gate)))
+
+        attn_out = out_proj(local.transpose(1, 2).reshape(B, T, -1))
+        mlp_out = mlp(norm_post(x + attn_out))
+        return attn_out + mlp_out, readout
+
+
+class SideNet(nn.Module):
+    def __init__(self, adapter: BackboneAdapter, config: LongMemConfig):
+        super().__init__()
+        r, n = config.reduction_factor, config.num_side_layers
+        self.backbone_layers = [r * (i + 1) - 1 for i in range(n)]
+        self.memory_side_layer = config.memory_side_layer
+        self.layers = nn.ModuleList(
+            SideLayer(adapter, j, config, memory_layer=(i == self.memory_side_layer))
+            for i, j in enumerate(self.backbone_layers)
+        )
+        self.final_norm = copy.deepcopy(adapter.final_norm)
+        for p in self.final_norm.parameters():
+            p.requires_grad_(True)
+
+    @property
+    def memory_layer(self) -> SideLayer:
+        return self.layers[self.memory_side_layer]
+
+    def forward(
+        self,
+        adapter: BackboneAdapter,
+        states: BackboneStates,
+        position_ids: torch.Tensor,
+        caches: list[LayerCache] | None = None,
+        retrieve: Callable[[torch.Tensor], MemoryRetrieval | None] | None = None,
+    ) -> tuple[torch.Tensor, MemoryReadout | None]:
+        """Backbone states -> normed side output (B, T, C) ready for the shared LM head."""
+        H = states.hidden  # H^{r*l}, l = 0..L_s
+        deviation = None  # D^l = S^l - H^{r*l}
+        readout = None
+        for l, layer in enumerate(self.layers):
+            s_prev = H[l] if deviation is None else H[l] + deviation
+            update, read = layer(adapter, s_prev, position_ids, None if caches is None else caches[l], retrieve)
+            readout = read or readout
+            if layer.alpha is not None:
+                update = layer.alpha.to(update.dtype) * update
+            deviation = update if deviation is None else deviation + update
+        return self.final_norm(H[-1] + deviation), readout
