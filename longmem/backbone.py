@@ -288,7 +288,14 @@ def _default_backbone_folder() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"[longmem] converting {SMOLLM2_GGUF} to safetensors in {folder} (once)", file=sys.stderr)
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # The GGUF loader marks the model as quantized (not serialisable) although its weights are
+    # already dequantized to float32: move them into a plain model of the same config.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".convert-"))
@@ -338,6 +345,8 @@ def load_backbone(
     if load_tokenizer:
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            if not tokenizer.vocab_size:  # a folder with weights only yields an empty tokenizer
+                tokenizer = None
         except (OSError, ValueError, TypeError):
             tokenizer = None  # weights without a tokenizer still work with token ids
     return freeze(model), tokenizer

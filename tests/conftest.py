@@ -1,0 +1,68 @@
+import os
+from pathlib import Path
+
+# Keep any Ray started by tests on loopback and lean on 2 CPUs (set before ray is imported).
+for key, value in {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_enable_metrics_collection": "0",
+    "RAY_enable_worker_prestart": "0",
+    "RAY_prestart_worker_first_driver": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(key, value)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+AUSTEN = ROOT.parent / "shared" / "data" / "austen"
+
+
+def tiny_backbone(family: str = "llama", seed: int = 0, layers: int = 4, dtype=torch.float32):
+    """A random-initialised causal LM of the given family, small enough for CPU tests."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if family == "llama":
+        config = LlamaConfig(
+            vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        )
+        model = LlamaForCausalLM(config)
+    elif family == "gpt2":
+        config = GPT2Config(
+            vocab_size=128, n_embd=64, n_layer=layers, n_head=4, n_positions=512,
+            bos_token_id=1, eos_token_id=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        )
+        model = GPT2LMHeadModel(config)
+    else:
+        raise ValueError(family)
+    return model.to(dtype).eval()
+
+
+def tiny_longmem(family="llama", seed=0, dtype=torch.float32, **overrides):
+    from longmem.config import LongMemConfig
+    from longmem.model import LongMem
+
+    settings = dict(backbone=f"tiny-{family}", window=32, memory_tokens=256, memory_dtype="float32")
+    settings.update(overrides)
+    return LongMem(tiny_backbone(family, seed, dtype=dtype), LongMemConfig(**settings))
+
+
+@pytest.fixture(scope="session")
+def real_backbone():
+    """The default SmolLM2-135M backbone (converted once into the cache)."""
+    from longmem.backbone import load_backbone
+
+    return load_backbone()
+
+
+@pytest.fixture(scope="session")
+def austen_text():
+    path = AUSTEN / "persuasion.txt"
+    if not path.exists():
+        pytest.fail(f"test text missing: {path} (shared data folder not laid out beside the project)")
+    return path.read_text()

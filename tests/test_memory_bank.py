@@ -1,0 +1,115 @@
+import pytest
+import torch
+
+from longmem.memory import MemoryBank, MemoryBankError
+
+
+def reference_search(chunk_keys, queries, k, group):
+    """Brute force: for each (b, t, h) score every chunk of KV head h // group, sort, take k."""
+    B, T, Hq, D = queries.shape
+    out = torch.empty(B, Hq, T, k, dtype=torch.long)
+    scores = torch.empty(B, Hq, T, k)
+    for b in range(B):
+        for h in range(Hq):
+            for t in range(T):
+                s = torch.tensor([float(queries[b, t, h] @ ck) for ck in chunk_keys[b][h // group]])
+                top = s.argsort(descending=True)[:k]
+                out[b, h, t], scores[b, h, t] = top, s[top]
+    return out, scores
+
+
+def random_kv(B, T, H=2, D=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, T, H, D, generator=g), torch.randn(B, T, H, D, generator=g)
+
+
+def test_search_equals_brute_force_and_gqa_mapping():
+    bank = MemoryBank(num_streams=2, num_kv_heads=2, head_dim=8, capacity_tokens=64, chunk_size=4, dtype=torch.float32)
+    k, v = random_kv(2, 40)
+    bank.add(k, v)
+    queries = torch.randn(2, 5, 4, 8, generator=torch.Generator().manual_seed(1))  # 4 query heads, 2 KV heads
+    hit = bank.search(queries, k=3)
+    # chunk keys by hand: mean of each 4-token chunk, per stream and head
+    chunk_keys = k.reshape(2, 10, 4, 2, 8).mean(2).permute(0, 2, 1, 3)  # (B, Hkv, chunks, D)
+    slots, scores = reference_search(chunk_keys, queries, 3, group=2)
+    assert torch.equal(hit.slots, slots)
+    torch.testing.assert_close(hit.scores, scores, rtol=1e-5, atol=1e-5)
+    # returned tokens are the tokens of those chunks, from the right KV head (query head h -> KV head h // 2)
+    b, h, t, j = 1, 3, 2, 0
+    slot = int(hit.slots[b, h, t, j])
+    torch.testing.assert_close(hit.keys[b, h, t, j * 4 : (j + 1) * 4], k[b, slot * 4 : slot * 4 + 4, h // 2])
+    torch.testing.assert_close(hit.values[b, h, t, j * 4 : (j + 1) * 4], v[b, slot * 4 : slot * 4 + 4, h // 2])
+    assert hit.positions[b, h, t, j] == slot * 4
+    assert hit.token_mask.all()
+
+
+def test_fifo_keeps_exactly_the_newest_capacity_tokens():
+    bank = MemoryBank(1, 1, 4, capacity_tokens=16, chunk_size=4, dtype=torch.float32)
+    total = 0
+    for step, T in enumerate([6, 7, 9, 3, 11]):  # ragged appends, partial chunks carried over
+        keys = torch.arange(total, total + T, dtype=torch.float32)[None, :, None, None].expand(1, T, 1, 4).clone()
+        bank.add(keys, keys.clone(), token_ids=torch.arange(total, total + T)[None])
+        total += T
+    complete = total // 4 * 4  # 36 tokens seen, 36 in whole chunks
+    assert bank.num_tokens(0) == 16
+    stored = sorted(int(x) for x in bank.token_ids[0].reshape(-1))
+    assert stored == list(range(complete - 16, complete))
+    # every stored key still matches its token id (no slot was half-overwritten)
+    assert torch.equal(bank.keys[0, 0, :, :, 0].reshape(-1), bank.token_ids[0].reshape(-1).float())
+    assert sorted(bank.chunk_positions[0].tolist()) == list(range(complete - 16, complete, 4))
+
+
+def test_more_than_capacity_in_one_add_keeps_newest():
+    bank = MemoryBank(1, 1, 2, capacity_tokens=8, chunk_size=4, dtype=torch.float32)
+    keys = torch.arange(30, dtype=torch.float32)[None, :, None, None].expand(1, 30, 1, 2).clone()
+    bank.add(keys, keys, token_ids=torch.arange(30)[None])
+    assert sorted(bank.token_ids[0].reshape(-1).tolist()) == list(range(20, 28))
+
+
+def test_streams_never_see_each_other():
+    bank = MemoryBank(3, 1, 4, capacity_tokens=32, chunk_size=4, dtype=torch.float32)
+    big = torch.full((1, 8, 1, 4), 100.0)
+    bank.add(big, big, token_ids=torch.full((1, 8), 7), streams=[2])  # only stream 2 has strong keys
+    small = torch.full((1, 8, 1, 4), 0.01)
+    bank.add(small, small, token_ids=torch.full((1, 8), 5), streams=[0])
+    q = torch.ones(2, 1, 1, 4)
+    hit = bank.search(q, k=4, streams=[0, 1])
+    assert hit.has_memory[0].all() and not hit.has_memory[1].any()  # stream 1 is empty
+    assert (hit.values[0][hit.token_mask[0]] == 0.01).all()  # stream 0 never gets stream 2's chunks
+    bank.reset([2])
+    assert bank.num_tokens(2) == 0 and bank.num_tokens(0) == 8
+
+
+def test_fewer_chunks_than_k_are_masked():
+    bank = MemoryBank(1, 1, 4, capacity_tokens=64, chunk_size=4, dtype=torch.float32)
+    k, v = random_kv(1, 9, H=1, D=4)  # 2 whole chunks + 1 pending token
+    bank.add(k, v)
+    hit = bank.search(torch.randn(1, 3, 2, 4), k=5)
+    assert hit.token_mask.sum(-1).eq(8).all()
+    assert (hit.positions >= 0).sum(-1).eq(2).all()
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda b: b.add(torch.zeros(1, 4, 3, 8), torch.zeros(1, 4, 3, 8)), "shape"),
+        (lambda b: b.add(torch.zeros(1, 4, 2, 8), torch.zeros(1, 5, 2, 8)), "differ"),
+        (lambda b: b.add(torch.zeros(1, 4, 2, 8, dtype=torch.long), torch.zeros(1, 4, 2, 8)), "floating"),
+        (lambda b: b.add(torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 2, 8), streams=[5]), "stream ids"),
+        (lambda b: b.add(torch.zeros(2, 4, 2, 8), torch.zeros(2, 4, 2, 8), streams=[0, 0]), "distinct"),
+        (lambda b: b.search(torch.zeros(1, 4, 3, 8), k=2), "query heads"),
+        (lambda b: b.search(torch.zeros(1, 4, 2, 8), k=0), "positive"),
+        (lambda b: b.search(torch.zeros(3, 4, 2, 8), k=2), "streams"),
+    ],
+)
+def test_bad_input_is_a_clear_error(call, message):
+    bank = MemoryBank(2, 2, 8, capacity_tokens=64, chunk_size=4, dtype=torch.float32)
+    with pytest.raises(MemoryBankError, match=message):
+        call(bank)
+
+
+def test_bad_construction():
+    with pytest.raises(MemoryBankError, match="multiple of chunk_size"):
+        MemoryBank(1, 1, 8, capacity_tokens=30, chunk_size=4)
+    with pytest.raises(MemoryBankError, match="dtype"):
+        MemoryBank(1, 1, 8, dtype="int8")

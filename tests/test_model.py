@@ -1,0 +1,251 @@
+import pytest
+import torch
+
+from conftest import tiny_backbone, tiny_longmem
+from longmem.backbone import BackboneError
+from longmem.config import ConfigError, LongMemConfig
+from longmem.model import InputError, LongMem
+
+FAMILIES = ["llama", "gpt2"]
+
+
+def ids(B=2, T=32, seed=0, vocab=128):
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shapes_and_dtypes(family, dtype):
+    model = tiny_longmem(family, dtype=dtype, side_init="paper")
+    bank = model.new_bank(2)
+    x = ids()
+    out = model(x, bank=bank, labels=x, update_memory=True)
+    assert out.logits.shape == (2, 32, 128) and out.logits.dtype == dtype
+    assert out.memory_keys.shape == (2, 32, model.adapter.num_kv_heads, 16)
+    assert torch.isfinite(out.loss)
+    out = model(ids(seed=1), bank=bank)
+    assert out.readout.weights.shape == (2, 4, 32, model.config.retrieve_tokens)
+    assert out.readout.gate.shape == (2, 4, 32)
+    assert torch.isfinite(out.logits.float()).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_zero_init_reproduces_backbone_logits(family):
+    model = tiny_longmem(family, side_init="zero")
+    x = ids()
+    reference = model.backbone(x).logits
+    assert (model(x).logits - reference).abs().max() <= 1e-5
+    bank = model.new_bank(2)
+    list(model.stream(ids(T=96, seed=3), bank))  # memory full of other text changes nothing at step 0
+    assert (model(x, bank=bank).logits - reference).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_paper_init_side_layer_equals_backbone_layer(family):
+    """The SideNet's own layer code, fed the same input, must compute what the HF decoder layer computes."""
+    model = tiny_longmem(family, side_init="paper")
+    x = ids()
+    states = model.adapter.run(x, list(range(model.adapter.num_layers + 1)), model.memory_layer)
+    side = model.sidenet.layers[0]
+    j = side.backbone_layer
+    h_in, h_out = states.hidden[j], states.hidden[j + 1]
+    update, _ = side(model.adapter, h_in, torch.arange(32)[None])
+    torch.testing.assert_close(h_in + update, h_out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_empty_memory_equals_memory_off(family):
+    model = tiny_longmem(family, side_init="paper")
+    x = ids()
+    assert torch.equal(model(x).logits, model(x, bank=model.new_bank(2)).logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_memory_changes_output_and_streams_are_isolated(family):
+    model = tiny_longmem(family, side_init="paper")
+    bank = model.new_bank(2)
+    model(ids(B=1, seed=5), bank=bank, streams=[1], update_memory=True)  # only stream 1 remembers
+    x = ids(B=1, seed=6)
+    no_mem = model(x).logits
+    assert torch.equal(model(x, bank=bank, streams=[0]).logits, no_mem)
+    assert not torch.allclose(model(x, bank=bank, streams=[1]).logits, no_mem)
+
+
+def test_segment_reads_memory_before_writing_itself():
+    model = tiny_longmem("llama", side_init="paper")
+    bank = model.new_bank(1)
+    x = ids(B=1)
+    out = model(x, bank=bank, update_memory=True)
+    assert out.readout.retrieval.token_mask.sum() == 0  # nothing to read yet, not even itself
+    assert bank.num_tokens(0) == 32
+    out = model(ids(B=1, seed=9), bank=bank, update_memory=True)
+    assert out.readout.retrieval.positions.max() < 32  # reads only the first segment
+    assert bank.num_tokens(0) == 64
+
+
+def test_local_attention_is_causal_with_memory():
+    model = tiny_longmem("llama", side_init="paper")
+    bank = model.new_bank(1)
+    model(ids(B=1, seed=2), bank=bank, update_memory=True)
+    a, b = ids(B=1, seed=3), ids(B=1, seed=3)
+    b[0, 20:] = (b[0, 20:] + 1) % 128
+    la, lb = model(a, bank=bank).logits, model(b, bank=bank).logits
+    assert torch.equal(la[:, :20], lb[:, :20]) and not torch.equal(la[:, 20:], lb[:, 20:])
+
+
+def test_memory_keys_are_pre_rotary_k_proj_outputs():
+    model = tiny_longmem("llama", side_init="paper")
+    layer = model.adapter.layers[model.memory_layer].self_attn
+    seen = {}
+    hooks = [layer.k_proj.register_forward_hook(lambda m, i, o: seen.__setitem__("k", o)),
+             layer.v_proj.register_forward_hook(lambda m, i, o: seen.__setitem__("v", o))]
+    bank = model.new_bank(2)
+    x = ids()
+    model(x, bank=bank, update_memory=True)
+    for h in hooks:
+        h.remove()
+    kv, hd = model.adapter.num_kv_heads, model.adapter.head_dim
+    # bank layout: (streams, Hkv, chunks, csz, D) -> back to (B, T, Hkv, D)
+    stored_k = bank.keys[:, :, :8].permute(0, 2, 3, 1, 4).reshape(2, 32, kv, hd)
+    stored_v = bank.values[:, :, :8].permute(0, 2, 3, 1, 4).reshape(2, 32, kv, hd)
+    torch.testing.assert_close(stored_k, seen["k"].reshape(2, 32, kv, hd))
+    torch.testing.assert_close(stored_v, seen["v"].reshape(2, 32, kv, hd))
+    assert torch.equal(bank.token_ids[:2, :8].reshape(2, 32), x)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kv_cached_generation_equals_uncached(family):
+    model = tiny_longmem(family, side_init="paper")
+    prompt = ids(B=2, T=50, seed=4)  # longer than the 32-token window: the prefix goes through memory
+    outputs = []
+    for use_cache in (True, False):
+        bank = model.new_bank(2)
+        outputs.append(model.generate(prompt, bank=bank, max_new_tokens=40, use_cache=use_cache, return_logits=True))
+    (cached, cached_logits), (plain, plain_logits) = outputs
+    assert cached.token_ids == plain.token_ids  # 50 + 40 tokens: the window shifts into memory twice
+    torch.testing.assert_close(cached_logits, plain_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_sampling_is_seeded_and_top_p_restricts():
+    model = tiny_longmem("llama", side_init="paper")
+    prompt = ids(B=1, T=8)
+    a = model.generate(prompt, max_new_tokens=10, temperature=1.0, seed=3).token_ids
+    b = model.generate(prompt, max_new_tokens=10, temperature=1.0, seed=3).token_ids
+    greedy = model.generate(prompt, max_new_tokens=10).token_ids
+    tiny_p = model.generate(prompt, max_new_tokens=10, temperature=1.0, top_p=1e-6, seed=4).token_ids
+    assert a == b and tiny_p == greedy
+
+
+def test_optimizer_step_changes_sidenet_not_backbone():
+    model = tiny_longmem("llama", side_init="zero")
+    frozen = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    side_before = {k: v.clone() for k, v in model.sidenet.state_dict().items()}
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    bank = model.new_bank(2)
+    model.train()
+    for seed in range(3):
+        x = ids(seed=seed)
+        loss = model(x, bank=bank, labels=x, update_memory=True).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(torch.equal(frozen[k], v) for k, v in model.backbone.state_dict().items())
+    assert all(not p.requires_grad for p in model.backbone.parameters())
+    assert not model.backbone.training
+    changed = [k for k, v in model.sidenet.state_dict().items() if not torch.equal(side_before[k], v)]
+    assert any("alpha" in k for k in changed) and any("block" in k for k in changed)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_load_round_trip(tmp_path, family):
+    model = tiny_longmem(family, side_init="paper", gate_init=0.3)
+    with torch.no_grad():
+        for p in model.sidenet.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "sidenet.safetensors"]
+    backbone_bytes = sum(p.numel() * 4 for p in model.backbone.parameters())
+    assert (tmp_path / "sidenet.safetensors").stat().st_size < backbone_bytes  # backbone not saved
+    loaded = LongMem.from_pretrained(tmp_path, backbone=tiny_backbone(family, seed=0))
+    x = ids()
+    bank_a, bank_b = model.new_bank(2), loaded.new_bank(2)
+    for seg in (ids(seed=1), x):
+        a = model(seg, bank=bank_a, update_memory=True).logits
+        b = loaded(seg, bank=bank_b, update_memory=True).logits
+        assert torch.equal(a, b)
+
+
+def test_loading_on_a_different_backbone_is_refused(tmp_path):
+    tiny_longmem("llama").save_pretrained(tmp_path)
+    with pytest.raises(BackboneError, match="fingerprint"):
+        LongMem.from_pretrained(tmp_path, backbone=tiny_backbone("llama", seed=1))
+    with pytest.raises(ConfigError, match="not a LongMem checkpoint"):
+        LongMem.from_pretrained(tmp_path / "nowhere", backbone=tiny_backbone("llama"))
+
+
+def test_backbone_loads_from_a_local_folder(tmp_path):
+    from longmem.backbone import load_backbone
+
+    tiny_backbone("gpt2", seed=2).save_pretrained(tmp_path)
+    model = LongMem.from_backbone(str(tmp_path), window=32, memory_tokens=256)
+    assert model.config.model_type == "gpt2" and model.tokenizer is None
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    with pytest.raises(BackboneError, match="cannot load backbone"):
+        load_backbone(str(tmp_path / "missing"))
+
+
+def test_bad_configuration_is_a_clear_error():
+    with pytest.raises(ConfigError, match="memory_layer 9 is out of range"):
+        tiny_longmem(memory_layer=9)
+    with pytest.raises(ConfigError, match="not copied into the SideNet"):
+        tiny_longmem(memory_layer=2)
+    with pytest.raises(ConfigError, match="must divide the local window"):
+        tiny_longmem(window=30, chunk_size=4)
+    with pytest.raises(ConfigError, match="side_init"):
+        tiny_longmem(side_init="random")
+    with pytest.raises(ConfigError, match="reduction_factor 3 must divide"):
+        tiny_longmem(reduction_factor=3)
+    with pytest.raises(ConfigError, match="unknown LongMemConfig fields"):
+        LongMemConfig.from_dict({"window": 8, "colour": "red"})
+
+
+def test_unsupported_model_type_is_refused():
+    from transformers import BertConfig, BertLMHeadModel
+
+    bert = BertLMHeadModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=64, is_decoder=True))
+    with pytest.raises(BackboneError, match="unsupported backbone model_type 'bert'.*llama.*gpt2"):
+        LongMem(bert, LongMemConfig())
+
+
+@pytest.mark.parametrize(
+    "make_input, message",
+    [
+        (lambda: torch.zeros(1, 0, dtype=torch.long), "empty"),
+        (lambda: torch.zeros(1, 8), "integer tensor"),
+        (lambda: torch.zeros(8, dtype=torch.long), r"shape \(B, T\)"),
+        (lambda: torch.full((1, 8), 500), "token ids must lie"),
+        (lambda: torch.zeros(1, 33, dtype=torch.long), "exceeds the local window"),
+        (lambda: torch.zeros(1, 8, dtype=torch.long, device="meta"), "model is on cpu"),
+    ],
+)
+def test_bad_input_is_a_clear_error(make_input, message):
+    model = tiny_longmem()
+    with pytest.raises(InputError, match=message):
+        model(make_input())
+
+
+def test_bank_mismatches_are_clear_errors():
+    from longmem.memory import MemoryBank
+
+    model = tiny_longmem()
+    with pytest.raises(InputError, match="kv_heads, head_dim, chunk_size"):
+        model(ids(), bank=MemoryBank(2, 3, 16, capacity_tokens=64))
+    with pytest.raises(InputError, match="memory bank is on meta"):
+        model(ids(), bank=MemoryBank(2, 2, 16, capacity_tokens=64, device="meta"))
+    with pytest.raises(InputError, match="needs a memory bank"):
+        model(ids(), update_memory=True)
+    with pytest.raises(InputError, match="max_new_tokens"):
+        model.generate(ids(), max_new_tokens=0)
+    with pytest.raises(InputError, match="stop strings need a tokenizer"):
+        model.generate(ids(), stop=["\n"])
