@@ -110,7 +110,7 @@ def cmd_perplexity(args) -> int:
             log(f"segment {done}/{total} ({time.time() - t0:.0f}s)")
 
     report = perplexity_report(model, ids, progress=progress)
-    report.update(file=str(args.file), checkpoint=args.checkpoint, backbone=model.config.backbone,
+    report.update(file=str(args.file), checkpoint=args.checkpoint, backbone_id=model.config.backbone,
                   seconds=round(time.time() - t0, 1))
     text_out = json.dumps(report, indent=2)
     if args.output:

@@ -65,7 +65,7 @@ def run_demo(args) -> int:
     report = perplexity_report(model, ids, progress=lambda d, n: log(f"   segment {d}/{n}"))
     print(f"perplexity on {report['scored_tokens']} tokens of {corpus.name} (window {report['window']}):")
     for key in ("backbone", "longmem_no_memory", "longmem_memory"):
-        print(f"  {key:<20} {report[key]:8.2f}")
+        print(f"  {key:<20} {report['perplexity'][key]:8.2f}")
 
     log("4/4 generating with the document in memory")
     bank = model.new_bank(1)

@@ -437,6 +437,10 @@ def perplexity_report(model: LongMem, input_ids: torch.Tensor, window: int | Non
             scored += targets.numel()
             if progress:
                 progress(i + 1, len(segments))
-    report = {k: math.exp(v / scored) for k, v in totals.items()}
-    report.update(tokens=int(input_ids.numel()), scored_tokens=scored, window=window, segments=len(segments))
-    return report
+    return {
+        "perplexity": {k: math.exp(v / scored) for k, v in totals.items()},
+        "tokens": int(input_ids.numel()),
+        "scored_tokens": scored,
+        "window": window,
+        "segments": len(segments),
+    }
