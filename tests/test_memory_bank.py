@@ -113,3 +113,37 @@ def test_bad_construction():
         MemoryBank(1, 1, 8, capacity_tokens=30, chunk_size=4)
     with pytest.raises(MemoryBankError, match="dtype"):
         MemoryBank(1, 1, 8, dtype="int8")
+
+
+def test_two_level_topk_equals_torch_topk():
+    from longmem.memory.bank import exact_topk
+
+    g = torch.Generator().manual_seed(0)
+    for shape, k in [((2, 3, 50, 4096), 16), ((1, 1, 7, 1024), 64), ((1, 2, 5, 640), 3), ((1, 1, 2, 100), 16)]:
+        scores = torch.randn(*shape, generator=g)
+        scores[..., ::7] = float("-inf")  # empty slots
+        values, index = exact_topk(scores, k)
+        ref_values, _ = scores.topk(k, dim=-1)
+        assert torch.equal(values, ref_values)
+        assert torch.equal(scores.gather(-1, index), values)
+    # a row whose top-k all sit in one block
+    scores = torch.zeros(1, 1024)
+    scores[0, 64:80] = torch.arange(16.0) + 1
+    assert sorted(exact_topk(scores, 16)[1][0].tolist()) == list(range(64, 80))
+
+
+def test_search_equals_brute_force_at_scale():
+    """16k chunks: the two-level top-k path, against a plain matmul + topk reference."""
+    H, D = 2, 16
+    bank = MemoryBank(1, H, D, capacity_tokens=4 * 16384, chunk_size=4, dtype=torch.float32)
+    g = torch.Generator().manual_seed(3)
+    k, v = torch.randn(1, 4 * 16384, H, D, generator=g), torch.randn(1, 4 * 16384, H, D, generator=g)
+    bank.add(k, v)
+    q = torch.randn(1, 8, 4, D, generator=g)
+    hit = bank.search(q, k=16)
+    chunk_keys = k.reshape(16384, 4, H, D).mean(1)  # (chunks, H, D)
+    for h in range(4):
+        scores = q[0, :, h] @ chunk_keys[:, h // 2].T  # (T, chunks)
+        ref = scores.topk(16, dim=-1)
+        torch.testing.assert_close(hit.scores[0, h], ref.values, rtol=1e-5, atol=1e-5)
+        assert torch.equal(hit.slots[0, h].sort(-1).values, ref.indices.sort(-1).values)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+SCORE_BLOCK = 6 * 2**20  # query-chunk scores computed at once in search()
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -40,6 +41,23 @@ class MemoryRetrieval:
     def has_memory(self) -> torch.Tensor:
         """(B, Hq, T) True where at least one chunk was retrieved."""
         return self.token_mask.any(dim=-1)
+
+
+def exact_topk(scores: torch.Tensor, k: int, block: int = 64):
+    """torch.topk over the last dim, computed in two levels when that is cheaper; same values.
+
+    The blocks holding the true top-k are among the k blocks with the largest maxima (a block left
+    out has k blocks above it, each with an element larger than anything it holds), so the top-k of
+    those k blocks is exact. About 1.5x faster than one topk over 16k chunks on a CPU.
+    """
+    *lead, n = scores.shape
+    if n < 8 * block or n % block or k > n // block:
+        return scores.topk(k, dim=-1)
+    blocks = scores.reshape(*lead, n // block, block)
+    _, best = blocks.amax(dim=-1).topk(k, dim=-1)  # (..., k) blocks
+    candidates = blocks.gather(-2, best[..., None].expand(*best.shape, block))  # (..., k, block)
+    top, j = candidates.reshape(*lead, k * block).topk(k, dim=-1)
+    return top, best.gather(-1, j // block) * block + j % block
 
 
 class MemoryBank:
@@ -165,30 +183,49 @@ class MemoryBank:
         s = self._streams(streams, B).to(self.device)
         # Query head h reads KV head h // G (the grouping HF's repeat_kv uses).
         q = queries.float().reshape(B, T, Hkv, G, D).permute(0, 2, 1, 3, 4).reshape(B, Hkv, T * G, D)
-        scores = q @ self.chunk_keys[s].transpose(-1, -2)  # (B, Hkv, T*G, C)
-        valid = torch.arange(C, device=self.device)[None, :] < self.count[s.cpu()].to(self.device)[:, None]  # (B, C)
-        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-        top, slots = scores.topk(k, dim=-1)  # (B, Hkv, T*G, k)
-        b_idx = torch.arange(B, device=self.device)[:, None, None, None]
-        h_idx = torch.arange(Hkv, device=self.device)[None, :, None, None]
-        keys = self.keys[s[b_idx], h_idx, slots]  # (B, Hkv, T*G, k, c, D)
-        values = self.values[s[b_idx], h_idx, slots]
-        positions = self.chunk_positions[s[b_idx], slots]  # (B, Hkv, T*G, k)
+        # Slots fill 0..C-1 before the ring wraps, so the filled slots are a prefix: score only those.
+        counts = self.count[s.cpu()]
+        n = max(int(counts.max()), 1)
+        first = int(s[0])
+        if torch.equal(s.cpu(), torch.arange(first, first + B)):  # consecutive streams: a view, no copy
+            chunk_keys = self.chunk_keys[first : first + B, :, :n]
+        else:
+            chunk_keys = self.chunk_keys[s][:, :, :n]
+        chunk_keys = chunk_keys.transpose(-1, -2)  # (B, Hkv, D, n)
+        invalid = None
+        if int(counts.min()) < n:  # rows whose stream holds fewer chunks than the fullest one
+            invalid = torch.arange(n, device=self.device)[None, :] >= counts.to(self.device)[:, None]  # (B, n)
+            invalid = invalid[:, None, None, :]
+        # Score a block of queries at a time: a (B, Hkv, T*G, n) score matrix runs to hundreds of MB,
+        # and allocating it costs more than the matmul; ~6M scores per block stay cheap.
+        rows = max(1, SCORE_BLOCK // (B * Hkv * n))
+        tops, slot_list = [], []
+        for r in range(0, T * G, rows):
+            scores = q[:, :, r : r + rows] @ chunk_keys  # (B, Hkv, rows, n)
+            if invalid is not None:
+                scores = scores.masked_fill(invalid, float("-inf"))
+            if n < k:  # pad so that every query gets k (masked) results
+                scores = torch.nn.functional.pad(scores, (0, k - n), value=float("-inf"))
+            top, slots = exact_topk(scores, k)
+            tops.append(top)
+            slot_list.append(slots)
+        top, slots = (tops[0], slot_list[0]) if len(tops) == 1 else (torch.cat(tops, 2), torch.cat(slot_list, 2))
+        # top, slots: (B, Hkv, T*G, k)
+        def per_query_head(x):  # (B, Hkv, T*G, k) -> (B, Hq, T, k)
+            return x.reshape(B, Hkv, T, G, k).transpose(2, 3).reshape(B, Hq, T, k)
+
+        # Reorder the small index tensors, then gather straight into (B, Hq, T, k, csz, D): no big copies.
+        top, slots = per_query_head(top), per_query_head(slots)
+        b_idx = s[:, None, None, None]
+        h_idx = (torch.arange(Hq, device=self.device) // G)[None, :, None, None]  # query head -> KV head
         hit = torch.isfinite(top)
-        positions = positions.masked_fill(~hit, -1)
-
-        def per_query_head(x):  # (B, Hkv, T*G, ...) -> (B, Hq, T, ...)
-            rest = x.shape[3:]
-            return x.reshape(B, Hkv, T, G, *rest).transpose(2, 3).reshape(B, Hq, T, *rest)
-
-        keys, values = per_query_head(keys), per_query_head(values)
         return MemoryRetrieval(
-            keys=keys.reshape(B, Hq, T, k * c, D),
-            values=values.reshape(B, Hq, T, k * c, D),
-            token_mask=per_query_head(hit).repeat_interleave(c, dim=-1),
-            scores=per_query_head(top),
-            slots=per_query_head(slots),
-            positions=per_query_head(positions),
+            keys=self.keys[b_idx, h_idx, slots].reshape(B, Hq, T, k * c, D),
+            values=self.values[b_idx, h_idx, slots].reshape(B, Hq, T, k * c, D),
+            token_mask=hit.repeat_interleave(c, dim=-1),
+            scores=top,
+            slots=slots,
+            positions=self.chunk_positions[b_idx, slots].masked_fill(~hit, -1),
             streams=s,
         )
 

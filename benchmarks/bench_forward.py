@@ -1,0 +1,51 @@
+"""LongMem forward over one segment with a full memory, against the frozen backbone's forward.
+
+    python benchmarks/bench_forward.py [--memory-tokens 65536] [--segment 512]
+
+Prints median seconds per forward and the ratio LongMem / backbone (target <= 1.8).
+"""
+
+import argparse
+import json
+
+import torch
+
+from common import fill_bank_with_real_keys, machine, real_text_ids, timeit
+from longmem.model import LongMem
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--memory-tokens", type=int, default=65_536)
+    ap.add_argument("--segment", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--memory-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    args = ap.parse_args()
+
+    torch.manual_seed(0)
+    model = LongMem.from_backbone(side_init="paper", window=args.segment, memory_tokens=args.memory_tokens,
+                                  memory_dtype=args.memory_dtype).eval()
+    bank = model.new_bank(1)
+    fill_bank_with_real_keys(model, bank, args.memory_tokens)
+    seg = real_text_ids(model.tokenizer, args.segment)
+
+    with torch.no_grad():
+        backbone = timeit(lambda: model.backbone(seg).logits, args.repeats)
+        no_memory = timeit(lambda: model(seg).logits, args.repeats)
+        with_memory = timeit(lambda: model(seg, bank=bank).logits, args.repeats)
+    result = {
+        "machine": machine(),
+        "segment_tokens": args.segment,
+        "memory_tokens": bank.num_tokens(0),
+        "memory_dtype": args.memory_dtype,
+        "backbone_s": round(backbone, 4),
+        "longmem_no_memory_s": round(no_memory, 4),
+        "longmem_memory_s": round(with_memory, 4),
+        "ratio_memory_vs_backbone": round(with_memory / backbone, 3),
+        "ratio_no_memory_vs_backbone": round(no_memory / backbone, 3),
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

