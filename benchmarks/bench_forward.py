@@ -10,7 +10,7 @@ import json
 
 import torch
 
-from common import fill_bank_with_real_keys, machine, real_text_ids, timeit
+from common import fill_bank_with_real_keys, interleaved, machine, real_text_ids
 from longmem.model import LongMem
 
 
@@ -18,7 +18,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--memory-tokens", type=int, default=65_536)
     ap.add_argument("--segment", type=int, default=512)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--memory-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     args = ap.parse_args()
 
@@ -30,9 +30,15 @@ def main():
     seg = real_text_ids(model.tokenizer, args.segment)
 
     with torch.no_grad():
-        backbone = timeit(lambda: model.backbone(seg).logits, args.repeats)
-        no_memory = timeit(lambda: model(seg).logits, args.repeats)
-        with_memory = timeit(lambda: model(seg, bank=bank).logits, args.repeats)
+        t = interleaved(
+            {
+                "backbone": lambda: model.backbone(seg).logits,
+                "no_memory": lambda: model(seg).logits,
+                "memory": lambda: model(seg, bank=bank).logits,
+            },
+            rounds=args.repeats,
+        )
+    backbone, no_memory, with_memory = t["backbone"], t["no_memory"], t["memory"]
     result = {
         "machine": machine(),
         "segment_tokens": args.segment,

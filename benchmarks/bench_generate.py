@@ -1,0 +1,67 @@
+"""Greedy KV-cached decoding: LongMem (with a full memory, and without) vs the frozen backbone's
+own HF `generate`, same prompt and number of new tokens.
+
+    python benchmarks/bench_generate.py [--prompt 128] [--new 128] [--memory-tokens 65536]
+
+Prints tokens/s for each and the ratio LongMem / backbone (target >= 0.55).
+"""
+
+import argparse
+import json
+
+import torch
+
+from common import fill_bank_with_real_keys, interleaved, machine, real_text_ids
+from longmem.model import LongMem
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--memory-tokens", type=int, default=65_536)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+
+    model = LongMem.from_backbone(side_init="paper", memory_tokens=args.memory_tokens).eval()
+    bank = model.new_bank(1)
+    fill_bank_with_real_keys(model, bank, args.memory_tokens)
+    prompt = real_text_ids(model.tokenizer, args.prompt, "emma.txt")
+    n = args.new
+
+    def backbone():
+        out = model.backbone.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                      pad_token_id=model.tokenizer.eos_token_id)
+        assert out.shape[1] == args.prompt + n
+
+    def longmem(with_bank):
+        def run():
+            snapshot = bank.num_tokens(0)
+            out = model.generate(prompt, bank=bank if with_bank else None, max_new_tokens=n)
+            assert len(out.token_ids[0]) == n or out.finish_reasons[0] == "eos"
+            assert bank.num_tokens(0) == snapshot  # window not exceeded: memory unchanged
+            return out
+
+        return run
+
+    # EOS would end LongMem early and make the comparison unfair: decode without it.
+    model.tokenizer.eos_token_id, eos = None, model.tokenizer.eos_token_id
+    with torch.no_grad():
+        t = interleaved({"backbone": backbone, "no_memory": longmem(False), "memory": longmem(True)}, rounds=args.rounds)
+    model.tokenizer.eos_token_id = eos
+    tps = {k: n / v for k, v in t.items()}
+    print(json.dumps({
+        "machine": machine(),
+        "prompt_tokens": args.prompt,
+        "new_tokens": n,
+        "memory_tokens": bank.num_tokens(0),
+        "backbone_tokens_per_s": round(tps["backbone"], 1),
+        "longmem_no_memory_tokens_per_s": round(tps["no_memory"], 1),
+        "longmem_memory_tokens_per_s": round(tps["memory"], 1),
+        "ratio_memory_vs_backbone": round(tps["memory"] / tps["backbone"], 3),
+        "ratio_no_memory_vs_backbone": round(tps["no_memory"] / tps["backbone"], 3),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
