@@ -22,16 +22,19 @@ AUSTEN = ROOT.parent / "shared" / "data" / "austen"
 
 def tiny_backbone(family: str = "llama", seed: int = 0, layers: int = 4, dtype=torch.float32):
     """A random-initialised causal LM of the given family, small enough for CPU tests."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    import transformers
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    if family == "llama":
-        config = LlamaConfig(
+    llama_style = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
+    if family in llama_style:
+        name = llama_style[family]
+        config = getattr(transformers, f"{name}Config")(
             vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
             bos_token_id=1, eos_token_id=2, pad_token_id=0,
         )
-        model = LlamaForCausalLM(config)
+        model = getattr(transformers, f"{name}ForCausalLM")(config)
     elif family == "gpt2":
         config = GPT2Config(
             vocab_size=128, n_embd=64, n_layer=layers, n_head=4, n_positions=512,

@@ -7,6 +7,7 @@ from longmem.config import ConfigError, LongMemConfig
 from longmem.model import InputError, LongMem
 
 FAMILIES = ["llama", "gpt2"]
+ALL_FAMILIES = ["llama", "qwen2", "mistral", "gpt2"]
 
 
 def ids(B=2, T=32, seed=0, vocab=128):
@@ -29,7 +30,7 @@ def test_shapes_and_dtypes(family, dtype):
     assert torch.isfinite(out.logits.float()).all()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_zero_init_reproduces_backbone_logits(family):
     model = tiny_longmem(family, side_init="zero")
     x = ids()
@@ -40,7 +41,7 @@ def test_zero_init_reproduces_backbone_logits(family):
     assert (model(x, bank=bank).logits - reference).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_paper_init_side_layer_equals_backbone_layer(family):
     """The SideNet's own layer code, fed the same input, must compute what the HF decoder layer computes."""
     model = tiny_longmem(family, side_init="paper")

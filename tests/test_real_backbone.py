@@ -60,3 +60,14 @@ def test_real_memory_capture_and_retrieval(real_backbone, page):
     assert out.readout.retrieval.has_memory.all()
     assert out.readout.retrieval.positions.max() < 512
     assert not torch.allclose(out.logits, model(page[:, 512:]).logits)
+
+
+def test_generation_with_stop_strings(real_backbone):
+    backbone, tokenizer = real_backbone
+    model = LongMem(backbone, LongMemConfig(side_init="zero"), tokenizer)
+    prompt = model.encode("Anne Elliot was")
+    free = model.generate(prompt, max_new_tokens=24)
+    stopped = model.generate(prompt, max_new_tokens=24, stop=["."])
+    assert "." in free.texts[0]  # greedy text that does reach a full stop
+    assert stopped.finish_reasons == ["stop"] and "." not in stopped.texts[0]
+    assert free.texts[0].startswith(stopped.texts[0])
