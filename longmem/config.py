@@ -45,6 +45,10 @@ class LongMemConfig:
     memory_tokens: int = 65_536  # bank capacity per stream
     memory_dtype: str = "float16"
     retrieval_query: str = "side"  # which query searches the bank: SideNet's or frozen backbone's
+    # None: the memory read is part of the memory layer's block (paper), scaled by its alpha.
+    # A float: the read enters the side stream on its own learned scale starting here, outside
+    # alpha, so that with side_init="zero" the memory branch gets gradient from step 0.
+    memory_scale_init: float | None = None
 
     extra: dict = field(default_factory=dict)
 

@@ -75,8 +75,11 @@ class SideLayer(nn.Module):
         self.backbone_layer = backbone_layer
         self.is_memory_layer = memory_layer
         self.alpha = nn.Parameter(torch.zeros(())) if config.side_init == "zero" else None
+        self.memory_scale = None
         if memory_layer:
             self.gate = nn.Parameter(torch.full((adapter.num_heads,), float(config.gate_init)))
+            if config.memory_scale_init is not None:
+                self.memory_scale = nn.Parameter(torch.tensor(float(config.memory_scale_init)))
 
     def forward(
         self,
@@ -85,8 +88,9 @@ class SideLayer(nn.Module):
         position_ids: torch.Tensor,  # (1, T)
         cache: LayerCache | None = None,
         retrieve: Callable[[torch.Tensor], MemoryRetrieval | None] | None = None,
-    ) -> tuple[torch.Tensor, MemoryReadout | None]:
-        """Returns the layer's update Block(x) (B, T, C) and, in the memory layer, what it read."""
+    ) -> tuple[torch.Tensor, MemoryReadout | None, torch.Tensor | None]:
+        """Returns the layer's update Block(x) (B, T, C), what the memory layer read, and, with a
+        separate memory scale, the memory read's own update (B, T, C) to add outside alpha."""
         B, T, _ = x.shape
         norm_in, out_proj, norm_post, mlp = adapter.attention_parts(self.block)
         scale = adapter.attention_scale(self.backbone_layer)
@@ -111,20 +115,23 @@ class SideLayer(nn.Module):
             local = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
         # local: (B, Hq, T, D)
 
-        readout = None
+        readout, memory_update = None, None
         retrieval = retrieve(q_plain) if (self.is_memory_layer and retrieve is not None) else None
         if retrieval is not None:
             remembered, weights = memory_attention(q_plain, retrieval, scale)
             has = retrieval.has_memory  # (B, Hq, T)
             gate = torch.sigmoid(self.gate).to(local.dtype)[None, :, None].expand(B, -1, T)
-            mixed = local + gate[..., None] * (remembered - local)
-            # Where nothing was retrieved the layer is exactly the local layer: empty memory == no memory.
-            local = torch.where(has[..., None], mixed, local)
-            readout = MemoryReadout(retrieval, weights, torch.where(has, gate, torch.zeros_like(gate)))
+            gate = torch.where(has, gate, torch.zeros_like(gate))  # nothing retrieved: exactly the local layer
+            readout = MemoryReadout(retrieval, weights, gate)
+            memory_part = gate[..., None] * (remembered - local)  # (B, Hq, T, D)
+            if self.memory_scale is None:
+                local = local + memory_part
+            else:  # the read goes straight to the side stream on its own scale (SideNet adds it)
+                memory_update = self.memory_scale.to(local.dtype) * out_proj(memory_part.transpose(1, 2).reshape(B, T, -1))
 
         attn_out = out_proj(local.transpose(1, 2).reshape(B, T, -1))
         mlp_out = mlp(norm_post(x + attn_out))
-        return attn_out + mlp_out, readout
+        return attn_out + mlp_out, readout, memory_update
 
 
 class SideNet(nn.Module):
@@ -159,9 +166,13 @@ class SideNet(nn.Module):
         readout = None
         for l, layer in enumerate(self.layers):
             s_prev = H[l] if deviation is None else H[l] + deviation
-            update, read = layer(adapter, s_prev, position_ids, None if caches is None else caches[l], retrieve)
+            update, read, memory_update = layer(
+                adapter, s_prev, position_ids, None if caches is None else caches[l], retrieve
+            )
             readout = read or readout
             if layer.alpha is not None:
                 update = layer.alpha.to(update.dtype) * update
+            if memory_update is not None:
+                update = update + memory_update
             deviation = update if deviation is None else deviation + update
         return self.final_norm(H[-1] + deviation), readout

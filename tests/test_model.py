@@ -50,7 +50,7 @@ def test_paper_init_side_layer_equals_backbone_layer(family):
     side = model.sidenet.layers[0]
     j = side.backbone_layer
     h_in, h_out = states.hidden[j], states.hidden[j + 1]
-    update, _ = side(model.adapter, h_in, torch.arange(32)[None])
+    update, _, _ = side(model.adapter, h_in, torch.arange(32)[None])
     torch.testing.assert_close(h_in + update, h_out, rtol=1e-5, atol=1e-5)
 
 
@@ -250,3 +250,23 @@ def test_bank_mismatches_are_clear_errors():
         model.generate(ids(), max_new_tokens=0)
     with pytest.raises(InputError, match="stop strings need a tokenizer"):
         model.generate(ids(), stop=["\n"])
+
+
+def test_separate_memory_scale_gets_gradient_under_zero_init():
+    """side_init='zero' alone starves memory (its read sits inside a block scaled by alpha=0);
+    a memory scale outside alpha starts the model equal to the backbone yet learns from step 0."""
+    x, past = ids(B=1), ids(B=1, seed=11)
+    for scale_init, expect_grad in ((None, False), (0.0, True)):
+        model = tiny_longmem("llama", side_init="zero", memory_scale_init=scale_init)
+        bank = model.new_bank(1)
+        model(past, bank=bank, update_memory=True)
+        out = model(x, bank=bank, labels=x)
+        assert (out.logits - model.backbone(x).logits).abs().max() <= 1e-5  # still the backbone at step 0
+        out.loss.backward()
+        layer = model.sidenet.memory_layer
+        gate_grad = layer.gate.grad
+        assert gate_grad is None or not gate_grad.any()  # gates get nothing while every scale is 0
+        if expect_grad:
+            assert layer.memory_scale.grad.abs() > 0
+        else:
+            assert layer.memory_scale is None
