@@ -341,13 +341,24 @@ class LongMem(nn.Module):
             raise InputError("the prompt is empty")
         return self.generate(self.encode(prompt), bank=bank, **kwargs).texts[0]
 
+    @torch.no_grad()
+    def write_memory(self, input_ids: torch.Tensor, bank: MemoryBank, streams=None) -> None:
+        """Encode (B, N) tokens into the bank with the frozen backbone alone, segment by segment.
+
+        Memory holds backbone keys/values only, so writing it never needs the SideNet.
+        """
+        self._check_input(input_ids, None)
+        self._check_bank(bank)
+        for segment in self.segments(input_ids):
+            states = self.adapter.run(segment, [], self.memory_layer)
+            bank.add(states.memory_keys, states.memory_values, token_ids=segment, streams=streams)
+
     def remember_text(self, text: str, bank: MemoryBank, stream: int = 0) -> int:
         """Encode text with the frozen backbone into one stream of the bank; returns tokens added."""
         ids = self.encode(text)
         if ids.numel() == 0:
             raise InputError("the text is empty")
-        for segment in self.segments(ids):
-            self(segment, bank=bank, streams=[stream], update_memory=True)
+        self.write_memory(ids, bank, streams=[stream])
         return ids.shape[1]
 
     # ------------------------------------------------------------------ checkpoints

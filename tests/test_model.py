@@ -270,3 +270,13 @@ def test_separate_memory_scale_gets_gradient_under_zero_init():
             assert layer.memory_scale.grad.abs() > 0
         else:
             assert layer.memory_scale is None
+
+
+def test_write_memory_equals_streaming_through_the_model():
+    model = tiny_longmem("gpt2", side_init="paper")
+    doc = ids(B=2, T=80, seed=12)
+    a, b = model.new_bank(2), model.new_bank(2)
+    list(model.stream(doc, a))
+    model.write_memory(doc, b)
+    for name in ("keys", "values", "chunk_keys", "token_ids", "chunk_positions"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
