@@ -1,0 +1,88 @@
+"""Train a SideNet in-process on five Austen novels, then probe whether it reads its memory on the
+sixth (held out). Every probe figure stands next to memory-off and the backbone alone.
+
+    python benchmarks/memory_probes.py --steps 600 --out ~/.cache/longmem/runs/copy \\
+        --side-init zero --memory-scale-init 0 --retrieval-query backbone --curriculum plain:0.5,repeat:0.5
+    python benchmarks/memory_probes.py --eval-only --checkpoint ~/.cache/longmem/runs/copy
+
+Prints one JSON line per logged step and a final JSON report (also written to OUT/probes.json).
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from common import AUSTEN, machine
+from longmem.model import LongMem
+from longmem.probes import copy_probe, passkey_probe
+from longmem.training import EpisodeSampler, TrainConfig, make_optimizer, train_step
+
+HELD_OUT = "persuasion.txt"
+
+
+def tokenize(tokenizer, path: Path) -> torch.Tensor:
+    return tokenizer(path.read_text(), add_special_tokens=False, return_tensors="pt").input_ids[0]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--checkpoint", type=Path)
+    ap.add_argument("--eval-only", action="store_true")
+    ap.add_argument("--side-init", default="zero")
+    ap.add_argument("--retrieval-query", default="backbone")
+    ap.add_argument("--memory-scale-init", type=float, default=None)
+    ap.add_argument("--curriculum", default="plain:0.5,repeat:0.5")
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--memory-lr", type=float, default=3e-3)
+    ap.add_argument("--segments", type=int, default=3)
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--probe-episodes", type=int, default=4)
+    ap.add_argument("--passkey-distances", type=int, nargs="*", default=[4096])
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.manual_seed(args.seed)
+
+    if args.checkpoint:
+        model = LongMem.from_pretrained(args.checkpoint)
+    else:
+        scale = {} if args.memory_scale_init is None else {"memory_scale_init": args.memory_scale_init}
+        model = LongMem.from_backbone(side_init=args.side_init, retrieval_query=args.retrieval_query,
+                                      window=args.window, **scale)
+    tok = model.tokenizer
+    report = {"machine": machine(), "config": model.config.to_dict()}
+    t_start = time.time()
+    if not args.eval_only:
+        cfg = TrainConfig(steps=args.steps, lr=args.lr, memory_lr=args.memory_lr, curriculum=args.curriculum,
+                          segments_per_episode=args.segments, seed=args.seed).validate()
+        books = [tokenize(tok, p) for p in sorted(AUSTEN.glob("*.txt")) if p.name != HELD_OUT]
+        sampler = EpisodeSampler(books, args.window, cfg.segments_per_episode, cfg.curriculum, cfg.seed, tok)
+        optimizer, scheduler = make_optimizer(model.sidenet, cfg)
+        seen = 0
+        for step in range(cfg.steps):
+            metrics = train_step(model, [[sampler.sample() for _ in range(cfg.batch_size)]], optimizer, scheduler, cfg)
+            seen += metrics["tokens"]
+            if step % args.log_every == 0 or step == cfg.steps - 1:
+                print(json.dumps({"step": step, "elapsed_s": round(time.time() - t_start), **{
+                    k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}}), flush=True)
+        report.update(train=cfg.to_dict(), train_seconds=round(time.time() - t_start), trained_tokens=seen)
+        if args.out:
+            model.save_pretrained(args.out)
+    held = tokenize(tok, AUSTEN / HELD_OUT)[None]
+    report["copy_probe"] = copy_probe(model, held[:, : (3 * args.window) * args.probe_episodes], episodes=args.probe_episodes)
+    report["passkey"] = [passkey_probe(model, held, d, trials=4) for d in args.passkey_distances]
+    print(json.dumps(report, indent=2), flush=True)
+    out_dir = args.out or args.checkpoint
+    if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "probes.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Memory-augmented adaptation of the SideNet, without Ray: episodes, a curriculum that makes
+memory necessary, and one optimisation step. Ray Train workers call these same functions.
+
+An *episode* is consecutive segments of one document. Its bank stream is reset first; the
+earlier segments are written to memory by the frozen backbone alone (memory holds backbone
+keys/values, so no SideNet pass or gradient is needed there), and the last `train_segments`
+segments are trained on while reading that memory.
+
+Curriculum kinds (mixed by ratio, e.g. "plain:0.5,repeat:0.3,passkey:0.2"):
+- plain:   consecutive text of a book.
+- repeat:  the last segment carries a span (1/4 to all of a segment) copied from >= 2 segments
+           back, beyond the local window: only memory can predict it.
+- passkey: a 5-digit key planted in the first segment's prose and asked for at the end of the last.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .model import InputError, LongMem
+
+CURRICULUM_KINDS = ("plain", "repeat", "passkey")
+PASSKEY_FACT = " The pass key is {key}. Remember it. {key} is the pass key."
+PASSKEY_QUESTION = " What is the pass key? The pass key is"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 500
+    batch_size: int = 1
+    segments_per_episode: int = 3
+    train_segments: int = 1  # trailing segments trained on; earlier ones only fill memory
+    lr: float = 3e-4
+    memory_lr: float | None = 3e-3  # gates and memory scale; None: same as lr
+    warmup_steps: int = 20
+    schedule: str = "cosine"  # or "linear"
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    bf16: bool = False
+    seed: int = 0
+    curriculum: str = "plain:0.5,repeat:0.5"
+
+    def validate(self) -> "TrainConfig":
+        if self.steps <= 0 or self.batch_size <= 0 or self.grad_accum <= 0:
+            raise InputError("steps, batch_size and grad_accum must be positive")
+        if not 1 <= self.train_segments <= self.segments_per_episode:
+            raise InputError("train_segments must lie in [1, segments_per_episode]")
+        if self.schedule not in ("cosine", "linear"):
+            raise InputError(f"schedule must be 'cosine' or 'linear', got {self.schedule!r}")
+        parse_curriculum(self.curriculum)
+        if "repeat" in parse_curriculum(self.curriculum) and self.segments_per_episode < 3:
+            raise InputError("repeat episodes need segments_per_episode >= 3 (a span from >= 2 segments back)")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_curriculum(spec: str) -> dict[str, float]:
+    mix = {}
+    for part in spec.split(","):
+        name, _, weight = part.strip().partition(":")
+        if name not in CURRICULUM_KINDS:
+            raise InputError(f"unknown curriculum kind {name!r}; use {', '.join(CURRICULUM_KINDS)}")
+        try:
+            mix[name] = float(weight or 1.0)
+        except ValueError:
+            raise InputError(f"curriculum weight for {name!r} is not a number: {weight!r}") from None
+        if mix[name] < 0:
+            raise InputError(f"curriculum weight for {name!r} is negative")
+    total = sum(mix.values())
+    if total <= 0:
+        raise InputError(f"curriculum {spec!r} has no positive weight")
+    return {k: v / total for k, v in mix.items()}
+
+
+@dataclass
+class Episode:
+    ids: torch.Tensor  # (segments * W,)
+    labels: torch.Tensor  # (segments * W,), -100 where not scored
+    kind: str
+
+
+class EpisodeSampler:
+    """Draws episodes from tokenised documents (1-D LongTensors) by curriculum."""
+
+    def __init__(self, documents, window: int, segments: int, curriculum: str, seed: int = 0, tokenizer=None):
+        self.window, self.segments = window, segments
+        self.length = window * segments
+        self.documents = [d for d in documents if d.numel() >= self.length]
+        if not self.documents:
+            raise InputError(
+                f"no training document holds one episode ({segments} segments x {window} tokens = {self.length})"
+            )
+        self.skipped = len(documents) - len(self.documents)
+        self.weights = [d.numel() - self.length + 1 for d in self.documents]
+        self.mix = parse_curriculum(curriculum)
+        if "passkey" in self.mix and tokenizer is None:
+            raise InputError("passkey episodes need a tokenizer")
+        self.tokenizer = tokenizer
+        self.rng = random.Random(seed)
+
+    def state(self):
+        return self.rng.getstate()
+
+    def set_state(self, state):
+        self.rng.setstate(state)
+
+    def _text(self, length: int) -> torch.Tensor:
+        doc = self.rng.choices(self.documents, weights=self.weights)[0]
+        start = self.rng.randrange(doc.numel() - length + 1)
+        return doc[start : start + length].clone()
+
+    def sample(self) -> Episode:
+        kind = self.rng.choices(list(self.mix), weights=list(self.mix.values()))[0]
+        ids = self._text(self.length)
+        W = self.window
+        if kind == "repeat":
+            span = self.rng.randint(W // 4, W)
+            source_segment = self.rng.randrange(self.segments - 2)  # >= 2 segments before the last
+            src = source_segment * W + self.rng.randrange(W - span + 1)
+            dst = (self.segments - 1) * W + self.rng.randrange(W - span + 1)
+            ids[dst : dst + span] = ids[src : src + span]
+        elif kind == "passkey":
+            ids = self._passkey(ids)
+        return Episode(ids, ids.clone(), kind)
+
+    def _passkey(self, ids: torch.Tensor) -> torch.Tensor:
+        W = self.window
+        key = f"{self.rng.randrange(10_000, 100_000)}"
+        encode = lambda s: torch.tensor(self.tokenizer(s, add_special_tokens=False).input_ids)  # noqa: E731
+        fact, question = encode(PASSKEY_FACT.format(key=key)), encode(PASSKEY_QUESTION + " " + key + ".")
+        at = self.rng.randrange(W - fact.numel())
+        ids[at : at + fact.numel()] = fact
+        ids[self.length - question.numel() :] = question
+        return ids
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
+
+
+def make_optimizer(sidenet: torch.nn.Module, cfg: TrainConfig):
+    """AdamW over the SideNet; gates and memory scale get their own learning rate, no decay."""
+    memory, decay, no_decay = [], [], []
+    for name, p in sidenet.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.endswith(".gate") or name.endswith(".memory_scale"):
+            memory.append(p)
+        elif p.dim() < 2:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr},
+        {"params": no_decay, "weight_decay": 0.0, "lr": cfg.lr},
+        {"params": memory, "weight_decay": 0.0, "lr": cfg.memory_lr or cfg.lr},
+    ]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+    return optimizer, scheduler
+
+
+def train_step(model: LongMem, episodes: list[list[Episode]], optimizer, scheduler, cfg: TrainConfig,
+               sidenet: torch.nn.Module | None = None) -> dict:
+    """One optimiser step over `grad_accum` micro-batches of episodes. `sidenet` may be a DDP wrapper."""
+    t0 = time.perf_counter()
+    W, n, k = model.config.window, cfg.segments_per_episode, cfg.train_segments
+    model.train()
+    total, tokens, gates, shares = 0.0, 0, [], []
+    bank = None
+    for micro in episodes:
+        ids = torch.stack([e.ids for e in micro]).to(model.device)  # (B, n*W)
+        labels = torch.stack([e.labels for e in micro]).to(model.device)
+        if bank is None or bank.num_streams != ids.shape[0]:
+            bank = model.new_bank(ids.shape[0])
+        bank.reset()
+        if n > k:
+            model.write_memory(ids[:, : (n - k) * W], bank)
+        for j in range(n - k, n):
+            seg, lab = ids[:, j * W : (j + 1) * W], labels[:, j * W : (j + 1) * W]
+            with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                out = model(seg, bank=bank, labels=lab, update_memory=True)
+            (out.loss / (k * len(episodes))).backward()
+            total += out.loss.item()
+            tokens += seg.numel()
+            if out.readout is not None:
+                has = out.readout.retrieval.has_memory
+                if has.any():
+                    shares.append(out.readout.gate[has].float().mean().item())
+    params = [p for p in (sidenet or model.sidenet).parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    layer = model.sidenet.memory_layer
+    gates = torch.sigmoid(layer.gate.detach()).tolist()
+    return {
+        "loss": total / (k * len(episodes)),
+        "tokens": tokens,
+        "tokens_per_s": tokens / (time.perf_counter() - t0),
+        "grad_norm": grad_norm,
+        "lr": scheduler.get_last_lr()[0],
+        "memory_fill": bank.num_tokens(0) / bank.capacity_tokens,
+        "gate_mean": sum(gates) / len(gates),
+        "memory_share": sum(shares) / len(shares) if shares else 0.0,
+        "memory_scale": None if layer.memory_scale is None else layer.memory_scale.item(),
+    }

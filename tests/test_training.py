@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from conftest import tiny_longmem
+from longmem.model import InputError
+from longmem.training import EpisodeSampler, TrainConfig, lr_factor, make_optimizer, parse_curriculum, train_step
+
+
+def docs(n=3, length=400, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 128, (length,), generator=g) for _ in range(n)]
+
+
+def test_curriculum_parsing_and_errors():
+    assert parse_curriculum("plain:1,repeat:3") == {"plain": 0.25, "repeat": 0.75}
+    for bad, message in [("plain:1,copy:1", "unknown curriculum kind"), ("plain:x", "not a number"),
+                         ("plain:0", "no positive weight"), ("repeat:-1", "negative")]:
+        with pytest.raises(InputError, match=message):
+            parse_curriculum(bad)
+
+
+def test_repeat_episodes_copy_a_span_from_two_segments_back():
+    sampler = EpisodeSampler(docs(), window=32, segments=4, curriculum="repeat:1", seed=1)
+    for _ in range(20):
+        ep = sampler.sample()
+        last = ep.ids[96:].tolist()
+        earlier = ep.ids[:64].tolist()  # segments 0..1: >= 2 segments before the last
+        # some run of >= 8 tokens of the last segment appears verbatim in the early segments
+        assert any(last[i : i + 8] == earlier[j : j + 8] for i in range(0, 25) for j in range(0, 57))
+        assert ep.kind == "repeat" and ep.ids.shape == (128,)
+
+
+def test_sampler_skips_short_documents_and_refuses_when_none_fit():
+    sampler = EpisodeSampler(docs() + [torch.arange(10)], window=32, segments=3, curriculum="plain:1")
+    assert sampler.skipped == 1
+    with pytest.raises(InputError, match="no training document holds one episode"):
+        EpisodeSampler([torch.arange(10)], window=32, segments=3, curriculum="plain:1")
+    with pytest.raises(InputError, match="need a tokenizer"):
+        EpisodeSampler(docs(), window=32, segments=3, curriculum="passkey:1")
+
+
+def test_lr_schedule_warms_up_then_decays():
+    cfg = TrainConfig(steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    factors = [lr_factor(s, cfg) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:])) and factors[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_training_lowers_loss_and_keeps_backbone_frozen():
+    torch.manual_seed(0)
+    model = tiny_longmem("llama", side_init="paper", memory_scale_init=0.0, retrieval_query="backbone")
+    frozen = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    cfg = TrainConfig(steps=30, segments_per_episode=3, lr=3e-3, memory_lr=3e-2, warmup_steps=2,
+                      curriculum="plain:1", batch_size=2)
+    sampler = EpisodeSampler(docs(n=2, length=200), window=32, segments=3, curriculum=cfg.curriculum, seed=0)
+    optimizer, scheduler = make_optimizer(model.sidenet, cfg)
+    losses = [train_step(model, [[sampler.sample() for _ in range(2)]], optimizer, scheduler, cfg)["loss"]
+              for _ in range(cfg.steps)]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
+    assert all(torch.equal(frozen[k], v) for k, v in model.backbone.state_dict().items())
+    assert model.sidenet.memory_layer.memory_scale.item() != 0.0  # the memory branch learned
+
+
+def test_optimizer_gives_memory_parameters_their_own_rate():
+    model = tiny_longmem("llama", side_init="zero", memory_scale_init=0.0)
+    optimizer, _ = make_optimizer(model.sidenet, TrainConfig(lr=1e-4, memory_lr=1e-2))
+    memory_group = optimizer.param_groups[-1]
+    assert memory_group["initial_lr"] == 1e-2 and len(memory_group["params"]) == 2  # gate + memory scale
