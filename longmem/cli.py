@@ -19,6 +19,12 @@ from .model import InputError
 USER_ERRORS = (ConfigError, BackboneError, InputError, MemoryBankError, OSError, UnicodeDecodeError)
 
 
+def user_errors():
+    from pipelines.corpus import CorpusError
+
+    return USER_ERRORS + (CorpusError,)
+
+
 def log(message: str) -> None:
     print(f"[longmem] {message}", file=sys.stderr, flush=True)
 
@@ -45,6 +51,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="backbone alias, hub id or local folder when no checkpoint is given (default: %(default)s)")
     p.add_argument("--side-init", default="zero", choices=["zero", "paper"],
                    help="SideNet init when no checkpoint is given; 'zero' starts equal to the backbone")
+    p.add_argument("--retrieval-query", choices=["side", "backbone"],
+                   help="which query searches memory (SideNet's or the frozen backbone's)")
     p.add_argument("--window", type=int, help="local window (segment length) in tokens")
     p.add_argument("--memory-tokens", type=int, help="memory capacity in tokens")
     p.add_argument("--device", default="cpu")
@@ -55,7 +63,8 @@ def load_model(args):
 
     from .model import LongMem
 
-    overrides = {k: v for k, v in {"window": args.window, "memory_tokens": args.memory_tokens}.items() if v}
+    overrides = {k: v for k, v in {"window": args.window, "memory_tokens": args.memory_tokens,
+                                   "retrieval_query": args.retrieval_query}.items() if v}
     t0 = time.time()
     if args.checkpoint:
         model = LongMem.from_pretrained(args.checkpoint, device=args.device)
@@ -120,6 +129,52 @@ def cmd_perplexity(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from pipelines.train_sidenet import TrainJob, run_training
+
+    model = {k: v for k, v in {
+        "window": args.segment, "memory_tokens": args.memory_tokens, "side_init": args.side_init,
+        "retrieval_query": args.retrieval_query, "memory_scale_init": args.memory_scale_init,
+    }.items() if v is not None}
+    train = {"steps": args.steps, "batch_size": args.batch, "curriculum": args.curriculum, "lr": args.lr,
+             "segments_per_episode": args.segments, "grad_accum": args.grad_accum, "seed": args.seed,
+             "warmup_steps": min(args.warmup, args.steps)}
+    if args.memory_lr is not None:
+        train["memory_lr"] = args.memory_lr
+    job = TrainJob(corpus=args.corpus, out=args.out, backbone=args.backbone, init_checkpoint=args.checkpoint,
+                   workers=args.workers, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker, name=args.name,
+                   storage_path=args.storage, checkpoint_every=args.checkpoint_every, text_field=args.text_field,
+                   model=model if not args.checkpoint else {}, train=train)
+    job.train_config()  # validate before starting Ray
+    summary = run_training(job, address=args.address)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_trace(args) -> int:
+    from .trace import retrieval_trace
+
+    model = load_model(args)
+    bank = model.new_bank(1)
+    for path in args.memory_file:
+        n = model.remember_text(read_text(path), bank)
+        log(f"remembered {n} tokens from {path}")
+    text = read_text(args.text_file) if args.text_file else args.text
+    if not text:
+        raise InputError("give the text to trace with --text or --text-file")
+    trace = retrieval_trace(model, bank, model.encode(text), position=args.position, top=args.top)
+    if args.json:
+        print(json.dumps(trace, indent=2))
+        return 0
+    print(f"token {trace['token']!r} at local position {trace['position']}; memory {trace['memory_tokens']} tokens; "
+          f"predicts {trace['predicted_next']!r} (p={trace['predicted_probability']})")
+    for head in trace["heads"]:
+        print(f"  head {head['head']}: gate {head['gate']:.3f}")
+        for ch in head["chunks"]:
+            print(f"    weight {ch['weight']:.3f} score {ch['score']:8.3f} @ {ch['stream_position']:>6}: {ch['text']!r}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -150,6 +205,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="also write the JSON report here")
     p.set_defaults(func=cmd_perplexity)
 
+    t = sub.add_parser("train", help="adapt a SideNet with Ray Train (memory-augmented, curriculum episodes)")
+    t.add_argument("--corpus", nargs="+", required=True, help="folders, globs or files (.txt, .jsonl, .parquet)")
+    t.add_argument("--out", required=True, help="folder for the final checkpoint")
+    t.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    t.add_argument("--checkpoint", help="start from this LongMem checkpoint")
+    t.add_argument("--workers", type=int, default=1)
+    t.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    t.add_argument("--cpus-per-worker", type=float, default=1.0)
+    t.add_argument("--steps", type=int, default=500)
+    t.add_argument("--segment", type=int, help="segment length = local window (default 512)")
+    t.add_argument("--segments", type=int, default=3, help="segments per episode")
+    t.add_argument("--memory-tokens", type=int)
+    t.add_argument("--batch", type=int, default=1, help="episodes per worker per micro-batch")
+    t.add_argument("--grad-accum", type=int, default=1)
+    t.add_argument("--curriculum", default="plain:0.5,repeat:0.5", help="mix of plain, repeat, passkey episodes")
+    t.add_argument("--lr", type=float, default=3e-4)
+    t.add_argument("--memory-lr", type=float, help="learning rate of the gates and memory scale (default 3e-3)")
+    t.add_argument("--warmup", type=int, default=20)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--side-init", choices=["zero", "paper"])
+    t.add_argument("--retrieval-query", choices=["side", "backbone"])
+    t.add_argument("--memory-scale-init", type=float)
+    t.add_argument("--name", default="longmem-sidenet", help="run name; the same name resumes")
+    t.add_argument("--storage", help="where runs and checkpoints live (default: cache folder)")
+    t.add_argument("--checkpoint-every", type=int, default=50)
+    t.add_argument("--text-field", default="text")
+    t.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
+    t.set_defaults(func=cmd_train)
+
+    r = sub.add_parser("trace", help="show which memory chunks each head retrieved for a token, and the gates")
+    add_model_args(r)
+    r.add_argument("--memory-file", action="append", required=True, help="text encoded into memory (repeatable)")
+    r.add_argument("--text")
+    r.add_argument("--text-file")
+    r.add_argument("--position", type=int, default=-1, help="token index in the local text (default: last)")
+    r.add_argument("--top", type=int, default=3, help="chunks shown per head")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_trace)
+
     d = sub.add_parser("demo", help="the main job end to end on the default backbone")
     add_model_args(d)
     d.add_argument("--corpus", help="text file for the demo (default: a bundled public-domain novel)")
@@ -162,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except USER_ERRORS as e:
+    except user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -79,6 +79,11 @@ class LongMem(nn.Module):
         self.tokenizer = tokenizer
         self.memory_layer = config.resolved_memory_layer
         self._keep_layers = [config.reduction_factor * l for l in range(config.num_side_layers + 1)]
+        self.__dict__["_side_runner"] = None  # e.g. a DDP wrapper of self.sidenet; not a submodule
+
+    def run_sidenet_through(self, wrapper: nn.Module | None) -> None:
+        """Route the SideNet's forward through `wrapper` (DDP) so gradients sync across workers."""
+        self.__dict__["_side_runner"] = wrapper
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -176,7 +181,8 @@ class LongMem(nn.Module):
                 retrieve = lambda _side_q: bank.search(frozen_q, k, streams)  # noqa: E731
             else:
                 retrieve = lambda side_q: bank.search(side_q.transpose(1, 2), k, streams)  # noqa: E731
-        hidden, readout = self.sidenet(self.adapter, states, position_ids, side_caches, retrieve)
+        sidenet = self._side_runner if self._side_runner is not None else self.sidenet
+        hidden, readout = sidenet(self.adapter, states, position_ids, side_caches, retrieve)
         logits = self.adapter.lm_head(hidden)
 
         loss = None

@@ -1,0 +1,54 @@
+"""Retrieval trace: which memory chunks each head read for one token, with what weight, and how
+much of the layer's attention went to memory (the gate). The tool that says why memory did or
+did not help."""
+
+from __future__ import annotations
+
+import torch
+
+from .memory import MemoryBank
+from .model import InputError, LongMem
+
+
+@torch.no_grad()
+def retrieval_trace(model: LongMem, bank: MemoryBank, ids: torch.Tensor, position: int = -1, top: int = 3,
+                    stream: int = 0) -> dict:
+    """ids (1, T): the local text (its last `window` tokens are used); position indexes into them."""
+    if ids.dim() != 2 or ids.shape[0] != 1 or ids.numel() == 0:
+        raise InputError("trace needs one non-empty sequence of token ids, shape (1, T)")
+    ids = ids[:, -model.config.window :]
+    T = ids.shape[1]
+    if not -T <= position < T:
+        raise InputError(f"position {position} is outside the {T} local tokens")
+    position %= T
+    model.eval()
+    out = model(ids, bank=bank, streams=[stream])
+    read = out.readout
+    c = model.config.chunk_size
+    decode = (lambda t: model.tokenizer.decode(t)) if model.tokenizer is not None else (lambda t: str(t))
+    heads = []
+    for h in range(read.weights.shape[1]):
+        mass = read.weights[0, h, position].float().reshape(-1, c).sum(-1)  # (k,) weight per chunk
+        order = mass.argsort(descending=True)[:top]
+        chunks = []
+        for j in order.tolist():
+            if read.retrieval.positions[0, h, position, j] < 0:
+                continue
+            slot = int(read.retrieval.slots[0, h, position, j])
+            chunks.append({
+                "text": decode(bank.token_ids[stream, slot].tolist()),
+                "stream_position": int(read.retrieval.positions[0, h, position, j]),
+                "score": round(float(read.retrieval.scores[0, h, position, j]), 4),
+                "weight": round(float(mass[j]), 4),
+            })
+        heads.append({"head": h, "gate": round(float(read.gate[0, h, position]), 4), "chunks": chunks})
+    probs = torch.softmax(out.logits[0, position].float(), -1)
+    next_id = int(probs.argmax())
+    return {
+        "token": decode([int(ids[0, position])]),
+        "position": position,
+        "memory_tokens": bank.num_tokens(stream),
+        "predicted_next": decode([next_id]),
+        "predicted_probability": round(float(probs[next_id]), 4),
+        "heads": heads,
+    }

@@ -1,0 +1,212 @@
+"""Memory-augmented adaptation of the SideNet with Ray Train.
+
+Driver: corpus -> documents (Ray Data) -> tokens (Ray tasks) -> episodes drawn by the curriculum
+(a seeded, precomputed sequence, so a resumed run sees exactly the data an uninterrupted one
+would) -> TorchTrainer. Each worker holds its own frozen backbone and per-row memory banks; only
+the SideNet is wrapped by DDP. Checkpoints (SideNet + optimizer + schedule + step) every N steps;
+a run started again with the same name and storage path resumes from the latest one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from longmem.backbone import cache_dir, resolve_backbone
+from longmem.config import DEFAULT_BACKBONE
+from longmem.model import CONFIG_NAME, WEIGHTS_NAME, InputError, LongMem
+from longmem.training import Episode, EpisodeSampler, TrainConfig, make_optimizer, train_step
+
+STATE_NAME = "trainer_state.pt"
+MODEL_DIR = "model"
+
+
+@dataclass
+class TrainJob:
+    corpus: list[str]
+    out: str
+    backbone: str = DEFAULT_BACKBONE
+    init_checkpoint: str | None = None  # start from this LongMem checkpoint instead of a fresh SideNet
+    workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    name: str = "longmem-sidenet"
+    storage_path: str | None = None  # default: <cache>/train
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    max_failures: int = 0
+    text_field: str = "text"
+    log_every: int = 10
+    stop_after: int | None = None  # end early after this step (the run stays resumable)
+    model: dict = field(default_factory=dict)  # LongMemConfig overrides for a fresh SideNet
+    train: dict = field(default_factory=dict)  # TrainConfig fields
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(**self.train).validate()
+
+    def storage(self) -> str:
+        return self.storage_path or str(cache_dir() / "train")
+
+
+def build_model(job: dict, device="cpu") -> LongMem:
+    if job.get("init_checkpoint"):
+        return LongMem.from_pretrained(job["init_checkpoint"], device=device)
+    return LongMem.from_backbone(job["backbone"], device=device, **job.get("model", {}))
+
+
+def load_documents(job: TrainJob) -> tuple[list[np.ndarray], dict]:
+    """Read and tokenise the corpus with Ray Data; returns token arrays and skip counts."""
+    from pipelines.corpus import Tokenize, read_documents
+
+    source = resolve_backbone(job.backbone) if not job.init_checkpoint else resolve_backbone(
+        json.loads((Path(job.init_checkpoint) / CONFIG_NAME).read_text())["backbone"]
+    )
+    rows = read_documents(job.corpus, job.text_field).map_batches(Tokenize(source), batch_size=4).take_all()
+    docs = [np.asarray(r["tokens"], dtype=np.int64) for r in rows if not r["skip"]]
+    skipped: dict[str, int] = {}
+    for r in rows:
+        if r["skip"]:
+            skipped[r["skip"]] = skipped.get(r["skip"], 0) + 1
+    return docs, {"documents": len(docs), "tokens": int(sum(d.size for d in docs)), "skipped": skipped}
+
+
+def make_episode_dataset(job: TrainJob, docs: list[np.ndarray], window: int, tokenizer):
+    """The run's whole episode sequence as a Ray Dataset with an `index` column."""
+    import ray.data
+
+    cfg = job.train_config()
+    sampler = EpisodeSampler([torch.from_numpy(d) for d in docs], window, cfg.segments_per_episode,
+                             cfg.curriculum, cfg.seed, tokenizer)
+    n = cfg.steps * cfg.grad_accum * cfg.batch_size * job.workers
+    items = []
+    for i in range(n):
+        ep = sampler.sample()
+        items.append({"index": i, "ids": ep.ids.numpy().astype(np.int32),
+                      "labels": ep.labels.numpy().astype(np.int32), "kind": ep.kind})
+    return ray.data.from_items(items), sampler.skipped
+
+
+def train_loop_per_worker(job: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cfg = TrainConfig(**job["train"])
+    torch.manual_seed(cfg.seed)
+    device = ray.train.torch.get_device()
+    model = build_model(job, device=device)
+    optimizer, scheduler = make_optimizer(model.sidenet, cfg)
+
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            from safetensors.torch import load_file
+
+            model.sidenet.load_state_dict(load_file(str(Path(d) / MODEL_DIR / WEIGHTS_NAME)))
+            state = torch.load(Path(d) / STATE_NAME, map_location=device, weights_only=False)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start = state["step"]
+    wrapper = model.sidenet
+    if world > 1:
+        wrapper = ray.train.torch.prepare_model(model.sidenet, move_to_device=False,
+                                                parallel_strategy_kwargs={"find_unused_parameters": True})
+        model.run_sidenet_through(wrapper)
+
+    # Every worker sees the whole episode sequence and keeps rows index % world == rank: the
+    # same split on every run, so resuming at step s means skipping exactly s steps of rows.
+    rows = (r for r in ray.train.get_dataset_shard("train").iter_rows() if r["index"] % world == rank)
+    per_step = cfg.grad_accum * cfg.batch_size
+
+    def next_step_batches():
+        taken = [next(rows) for _ in range(per_step)]
+        eps = [Episode(torch.as_tensor(r["ids"], dtype=torch.long), torch.as_tensor(r["labels"], dtype=torch.long), r["kind"]) for r in taken]
+        return [eps[i : i + cfg.batch_size] for i in range(0, per_step, cfg.batch_size)]
+
+    for _ in range(start * per_step):
+        next(rows)
+    t0 = time.time()
+    for step in range(start, cfg.steps):
+        torch.manual_seed(cfg.seed * 100_003 + step)
+        metrics = train_step(model, next_step_batches(), optimizer, scheduler, cfg, sidenet=wrapper)
+        metrics["step"] = done = step + 1
+        stop = job.get("stop_after") and done >= job["stop_after"]
+        if rank == 0 and (done % job["log_every"] == 0 or done == cfg.steps or step == start):
+            print(f"[train] step {done}/{cfg.steps} loss {metrics['loss']:.4f} "
+                  f"tok/s {metrics['tokens_per_s'] * world:.0f} gate {metrics['gate_mean']:.3f} "
+                  f"memory share {metrics['memory_share']:.3f} ({time.time() - t0:.0f}s)", flush=True)
+        if done % job["checkpoint_every"] == 0 or done == cfg.steps or stop:
+            with tempfile.TemporaryDirectory() as tmp:
+                ckpt = None
+                if rank == 0:
+                    model.save_pretrained(Path(tmp) / MODEL_DIR)
+                    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                "step": done, "train": job["train"]}, Path(tmp) / STATE_NAME)
+                    ckpt = ray.train.Checkpoint.from_directory(tmp)
+                ray.train.report(metrics, checkpoint=ckpt)
+        else:
+            ray.train.report(metrics)
+        if stop:
+            return
+
+
+def run_training(job: TrainJob, address: str | None = None) -> dict:
+    """Train (or resume) and write the final SideNet to job.out as a save_pretrained folder."""
+    from pipelines.ray_env import init_ray
+
+    cfg = job.train_config()
+    if job.workers <= 0:
+        raise InputError(f"workers must be positive, got {job.workers}")
+    ray = init_ray(address)
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    t0 = time.time()
+    probe = build_model(asdict(job))
+    window = probe.config.window
+    docs, summary = load_documents(job)
+    if not docs:
+        raise InputError(f"no usable documents in {job.corpus}: {summary['skipped']}")
+    dataset, too_short = make_episode_dataset(job, docs, window, probe.tokenizer)
+    summary.update(too_short_for_an_episode=too_short, episodes=dataset.count())
+    print(f"[train] {summary['documents']} documents, {summary['tokens']} tokens, "
+          f"{summary['episodes']} episodes; skipped {summary['skipped'] or 'none'}", flush=True)
+    del probe
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=asdict(job),
+        scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=job.use_gpu,
+                                     resources_per_worker={"CPU": job.cpus_per_worker}),
+        run_config=RunConfig(
+            name=job.name,
+            storage_path=job.storage(),
+            checkpoint_config=CheckpointConfig(num_to_keep=job.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=job.max_failures),
+        ),
+        datasets={"train": dataset},
+        dataset_config=DataConfig(datasets_to_split=[]),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {job.name} ended without a checkpoint: {result.error}")
+    out = Path(job.out)
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / STATE_NAME, map_location="cpu", weights_only=False)
+        if out.exists():
+            shutil.rmtree(out)
+        shutil.copytree(Path(d) / MODEL_DIR, out)
+    summary.update(steps=state["step"], seconds=round(time.time() - t0, 1), out=str(out),
+                   checkpoint=result.checkpoint.path, metrics=result.metrics)
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
