@@ -34,13 +34,16 @@ def main():
     ap.add_argument("--gap-segments", type=int, default=2)
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--chunk-size", type=int, default=4)
+    ap.add_argument("--sink-tokens", type=int, default=0)
     args = ap.parse_args()
     W = args.window
     ids = real_text_ids(LongMem.from_backbone().tokenizer, W * (args.gap_segments + 1), "persuasion.txt")
-    report = {"machine": machine(), "window": W, "gap_segments": args.gap_segments, "chunk_size": args.chunk_size}
+    report = {"machine": machine(), "window": W, "gap_segments": args.gap_segments, "chunk_size": args.chunk_size,
+              "sink_tokens": args.sink_tokens}
     for query in ("side", "backbone"):
         model = LongMem.from_backbone(side_init="paper", window=W, retrieval_query=query,
-                                      chunk_size=args.chunk_size, memory_dtype="float32").eval()
+                                      chunk_size=args.chunk_size, sink_tokens=args.sink_tokens,
+                                      memory_dtype="float32").eval()
         bank = model.new_bank(1)
         with torch.no_grad():
             for seg in model.segments(ids):

@@ -49,6 +49,9 @@ class LongMemConfig:
     # A float: the read enters the side stream on its own learned scale starting here, outside
     # alpha, so that with side_init="zero" the memory branch gets gradient from step 0.
     memory_scale_init: float | None = None
+    # Tokens at the start of every encoded window that are not written to memory: the first
+    # positions act as attention sinks and their keys match almost any query.
+    sink_tokens: int = 0
 
     extra: dict = field(default_factory=dict)
 
@@ -87,6 +90,8 @@ class LongMemConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.sink_tokens, int) or not 0 <= self.sink_tokens < self.window:
+            raise ConfigError(f"sink_tokens must lie in [0, window), got {self.sink_tokens!r}")
         if self.window % self.chunk_size:
             raise ConfigError(
                 f"chunk_size {self.chunk_size} must divide the local window {self.window} "

@@ -191,7 +191,8 @@ class LongMem(nn.Module):
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
             )
         if update_memory:
-            bank.add(states.memory_keys, states.memory_values, token_ids=input_ids, streams=streams)
+            bank.add(states.memory_keys, states.memory_values, token_ids=input_ids, streams=streams,
+                     skip_first=self.config.sink_tokens)
         return LongMemOutput(logits, loss, states.memory_keys, states.memory_values, readout)
 
     @torch.no_grad()
@@ -232,7 +233,8 @@ class LongMem(nn.Module):
             # The window is full: its oldest part moves to memory, the rest is re-encoded from position 0.
             shift = max(self.config.chunk_size, (window // 2) // self.config.chunk_size * self.config.chunk_size)
             if bank is not None:
-                bank.add(state.keys[:, :shift], state.values[:, :shift], token_ids=state.ids[:, :shift], streams=streams)
+                bank.add(state.keys[:, :shift], state.values[:, :shift], token_ids=state.ids[:, :shift],
+                         streams=streams, skip_first=min(self.config.sink_tokens, shift))
             return self._prefill(torch.cat([state.ids[:, shift:], token], dim=1), bank, streams, use_cache)
         if not use_cache:
             return self._prefill(torch.cat([state.ids, token], dim=1), bank, streams, use_cache)
@@ -357,7 +359,8 @@ class LongMem(nn.Module):
         self._check_bank(bank)
         for segment in self.segments(input_ids):
             states = self.adapter.run(segment, [], self.memory_layer)
-            bank.add(states.memory_keys, states.memory_values, token_ids=segment, streams=streams)
+            bank.add(states.memory_keys, states.memory_values, token_ids=segment, streams=streams,
+                     skip_first=self.config.sink_tokens)
 
     def remember_text(self, text: str, bank: MemoryBank, stream: int = 0) -> int:
         """Encode text with the frozen backbone into one stream of the bank; returns tokens added."""

@@ -147,3 +147,14 @@ def test_search_equals_brute_force_at_scale():
         ref = scores.topk(16, dim=-1)
         torch.testing.assert_close(hit.scores[0, h], ref.values, rtol=1e-5, atol=1e-5)
         assert torch.equal(hit.slots[0, h].sort(-1).values, ref.indices.sort(-1).values)
+
+
+def test_skip_first_counts_positions_but_stores_nothing():
+    bank = MemoryBank(1, 1, 2, capacity_tokens=64, chunk_size=4, dtype=torch.float32)
+    for start in (0, 12):  # two 12-token "windows", each opening with 4 sink tokens
+        keys = torch.arange(start, start + 12, dtype=torch.float32)[None, :, None, None].expand(1, 12, 1, 2).clone()
+        bank.add(keys, keys, token_ids=torch.arange(start, start + 12)[None], skip_first=4)
+    stored = sorted(bank.token_ids[0, : int(bank.count[0])].reshape(-1).tolist())
+    assert stored == list(range(4, 12)) + list(range(16, 24))
+    assert sorted(bank.chunk_positions[0, :4].tolist()) == [4, 8, 16, 20]
+    assert int(bank.tokens_seen[0]) == 24

@@ -280,3 +280,15 @@ def test_write_memory_equals_streaming_through_the_model():
     model.write_memory(doc, b)
     for name in ("keys", "values", "chunk_keys", "token_ids", "chunk_positions"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_sink_tokens_are_not_written_and_generation_stays_equivalent():
+    model = tiny_longmem("llama", side_init="paper", sink_tokens=4)
+    bank = model.new_bank(1)
+    doc = ids(B=1, T=64, seed=13)
+    list(model.stream(doc, bank))
+    assert bank.num_tokens(0) == 56  # 2 windows of 32, minus 4 sink tokens each
+    assert set(bank.chunk_positions[0, :14].tolist()) == set(range(4, 32, 4)) | set(range(36, 64, 4))
+    runs = [model.generate(ids(B=1, T=50, seed=4), bank=model.new_bank(1), max_new_tokens=30, use_cache=c).token_ids
+            for c in (True, False)]
+    assert runs[0] == runs[1]

@@ -130,8 +130,12 @@ class MemoryBank:
             raise MemoryBankError(f"{name} is on {x.device} but the memory bank is on {self.device}")
 
     @torch.no_grad()
-    def add(self, keys, values, token_ids=None, streams=None) -> None:
-        """Append tokens (B, T, Hkv, D) to each row's stream; complete chunks become searchable."""
+    def add(self, keys, values, token_ids=None, streams=None, skip_first: int = 0) -> None:
+        """Append tokens (B, T, Hkv, D) to each row's stream; complete chunks become searchable.
+
+        `skip_first` tokens at the start are counted in stream positions but not stored (the
+        attention-sink tokens that open every encoding window: their keys match almost any query).
+        """
         self._check("keys", keys, self.num_kv_heads)
         self._check("values", values, self.num_kv_heads)
         if keys.shape != values.shape:
@@ -141,31 +145,32 @@ class MemoryBank:
             token_ids = torch.full((B, T), -1, dtype=torch.long, device=self.device)
         if tuple(token_ids.shape) != (B, T):
             raise MemoryBankError(f"token_ids must have shape {(B, T)}, got {tuple(token_ids.shape)}")
+        if skip_first < 0:
+            raise MemoryBankError(f"skip_first must be >= 0, got {skip_first}")
         c, C = self.chunk_size, self.capacity_chunks
         for row, s in enumerate(self._streams(streams, B).tolist()):
-            k, v, ids = keys[row], values[row], token_ids[row].to(self.device)
-            start = int(self.tokens_seen[s])
+            first_pos = int(self.tokens_seen[s])
+            self.tokens_seen[s] += T
+            k, v, ids = keys[row, skip_first:], values[row, skip_first:], token_ids[row, skip_first:].to(self.device)
+            pos = torch.arange(first_pos + skip_first, first_pos + T, device=self.device)
             pending = self._pending[s]
             if pending is not None:
-                k, v, ids = torch.cat([pending[0], k]), torch.cat([pending[1], v]), torch.cat([pending[2], ids])
-                start -= pending[0].shape[0]
-            self.tokens_seen[s] += T
+                k, v, ids, pos = (torch.cat([a, b]) for a, b in zip(pending, (k, v, ids, pos)))
             n = k.shape[0] // c
             rest = n * c
-            self._pending[s] = (k[rest:], v[rest:], ids[rest:]) if k.shape[0] > rest else None
+            self._pending[s] = (k[rest:], v[rest:], ids[rest:], pos[rest:]) if k.shape[0] > rest else None
             if n == 0:
                 continue
             first = max(0, n - C)  # more chunks than capacity: only the newest C survive
-            kc = k[first * c : rest].reshape(n - first, c, self.num_kv_heads, self.head_dim).permute(2, 0, 1, 3)
-            vc = v[first * c : rest].reshape(n - first, c, self.num_kv_heads, self.head_dim).permute(2, 0, 1, 3)
             m = n - first
-            slots = (self.next_slot[s] + torch.arange(m)) % C
-            slots_d = slots.to(self.device)
-            self.keys[s][:, slots_d] = kc.to(self.dtype)
-            self.values[s][:, slots_d] = vc.to(self.dtype)
-            self.chunk_keys[s][:, slots_d] = kc.float().mean(dim=2)  # (Hkv, m, D)
-            self.token_ids[s][slots_d] = ids[first * c : rest].reshape(m, c)
-            self.chunk_positions[s][slots_d] = start + first * c + torch.arange(m, device=self.device) * c
+            kc = k[first * c : rest].reshape(m, c, self.num_kv_heads, self.head_dim).permute(2, 0, 1, 3)
+            vc = v[first * c : rest].reshape(m, c, self.num_kv_heads, self.head_dim).permute(2, 0, 1, 3)
+            slots = ((self.next_slot[s] + torch.arange(m)) % C).to(self.device)
+            self.keys[s][:, slots] = kc.to(self.dtype)
+            self.values[s][:, slots] = vc.to(self.dtype)
+            self.chunk_keys[s][:, slots] = kc.float().mean(dim=2)  # (Hkv, m, D)
+            self.token_ids[s][slots] = ids[first * c : rest].reshape(m, c)
+            self.chunk_positions[s][slots] = pos[first * c : rest : c]
             self.next_slot[s] = (self.next_slot[s] + m) % C
             self.count[s] = min(int(self.count[s]) + m, C)
 
