@@ -34,7 +34,7 @@ def main():
     ap.add_argument("--gap-segments", type=int, default=2)
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--chunk-size", type=int, default=4)
-    ap.add_argument("--sink-tokens", type=int, default=0)
+    ap.add_argument("--sink-tokens", type=int, default=4)
     args = ap.parse_args()
     W = args.window
     ids = real_text_ids(LongMem.from_backbone().tokenizer, W * (args.gap_segments + 1), "persuasion.txt")

@@ -51,7 +51,7 @@ class LongMemConfig:
     memory_scale_init: float | None = None
     # Tokens at the start of every encoded window that are not written to memory: the first
     # positions act as attention sinks and their keys match almost any query.
-    sink_tokens: int = 0
+    sink_tokens: int = 4
 
     extra: dict = field(default_factory=dict)
 

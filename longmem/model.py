@@ -289,10 +289,15 @@ class LongMem(nn.Module):
         finally:
             self.train(was_training)
 
+    def local_start(self, prompt_length: int) -> int:
+        """Where generation's local context begins: everything before goes through memory in
+        whole segments, the last (possibly whole) segment stays local."""
+        return (prompt_length - 1) // self.config.window * self.config.window
+
     def _generate(self, ids, bank, streams, max_new_tokens, temperature, top_p, stop, use_cache, seed, return_logits):
         window = self.config.window
         B, P = ids.shape
-        local_start = (P - 1) // window * window  # the last (possibly whole) segment stays local
+        local_start = self.local_start(P)
         if local_start and bank is not None:
             for segment in self.segments(ids[:, :local_start], window):
                 self(segment, bank=bank, streams=streams, update_memory=True)

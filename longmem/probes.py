@@ -72,21 +72,28 @@ def passkey_probe(model: LongMem, filler_ids: torch.Tensor, distance: int, trial
     encode = lambda s: tok(s, add_special_tokens=False, return_tensors="pt").input_ids  # noqa: E731
     correct = {"memory": 0, "no_memory": 0, "backbone": 0}
     W = model.config.window
+    if distance < W:
+        raise ValueError(f"passkey distance {distance} must be at least the window ({W}) to test memory")
     for t in range(trials):
         key = f"{rng.randrange(10_000, 100_000)}"
         start = rng.randrange(max(1, filler_ids.shape[1] - distance - 64))
         before = filler_ids[:, start : start + 64]
-        after = filler_ids[:, start + 64 : start + 64 + distance]
-        prompt = torch.cat([before, encode(PASSKEY_FACT.format(key=key)), after, encode(PASSKEY_QUESTION)], 1)
-        prompt = prompt.to(model.device)
+        fact, question = encode(PASSKEY_FACT.format(key=key)), encode(PASSKEY_QUESTION)
+        # Trim the filler so that the question ends half-way into its local window: all three
+        # readers then see the same W/2 local tokens, and the key lies `distance` tokens back.
+        fixed = before.shape[1] + fact.shape[1] + question.shape[1]
+        n_after = distance - ((fixed + distance) % W - W // 2) % W
+        after = filler_ids[:, start + 64 : start + 64 + n_after]
+        prompt = torch.cat([before, fact, after, question], 1).to(model.device)
+        local = prompt[:, model.local_start(prompt.shape[1]) :]
         answers = {
             "memory": model.generate(prompt, bank=model.new_bank(1), max_new_tokens=8).texts[0],
             "no_memory": model.generate(prompt, max_new_tokens=8).texts[0],
         }
-        local = prompt[:, -W:]
         out = model.backbone.generate(local, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
         answers["backbone"] = tok.decode(out[0, local.shape[1] :], skip_special_tokens=True)
         for name, text in answers.items():
             digits = re.findall(r"\d{5}", text.replace(" ", ""))
             correct[name] += bool(digits) and digits[0] == key
-    return {"distance": distance, "trials": trials, **{f"accuracy_{k}": v / trials for k, v in correct.items()}}
+    return {"distance": distance, "trials": trials, "local_tokens": W // 2,
+            **{f"accuracy_{k}": v / trials for k, v in correct.items()}}

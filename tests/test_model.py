@@ -73,7 +73,7 @@ def test_memory_changes_output_and_streams_are_isolated(family):
 
 
 def test_segment_reads_memory_before_writing_itself():
-    model = tiny_longmem("llama", side_init="paper")
+    model = tiny_longmem("llama", side_init="paper", sink_tokens=0)
     bank = model.new_bank(1)
     x = ids(B=1)
     out = model(x, bank=bank, update_memory=True)
@@ -95,7 +95,7 @@ def test_local_attention_is_causal_with_memory():
 
 
 def test_memory_keys_are_pre_rotary_k_proj_outputs():
-    model = tiny_longmem("llama", side_init="paper")
+    model = tiny_longmem("llama", side_init="paper", sink_tokens=0)
     layer = model.adapter.layers[model.memory_layer].self_attn
     seen = {}
     hooks = [layer.k_proj.register_forward_hook(lambda m, i, o: seen.__setitem__("k", o)),

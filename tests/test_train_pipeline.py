@@ -95,3 +95,19 @@ def test_two_workers_train_resume_and_match_uninterrupted(ray_local, tiny_dir, c
     assert episode_loss(a, ids) < episode_loss(fresh, ids) - 0.05
     assert a.config.backbone_fingerprint == fresh.config.backbone_fingerprint
     assert straight["metrics"]["step"] == 6
+
+
+def test_bad_training_data_is_a_clear_error(ray_local, tiny_dir, tmp_path):
+    from longmem.model import InputError
+    from pipelines.corpus import CorpusError
+    from pipelines.train_sidenet import run_training
+
+    short = tmp_path / "short"
+    short.mkdir()
+    (short / "a.txt").write_text("Too short to hold one episode.")
+    with pytest.raises(InputError, match="no training document holds one episode"):
+        run_training(job(tiny_dir, short, tmp_path / "o", "short", tmp_path / "runs"))
+    with pytest.raises(CorpusError, match="no such file or folder"):
+        run_training(job(tiny_dir, tmp_path / "missing", tmp_path / "o", "missing", tmp_path / "runs"))
+    with pytest.raises(InputError, match="unknown curriculum kind"):
+        run_training(job(tiny_dir, short, tmp_path / "o", "bad", tmp_path / "runs", train={"curriculum": "copy:1"}))
