@@ -37,6 +37,8 @@ def main():
     ap.add_argument("--side-init", default="zero")
     ap.add_argument("--retrieval-query", default="backbone")
     ap.add_argument("--memory-scale-init", type=float, default=None)
+    ap.add_argument("--retrieval-metric", default="ip", choices=["ip", "cosine"])
+    ap.add_argument("--sink-tokens", type=int, default=4)
     ap.add_argument("--curriculum", default="plain:0.5,repeat:0.5")
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--memory-lr", type=float, default=3e-3)
@@ -54,6 +56,7 @@ def main():
     else:
         scale = {} if args.memory_scale_init is None else {"memory_scale_init": args.memory_scale_init}
         model = LongMem.from_backbone(side_init=args.side_init, retrieval_query=args.retrieval_query,
+                                      retrieval_metric=args.retrieval_metric, sink_tokens=args.sink_tokens,
                                       window=args.window, **scale)
     tok = model.tokenizer
     report = {"machine": machine(), "config": model.config.to_dict()}

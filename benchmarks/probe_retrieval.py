@@ -40,7 +40,7 @@ def main():
     ids = real_text_ids(LongMem.from_backbone().tokenizer, W * (args.gap_segments + 1), "persuasion.txt")
     report = {"machine": machine(), "window": W, "gap_segments": args.gap_segments, "chunk_size": args.chunk_size,
               "sink_tokens": args.sink_tokens}
-    for query in ("side", "backbone"):
+    for query in ("side", "backbone", "backbone_key"):
         model = LongMem.from_backbone(side_init="paper", window=W, retrieval_query=query,
                                       chunk_size=args.chunk_size, sink_tokens=args.sink_tokens,
                                       memory_dtype="float32").eval()

@@ -51,7 +51,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="backbone alias, hub id or local folder when no checkpoint is given (default: %(default)s)")
     p.add_argument("--side-init", default="zero", choices=["zero", "paper"],
                    help="SideNet init when no checkpoint is given; 'zero' starts equal to the backbone")
-    p.add_argument("--retrieval-query", choices=["side", "backbone"],
+    p.add_argument("--retrieval-query", choices=["side", "backbone", "backbone_key"],
                    help="which query searches memory (SideNet's or the frozen backbone's)")
     p.add_argument("--window", type=int, help="local window (segment length) in tokens")
     p.add_argument("--memory-tokens", type=int, help="memory capacity in tokens")
@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup", type=int, default=20)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--side-init", choices=["zero", "paper"])
-    t.add_argument("--retrieval-query", choices=["side", "backbone"])
+    t.add_argument("--retrieval-query", choices=["side", "backbone", "backbone_key"])
     t.add_argument("--memory-scale-init", type=float)
     t.add_argument("--name", default="longmem-sidenet", help="run name; the same name resumes")
     t.add_argument("--storage", help="where runs and checkpoints live (default: cache folder)")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 DEFAULT_BACKBONE = "smollm2-135m-instruct"
 SIDE_INITS = ("paper", "zero")
-RETRIEVAL_QUERIES = ("side", "backbone")
+RETRIEVAL_QUERIES = ("side", "backbone", "backbone_key")
 MEMORY_DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -44,7 +44,11 @@ class LongMemConfig:
     retrieve_tokens: int = 64  # K tokens read per query token and head (K / csz chunks)
     memory_tokens: int = 65_536  # bank capacity per stream
     memory_dtype: str = "float16"
-    retrieval_query: str = "side"  # which query searches the bank: SideNet's or frozen backbone's
+    # Which vector searches the bank: the SideNet's memory-layer query ("side", the paper), the
+    # frozen backbone's query ("backbone"), or the frozen backbone's key of the token itself
+    # ("backbone_key": in a verbatim repeat it nearly equals the stored key of the original).
+    retrieval_query: str = "side"
+    retrieval_metric: str = "ip"  # "ip" (the paper) or "cosine" between query and chunk key
     # None: the memory read is part of the memory layer's block (paper), scaled by its alpha.
     # A float: the read enters the side stream on its own learned scale starting here, outside
     # alpha, so that with side_init="zero" the memory branch gets gradient from step 0.
@@ -84,6 +88,8 @@ class LongMemConfig:
             raise ConfigError(f"side_init must be one of {SIDE_INITS}, got {self.side_init!r}")
         if self.retrieval_query not in RETRIEVAL_QUERIES:
             raise ConfigError(f"retrieval_query must be one of {RETRIEVAL_QUERIES}, got {self.retrieval_query!r}")
+        if self.retrieval_metric not in ("ip", "cosine"):
+            raise ConfigError(f"retrieval_metric must be 'ip' or 'cosine', got {self.retrieval_metric!r}")
         if self.memory_dtype not in MEMORY_DTYPES:
             raise ConfigError(f"memory_dtype must be one of {MEMORY_DTYPES}, got {self.memory_dtype!r}")
         for name in ("reduction_factor", "window", "chunk_size", "retrieve_tokens", "memory_tokens"):

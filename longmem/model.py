@@ -123,6 +123,7 @@ class LongMem(nn.Module):
             chunk_size=self.config.chunk_size,
             dtype=self.config.memory_dtype,
             device=self.device,
+            metric=self.config.retrieval_metric,
         )
 
     # ------------------------------------------------------------------ forward
@@ -176,8 +177,11 @@ class LongMem(nn.Module):
         retrieve = None
         if bank is not None:
             k = self.config.retrieve_chunks
-            if self.config.retrieval_query == "backbone":
+            if self.config.retrieval_query in ("backbone", "backbone_key"):
                 frozen_q = states.memory_queries
+                if self.config.retrieval_query == "backbone_key":  # each query head searches with its KV head's key
+                    group = self.adapter.num_heads // self.adapter.num_kv_heads
+                    frozen_q = states.memory_keys.repeat_interleave(group, dim=2)
                 retrieve = lambda _side_q: bank.search(frozen_q, k, streams)  # noqa: E731
             else:
                 retrieve = lambda side_q: bank.search(side_q.transpose(1, 2), k, streams)  # noqa: E731

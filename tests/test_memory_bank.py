@@ -158,3 +158,18 @@ def test_skip_first_counts_positions_but_stores_nothing():
     assert stored == list(range(4, 12)) + list(range(16, 24))
     assert sorted(bank.chunk_positions[0, :4].tolist()) == [4, 8, 16, 20]
     assert int(bank.tokens_seen[0]) == 24
+
+
+def test_cosine_metric_ranks_by_angle_not_norm():
+    bank = MemoryBank(1, 1, 2, capacity_tokens=8, chunk_size=4, dtype=torch.float32, metric="cosine")
+    big_off_axis = torch.tensor([[10.0, 10.0]]).expand(4, 2)  # large norm, 45 degrees off
+    small_aligned = torch.tensor([[0.1, 0.0]]).expand(4, 2)  # tiny norm, exactly aligned
+    keys = torch.cat([big_off_axis, small_aligned])[None, :, None, :]
+    bank.add(keys, keys)
+    hit = bank.search(torch.tensor([1.0, 0.0]).reshape(1, 1, 1, 2), k=1)
+    assert hit.positions.item() == 4 and abs(hit.scores.item() - 1.0) < 1e-6
+    ip = MemoryBank(1, 1, 2, capacity_tokens=8, chunk_size=4, dtype=torch.float32)
+    ip.add(keys, keys)
+    assert ip.search(torch.tensor([1.0, 0.0]).reshape(1, 1, 1, 2), k=1).positions.item() == 0
+    with pytest.raises(MemoryBankError, match="metric"):
+        MemoryBank(1, 1, 2, metric="l2")

@@ -2,7 +2,7 @@
 
 A *stream* is one batch row during training or one session at serving. Streams never see each
 other's chunks. Each chunk holds `chunk_size` consecutive tokens and is indexed by the mean of its
-keys (per KV head); a query token retrieves the top-k chunks of its own KV head and attends to all
+keys (per KV head), scored by inner product or cosine; a query token retrieves the top-k chunks of its own KV head and attends to all
 their tokens. Eviction is FIFO and O(1): the newest chunk overwrites the oldest slot.
 
     bank = MemoryBank(num_streams=2, num_kv_heads=3, head_dim=64, capacity_tokens=65536)
@@ -71,6 +71,7 @@ class MemoryBank:
         chunk_size: int = 4,
         dtype: torch.dtype | str = torch.float16,
         device: str | torch.device = "cpu",
+        metric: str = "ip",
     ):
         if isinstance(dtype, str):
             if dtype not in _DTYPES:
@@ -78,6 +79,9 @@ class MemoryBank:
             dtype = _DTYPES[dtype]
         if capacity_tokens % chunk_size or capacity_tokens <= 0:
             raise MemoryBankError(f"capacity_tokens {capacity_tokens} must be a positive multiple of chunk_size {chunk_size}")
+        if metric not in ("ip", "cosine"):
+            raise MemoryBankError(f"metric must be 'ip' (inner product) or 'cosine', got {metric!r}")
+        self.metric = metric
         if num_streams <= 0:
             raise MemoryBankError(f"num_streams must be positive, got {num_streams}")
         S, H, C, c, D = num_streams, num_kv_heads, capacity_tokens // chunk_size, chunk_size, head_dim
@@ -168,7 +172,10 @@ class MemoryBank:
             slots = ((self.next_slot[s] + torch.arange(m)) % C).to(self.device)
             self.keys[s][:, slots] = kc.to(self.dtype)
             self.values[s][:, slots] = vc.to(self.dtype)
-            self.chunk_keys[s][:, slots] = kc.float().mean(dim=2)  # (Hkv, m, D)
+            chunk_keys = kc.float().mean(dim=2)  # (Hkv, m, D)
+            if self.metric == "cosine":
+                chunk_keys = torch.nn.functional.normalize(chunk_keys, dim=-1)
+            self.chunk_keys[s][:, slots] = chunk_keys
             self.token_ids[s][slots] = ids[first * c : rest].reshape(m, c)
             self.chunk_positions[s][slots] = pos[first * c : rest : c]
             self.next_slot[s] = (self.next_slot[s] + m) % C
@@ -189,6 +196,8 @@ class MemoryBank:
         s = self._streams(streams, B).to(self.device)
         # Query head h reads KV head h // G (the grouping HF's repeat_kv uses).
         q = queries.float().reshape(B, T, Hkv, G, D).permute(0, 2, 1, 3, 4).reshape(B, Hkv, T * G, D)
+        if self.metric == "cosine":
+            q = torch.nn.functional.normalize(q, dim=-1)
         # Slots fill 0..C-1 before the ring wraps, so the filled slots are a prefix: score only those.
         counts = self.count[s.cpu()]
         n = max(int(counts.max()), 1)
