@@ -1,16 +1,10 @@
 import os
 from pathlib import Path
 
+from pipelines.ray_env import LOCAL_ENV
+
 # Keep any Ray started by tests on loopback and lean on 2 CPUs (set before ray is imported).
-for key, value in {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_enable_metrics_collection": "0",
-    "RAY_enable_worker_prestart": "0",
-    "RAY_prestart_worker_first_driver": "0",
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
+for key, value in LOCAL_ENV.items():
     os.environ.setdefault(key, value)
 
 import pytest  # noqa: E402
