@@ -58,7 +58,6 @@ def main():
             **{f"{name}_queries_per_s": round(args.queries / sec) for name, sec in t.items()},
             "faiss_vs_torch_topk_agreement": round(agree, 4),
         })
-        del bank, index, keys
     print(json.dumps({"machine": machine(), "k": args.k, "dim": args.dim, "results": rows}, indent=2))
 
 

@@ -16,14 +16,13 @@ import os
 import shutil
 import sys
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .config import DEFAULT_BACKBONE, ConfigError
+from .config import DEFAULT_BACKBONE
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 GPT2_FAMILY = ("gpt2",)
@@ -350,12 +349,3 @@ def load_backbone(
         except (OSError, ValueError, TypeError):
             tokenizer = None  # weights without a tokenizer still work with token ids
     return freeze(model), tokenizer
-
-
-@contextmanager
-def no_grad_if(flag: bool):
-    if flag:
-        with torch.no_grad():
-            yield
-    else:
-        yield

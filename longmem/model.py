@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from .backbone import (
     make_adapter,
 )
 from .config import DEFAULT_BACKBONE, ConfigError, LongMemConfig
-from .memory import MemoryBank, MemoryRetrieval
+from .memory import MemoryBank
 from .sidenet import LayerCache, MemoryReadout, SideNet
 
 CONFIG_NAME = "config.json"

@@ -164,10 +164,10 @@ def run_training(job: TrainJob, address: str | None = None) -> dict:
     """Train (or resume) and write the final SideNet to job.out as a save_pretrained folder."""
     from pipelines.ray_env import init_ray
 
-    cfg = job.train_config()
+    job.train_config()  # validate before starting anything
     if job.workers <= 0:
         raise InputError(f"workers must be positive, got {job.workers}")
-    ray = init_ray(address)
+    init_ray(address)
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 

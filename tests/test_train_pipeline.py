@@ -5,8 +5,6 @@ import shutil
 import pytest
 import torch
 
-from conftest import tiny_backbone
-
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
