@@ -35,19 +35,22 @@ def main():
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--chunk-size", type=int, default=4)
     ap.add_argument("--sink-tokens", type=int, default=4)
+    ap.add_argument("--metric", default="ip", choices=["ip", "cosine"])
+    ap.add_argument("--queries", nargs="+", default=["side", "backbone", "backbone_key"])
     args = ap.parse_args()
     W = args.window
     ids = real_text_ids(LongMem.from_backbone().tokenizer, W * (args.gap_segments + 1), "persuasion.txt")
     report = {"machine": machine(), "window": W, "gap_segments": args.gap_segments, "chunk_size": args.chunk_size,
               "sink_tokens": args.sink_tokens}
-    for query in ("side", "backbone", "backbone_key"):
+    report["metric"] = args.metric
+    for query in args.queries:
         model = LongMem.from_backbone(side_init="paper", window=W, retrieval_query=query,
                                       chunk_size=args.chunk_size, sink_tokens=args.sink_tokens,
+                                      retrieval_metric=args.metric,
                                       memory_dtype="float32").eval()
         bank = model.new_bank(1)
         with torch.no_grad():
-            for seg in model.segments(ids):
-                model(seg, bank=bank, update_memory=True)
+            model.write_memory(ids, bank)
             out = model(ids[:, :W], bank=bank)  # the first segment again
         pos = out.readout.retrieval.positions[0]  # (Hq, T, k)
         report[f"{query}_query"] = hit_rates(pos, torch.arange(W), model.config.chunk_size)
