@@ -20,6 +20,7 @@ from torch import nn
 
 from .backbone import (
     BackboneAdapter,
+    BackboneStates,
     BackboneError,
     fingerprint,
     freeze,
@@ -162,15 +163,19 @@ class LongMem(nn.Module):
         position_offset: int = 0,
         backbone_cache=None,
         side_caches: list[LayerCache] | None = None,
+        states: BackboneStates | None = None,
     ) -> LongMemOutput:
-        """One segment (B, T <= window): read memory first, then (optionally) write this segment to it."""
+        """One segment (B, T <= window): read memory first, then (optionally) write this segment to it.
+
+        `states` reuses a backbone pass already made for these ids (see `backbone_states`)."""
         self._check_input(input_ids, None if backbone_cache is not None else self.config.window)
         if bank is not None:
             self._check_bank(bank)
         if update_memory and bank is None:
             raise InputError("update_memory=True needs a memory bank")
         B, T = input_ids.shape
-        states = self.adapter.run(input_ids, self._keep_layers, self.memory_layer, cache=backbone_cache)
+        if states is None:
+            states = self.backbone_states(input_ids, cache=backbone_cache)
         position_ids = torch.arange(position_offset, position_offset + T, device=self.device)[None]
 
         retrieve = None
@@ -197,6 +202,10 @@ class LongMem(nn.Module):
             bank.add(states.memory_keys, states.memory_values, token_ids=input_ids, streams=streams,
                      skip_first=self.config.sink_tokens)
         return LongMemOutput(logits, loss, states.memory_keys, states.memory_values, readout)
+
+    def backbone_states(self, input_ids: torch.Tensor, cache=None) -> BackboneStates:
+        """The frozen pass LongMem needs; its last hidden state also gives the backbone's own logits."""
+        return self.adapter.run(input_ids, self._keep_layers, self.memory_layer, cache=cache)
 
     @torch.no_grad()
     def backbone_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -459,9 +468,10 @@ def perplexity_report(model: LongMem, input_ids: torch.Tensor, window: int | Non
             def nll(logits):
                 return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets, reduction="sum").item()
 
-            totals["backbone"] += nll(model.backbone_logits(seg))
-            totals["longmem_no_memory"] += nll(model(seg).logits)
-            totals["longmem_memory"] += nll(model(seg, bank=bank, update_memory=True).logits)
+            states = model.backbone_states(seg)  # one frozen pass serves all three readings
+            totals["backbone"] += nll(model.adapter.logits(states.hidden[-1]))
+            totals["longmem_no_memory"] += nll(model(seg, states=states).logits)
+            totals["longmem_memory"] += nll(model(seg, bank=bank, update_memory=True, states=states).logits)
             scored += targets.numel()
             if progress:
                 progress(i + 1, len(segments))
