@@ -39,6 +39,8 @@ def main():
     ap.add_argument("--memory-scale-init", type=float, default=None)
     ap.add_argument("--retrieval-metric", default="ip", choices=["ip", "cosine"])
     ap.add_argument("--sink-tokens", type=int, default=4)
+    ap.add_argument("--memory-read", default="attend", choices=["attend", "next"])
+    ap.add_argument("--memory-temperature-init", type=float, default=20.0)
     ap.add_argument("--curriculum", default="plain:0.5,repeat:0.5")
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--memory-lr", type=float, default=3e-3)
@@ -57,7 +59,8 @@ def main():
         scale = {} if args.memory_scale_init is None else {"memory_scale_init": args.memory_scale_init}
         model = LongMem.from_backbone(side_init=args.side_init, retrieval_query=args.retrieval_query,
                                       retrieval_metric=args.retrieval_metric, sink_tokens=args.sink_tokens,
-                                      window=args.window, **scale)
+                                      window=args.window, memory_read=args.memory_read,
+                                      memory_temperature_init=args.memory_temperature_init, **scale)
     tok = model.tokenizer
     report = {"machine": machine(), "config": model.config.to_dict()}
     t_start = time.time()

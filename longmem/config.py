@@ -15,6 +15,7 @@ DEFAULT_BACKBONE = "smollm2-135m-instruct"
 SIDE_INITS = ("paper", "zero")
 RETRIEVAL_QUERIES = ("side", "backbone", "backbone_key")
 MEMORY_DTYPES = ("float32", "float16", "bfloat16")
+MEMORY_READS = ("attend", "next")
 
 
 class ConfigError(ValueError):
@@ -56,6 +57,12 @@ class LongMemConfig:
     # Tokens at the start of every encoded window that are not written to memory: the first
     # positions act as attention sinks and their keys match almost any query.
     sink_tokens: int = 4
+    # How the memory layer reads what was retrieved. "attend" (the paper): the side layer's query
+    # attends over the retrieved keys and reads their values. "next": the search query is matched
+    # to each retrieved key by cosine times a learned per-head temperature, and the read takes the
+    # value of the token that *followed* the match: the step an induction head makes in context.
+    memory_read: str = "attend"
+    memory_temperature_init: float = 20.0  # "next" read: initial softmax temperature on cosines
 
     extra: dict = field(default_factory=dict)
 
@@ -90,6 +97,10 @@ class LongMemConfig:
             raise ConfigError(f"retrieval_query must be one of {RETRIEVAL_QUERIES}, got {self.retrieval_query!r}")
         if self.retrieval_metric not in ("ip", "cosine"):
             raise ConfigError(f"retrieval_metric must be 'ip' or 'cosine', got {self.retrieval_metric!r}")
+        if self.memory_read not in MEMORY_READS:
+            raise ConfigError(f"memory_read must be one of {MEMORY_READS}, got {self.memory_read!r}")
+        if not (isinstance(self.memory_temperature_init, (int, float)) and self.memory_temperature_init > 0):
+            raise ConfigError(f"memory_temperature_init must be positive, got {self.memory_temperature_init!r}")
         if self.memory_dtype not in MEMORY_DTYPES:
             raise ConfigError(f"memory_dtype must be one of {MEMORY_DTYPES}, got {self.memory_dtype!r}")
         for name in ("reduction_factor", "window", "chunk_size", "retrieve_tokens", "memory_tokens"):

@@ -181,14 +181,15 @@ class LongMem(nn.Module):
         retrieve = None
         if bank is not None:
             k = self.config.retrieve_chunks
+            nxt = self.config.memory_read == "next"
             if self.config.retrieval_query in ("backbone", "backbone_key"):
                 frozen_q = states.memory_queries
                 if self.config.retrieval_query == "backbone_key":  # each query head searches with its KV head's key
                     group = self.adapter.num_heads // self.adapter.num_kv_heads
                     frozen_q = states.memory_keys.repeat_interleave(group, dim=2)
-                retrieve = lambda _side_q: bank.search(frozen_q, k, streams)  # noqa: E731
+                retrieve = lambda _side_q: bank.search(frozen_q, k, streams, with_next=nxt)  # noqa: E731
             else:
-                retrieve = lambda side_q: bank.search(side_q.transpose(1, 2), k, streams)  # noqa: E731
+                retrieve = lambda side_q: bank.search(side_q.transpose(1, 2), k, streams, with_next=nxt)  # noqa: E731
         sidenet = self._side_runner if self._side_runner is not None else self.sidenet
         hidden, readout = sidenet(self.adapter, states, position_ids, side_caches, retrieve)
         logits = self.adapter.lm_head(hidden)

@@ -66,6 +66,22 @@ def memory_attention(q, retrieval: MemoryRetrieval, scale: float):
     return out, weights
 
 
+def next_token_read(retrieval: MemoryRetrieval, temperature: torch.Tensor):
+    """Match each query to the retrieved keys by cosine; read the value of the token after the match.
+
+    temperature (Hq,); returns out (B, Hq, T, D), weights (B, Hq, T, K) over the matched tokens.
+    """
+    q = F.normalize(retrieval.queries.float(), dim=-1)  # (B, Hq, T, D)
+    keys = F.normalize(retrieval.keys.float(), dim=-1)  # (B, Hq, T, K, D)
+    mask = retrieval.token_mask & retrieval.next_mask
+    logits = torch.einsum("bhtd,bhtkd->bhtk", q, keys) * temperature.float()[None, :, None, None]
+    weights = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
+    weights = torch.where(mask, weights, torch.zeros_like(weights))
+    values = retrieval.next_values
+    out = torch.einsum("bhtk,bhtkd->bhtd", weights.to(values.dtype), values)
+    return out, weights
+
+
 class SideLayer(nn.Module):
     def __init__(self, adapter: BackboneAdapter, backbone_layer: int, config: LongMemConfig, memory_layer: bool):
         super().__init__()
@@ -76,7 +92,11 @@ class SideLayer(nn.Module):
         self.is_memory_layer = memory_layer
         self.alpha = nn.Parameter(torch.zeros(())) if config.side_init == "zero" else None
         self.memory_scale = None
+        self.memory_read = config.memory_read
         if memory_layer:
+            if config.memory_read == "next":  # log-parametrised: stays positive
+                init = torch.full((adapter.num_heads,), float(config.memory_temperature_init))
+                self.memory_temperature = nn.Parameter(init.log())
             self.gate = nn.Parameter(torch.full((adapter.num_heads,), float(config.gate_init)))
             if config.memory_scale_init is not None:
                 self.memory_scale = nn.Parameter(torch.tensor(float(config.memory_scale_init)))
@@ -118,8 +138,13 @@ class SideLayer(nn.Module):
         readout, memory_update = None, None
         retrieval = retrieve(q_plain) if (self.is_memory_layer and retrieve is not None) else None
         if retrieval is not None:
-            remembered, weights = memory_attention(q_plain, retrieval, scale)
-            has = retrieval.has_memory  # (B, Hq, T)
+            if self.memory_read == "next":
+                remembered, weights = next_token_read(retrieval, self.memory_temperature.exp())
+                remembered = remembered.to(local.dtype)
+                has = (retrieval.token_mask & retrieval.next_mask).any(-1)  # (B, Hq, T)
+            else:
+                remembered, weights = memory_attention(q_plain, retrieval, scale)
+                has = retrieval.has_memory  # (B, Hq, T)
             gate = torch.sigmoid(self.gate).to(local.dtype)[None, :, None].expand(B, -1, T)
             gate = torch.where(has, gate, torch.zeros_like(gate))  # nothing retrieved: exactly the local layer
             readout = MemoryReadout(retrieval, weights, gate)

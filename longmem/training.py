@@ -152,12 +152,12 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def make_optimizer(sidenet: torch.nn.Module, cfg: TrainConfig):
-    """AdamW over the SideNet; gates and memory scale get their own learning rate, no decay."""
+    """AdamW over the SideNet; gates, memory scale and temperature get their own learning rate, no decay."""
     memory, decay, no_decay = [], [], []
     for name, p in sidenet.named_parameters():
         if not p.requires_grad:
             continue
-        if name.endswith(".gate") or name.endswith(".memory_scale"):
+        if name.endswith((".gate", ".memory_scale", ".memory_temperature")):
             memory.append(p)
         elif p.dim() < 2:
             no_decay.append(p)

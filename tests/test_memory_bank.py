@@ -173,3 +173,40 @@ def test_cosine_metric_ranks_by_angle_not_norm():
     assert ip.search(torch.tensor([1.0, 0.0]).reshape(1, 1, 1, 2), k=1).positions.item() == 0
     with pytest.raises(MemoryBankError, match="metric"):
         MemoryBank(1, 1, 2, metric="l2")
+
+
+def test_next_values_are_the_values_of_the_following_token():
+    """with_next pairs every retrieved token with the value of the token after it in its stream,
+    across chunk and add() boundaries, and masks it where that token is unknown or evicted."""
+    bank = MemoryBank(num_streams=1, num_kv_heads=2, head_dim=8, capacity_tokens=32, chunk_size=4, dtype=torch.float32)
+    k, v = random_kv(1, 50)
+    bank.add(k[:, :18], v[:, :18], skip_first=2)  # positions 2..17 stored; 16, 17 wait as a partial chunk
+    bank.add(k[:, 18:50], v[:, 18:50])  # 48 tokens stored in a 32-token ring: positions 18..49 survive
+    queries = torch.randn(1, 6, 4, 8, generator=torch.Generator().manual_seed(3))
+    hit = bank.search(queries, k=8, with_next=True)
+    assert hit.next_values.shape == hit.values.shape
+    checked = 0
+    for h in range(4):
+        for t in range(6):
+            for j in range(8):
+                start = int(hit.positions[0, h, t, j])
+                for i in range(4):
+                    p, col = start + i, j * 4 + i
+                    torch.testing.assert_close(hit.values[0, h, t, col], v[0, p, h // 2])
+                    known = p + 1 < 50
+                    assert bool(hit.next_mask[0, h, t, col]) == known
+                    if known:
+                        torch.testing.assert_close(hit.next_values[0, h, t, col], v[0, p + 1, h // 2])
+                        checked += 1
+    assert checked > 0 and not hit.next_mask.all()  # position 49 has no successor yet
+    plain = bank.search(queries, k=8)
+    assert plain.next_values is None and torch.equal(plain.values, hit.values)
+
+
+def test_next_mask_breaks_where_the_ring_overwrote_the_successor():
+    bank = MemoryBank(num_streams=1, num_kv_heads=1, head_dim=4, capacity_tokens=8, chunk_size=4, dtype=torch.float32)
+    k, v = random_kv(1, 12, H=1, D=4)
+    bank.add(k, v)  # chunks 0..2 written; chunk 2 (positions 8..11) overwrote chunk 0 in slot 0
+    hit = bank.search(k[:, :1], k=2, with_next=True)
+    by_start = {int(p): hit.next_mask[0, 0, 0, j * 4 : j * 4 + 4].tolist() for j, p in enumerate(hit.positions[0, 0, 0])}
+    assert by_start == {4: [True] * 4, 8: [True, True, True, False]}

@@ -292,3 +292,25 @@ def test_sink_tokens_are_not_written_and_generation_stays_equivalent():
     runs = [model.generate(ids(B=1, T=50, seed=4), bank=model.new_bank(1), max_new_tokens=30, use_cache=c).token_ids
             for c in (True, False)]
     assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_next_token_read_keeps_equivalences_and_reads_the_following_value(family):
+    model = tiny_longmem(family, side_init="zero", memory_read="next", retrieval_query="backbone_key",
+                         retrieval_metric="cosine", memory_scale_init=0.0)
+    ids = torch.randint(0, 100, (1, 16))
+    backbone = model.backbone_logits(ids)
+    bank = model.new_bank(1)
+    assert torch.equal(model(ids, bank=model.new_bank(1)).logits, model(ids).logits)  # empty memory == off
+    model.write_memory(torch.randint(0, 100, (1, 64)), bank)
+    out = model(ids, bank=bank)
+    assert torch.equal(out.logits, backbone)  # zero init: exactly the backbone even with memory
+    w = out.readout.weights
+    assert torch.allclose(w.sum(-1)[out.readout.gate > 0], torch.ones(()))
+    # with a live memory branch the read reaches the logits, and its temperature gets gradient
+    with torch.no_grad():
+        model.sidenet.memory_layer.memory_scale.fill_(1.0)
+    out = model(ids, bank=bank, labels=ids)
+    assert not torch.equal(out.logits, backbone)
+    out.loss.backward()
+    assert model.sidenet.memory_layer.memory_temperature.grad.abs().sum() > 0

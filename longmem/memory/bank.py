@@ -37,6 +37,11 @@ class MemoryRetrieval:
     slots: torch.Tensor  # (B, Hq, T, k) ring-buffer slot of each chunk
     positions: torch.Tensor  # (B, Hq, T, k) stream position of each chunk's first token, -1 if empty
     streams: torch.Tensor  # (B,) which stream each row searched
+    queries: torch.Tensor | None = None  # (B, Hq, T, D) the vectors that searched, as given
+    # With search(..., with_next=True): the value of the token that followed each retrieved token
+    # in its stream, and where that token is known (False at a stream's newest token or a gap).
+    next_values: torch.Tensor | None = None  # (B, Hq, T, k * csz, D)
+    next_mask: torch.Tensor | None = None  # (B, Hq, T, k * csz)
 
     @property
     def has_memory(self) -> torch.Tensor:
@@ -182,8 +187,10 @@ class MemoryBank:
             self.count[s] = min(int(self.count[s]) + m, C)
 
     @torch.no_grad()
-    def search(self, queries: torch.Tensor, k: int, streams=None) -> MemoryRetrieval:
-        """Exact top-k chunks for every query token and head: queries (B, T, Hq, D)."""
+    def search(self, queries: torch.Tensor, k: int, streams=None, with_next: bool = False) -> MemoryRetrieval:
+        """Exact top-k chunks for every query token and head: queries (B, T, Hq, D).
+
+        `with_next` also returns, for each retrieved token, the value of the token after it."""
         self._check("queries", queries, None)
         B, T, Hq, D = queries.shape
         Hkv = self.num_kv_heads
@@ -234,14 +241,31 @@ class MemoryBank:
         b_idx = s[:, None, None, None]
         h_idx = (torch.arange(Hq, device=self.device) // G)[None, :, None, None]  # query head -> KV head
         hit = torch.isfinite(top)
+        values = self.values[b_idx, h_idx, slots]  # (B, Hq, T, k, c, D)
+        positions = self.chunk_positions[b_idx, slots].masked_fill(~hit, -1)
+        token_mask = hit.repeat_interleave(c, dim=-1)
+        next_values = next_mask = None
+        if with_next:
+            # Tokens of a chunk are consecutive; a chunk's last token is followed by the first token
+            # of the next ring slot when that slot holds the stream's next positions.
+            following = (slots + 1) % C
+            next_values = torch.cat([values[..., 1:, :], self.values[b_idx, h_idx, following, :1]], dim=-2)
+            next_values = next_values.reshape(B, Hq, T, k * c, D)
+            joined = hit & (self.chunk_positions[b_idx, following] == positions + c)  # (B, Hq, T, k)
+            next_mask = hit[..., None].expand(*hit.shape, c).clone()
+            next_mask[..., -1] = joined
+            next_mask = next_mask.reshape(B, Hq, T, k * c)
         return MemoryRetrieval(
             keys=self.keys[b_idx, h_idx, slots].reshape(B, Hq, T, k * c, D),
-            values=self.values[b_idx, h_idx, slots].reshape(B, Hq, T, k * c, D),
-            token_mask=hit.repeat_interleave(c, dim=-1),
+            values=values.reshape(B, Hq, T, k * c, D),
+            token_mask=token_mask,
             scores=top,
             slots=slots,
-            positions=self.chunk_positions[b_idx, slots].masked_fill(~hit, -1),
+            positions=positions,
             streams=s,
+            queries=queries.transpose(1, 2),
+            next_values=next_values,
+            next_mask=next_mask,
         )
 
     def reset(self, streams=None) -> None:
