@@ -39,6 +39,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LONGMEM_CACHE", Path.home() / ".cache" / "longmem"))
 
 
+class _StopForward(Exception):
+    """Raised from a hook to end a frozen pass once everything it needs is captured."""
+
+
 class BackboneError(ValueError):
     """The backbone cannot be loaded or is not supported."""
 
@@ -114,14 +118,18 @@ class BackboneAdapter:
         keep_layers: list[int],
         memory_layer: int,
         cache=None,
+        stop_after_memory: bool = False,
     ) -> BackboneStates:
         """One frozen pass over input_ids (B, T), continuing `cache` if given (HF Cache, updated in place).
 
         Returns hidden states H^j for j in keep_layers (H^0 = input of layer 0, H^j = output of layer j-1)
-        and the memory layer's pre-rotary q/k/v. The LM head is not run.
+        and the memory layer's pre-rotary q/k/v. The LM head is not run. `stop_after_memory` skips
+        the layers above the memory layer when nothing there is needed (writing memory).
         """
+        modules = self.memory_capture_modules(memory_layer)
+        stop = stop_after_memory and cache is None and all(j <= memory_layer for j in keep_layers)
         hidden: dict[int, torch.Tensor] = {}
-        captured: list[torch.Tensor | None] = [None] * len(self.memory_capture_modules(memory_layer))
+        captured: list[torch.Tensor | None] = [None] * len(modules)
         handles = []
 
         def first_input(_module, args, kwargs):
@@ -137,6 +145,8 @@ class BackboneAdapter:
         def capture(i):
             def hook(_module, _args, output):
                 captured[i] = output.detach()
+                if stop and all(c is not None for c in captured):
+                    raise _StopForward
 
             return hook
 
@@ -146,9 +156,11 @@ class BackboneAdapter:
             for j in keep_layers:
                 if j > 0:
                     handles.append(self.layers[j - 1].register_forward_hook(layer_output(j)))
-            for i, module in enumerate(self.memory_capture_modules(memory_layer)):
+            for i, module in enumerate(modules):
                 handles.append(module.register_forward_hook(capture(i)))
             self.base(input_ids=input_ids, cache=cache, use_cache=cache is not None)
+        except _StopForward:
+            pass
         finally:
             for h in handles:
                 h.remove()

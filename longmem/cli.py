@@ -1,4 +1,4 @@
-"""`longmem` command line: generate, perplexity, demo.
+"""`longmem` command line: generate, perplexity, train, trace, build-memory, memory-info, demo.
 
 Every error a user can cause ends in one line on stderr and exit status 2, never a stack trace.
 """
@@ -22,7 +22,9 @@ USER_ERRORS = (ConfigError, BackboneError, InputError, MemoryBankError, OSError,
 def user_errors():
     from pipelines.corpus import CorpusError
 
-    return USER_ERRORS + (CorpusError,)
+    from .memory.store import StoreError
+
+    return USER_ERRORS + (CorpusError, StoreError)
 
 
 def log(message: str) -> None:
@@ -175,6 +177,36 @@ def cmd_trace(args) -> int:
     return 0
 
 
+def cmd_build_memory(args) -> int:
+    from pipelines.build_memory import BuildJob, build_memory
+
+    model = {k: v for k, v in {
+        "window": args.window, "chunk_size": args.chunk_size, "sink_tokens": args.sink_tokens,
+        "memory_layer": args.memory_layer, "retrieval_metric": args.metric, "memory_dtype": args.dtype,
+    }.items() if v is not None}
+    job = BuildJob(corpus=args.corpus, out=args.out, backbone=args.backbone, checkpoint=args.checkpoint,
+                   shards=args.shards, index=args.index, min_actors=args.min_actors,
+                   max_actors=max(args.max_actors or args.min_actors, args.min_actors), batch_size=args.batch_size,
+                   num_gpus_per_actor=args.gpus_per_actor, num_cpus_per_actor=args.cpus_per_actor,
+                   text_field=args.text_field, model=model)
+    summary = build_memory(job.validate(), address=args.address, progress=log)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_memory_info(args) -> int:
+    from .memory.store import MemoryStore, read_manifest
+
+    manifest = read_manifest(args.memory)
+    if args.verify:
+        MemoryStore.open(args.memory, verify=True)
+    out = {"spec": manifest["spec"], "build": manifest["build"], "totals": manifest["totals"],
+           "shards": [{k: s[k] for k in ("name", "documents", "chunks", "tokens", "index")} for s in manifest["shards"]],
+           "verified": bool(args.verify)}
+    print(json.dumps(out, indent=2))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -243,6 +275,33 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--top", type=int, default=3, help="chunks shown per head")
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_trace)
+
+    b = sub.add_parser("build-memory", help="encode corpora into a persistent, sharded memory with Ray Data")
+    b.add_argument("--corpus", nargs="+", required=True, help="folders, globs or files (.txt, .jsonl, .parquet)")
+    b.add_argument("--out", required=True, help="memory folder (created; a rerun resumes or skips finished shards)")
+    b.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    b.add_argument("--checkpoint", help="take backbone and memory settings from this LongMem checkpoint")
+    b.add_argument("--shards", type=int, default=1)
+    b.add_argument("--index", default="flat", choices=["flat", "ivf", "ivfpq"], help="faiss index per shard and KV head")
+    b.add_argument("--min-actors", type=int, default=1, help="encoder actors to start with")
+    b.add_argument("--max-actors", type=int, help="encoder actors to grow to when the cluster has room (default: min)")
+    b.add_argument("--batch-size", type=int, default=8, help="windows per encoder call")
+    b.add_argument("--gpus-per-actor", type=float, default=0.0)
+    b.add_argument("--cpus-per-actor", type=float, default=1.0)
+    b.add_argument("--window", type=int, help="encoding window = the model's local window (default 512)")
+    b.add_argument("--chunk-size", type=int)
+    b.add_argument("--sink-tokens", type=int)
+    b.add_argument("--memory-layer", type=int)
+    b.add_argument("--metric", choices=["ip", "cosine"], help="how chunk keys are scored")
+    b.add_argument("--dtype", choices=["float16", "float32"], help="stored key/value precision (default float16)")
+    b.add_argument("--text-field", default="text")
+    b.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
+    b.set_defaults(func=cmd_build_memory)
+
+    i = sub.add_parser("memory-info", help="describe a built memory (spec, shards, totals)")
+    i.add_argument("memory")
+    i.add_argument("--verify", action="store_true", help="check every file's sha256")
+    i.set_defaults(func=cmd_memory_info)
 
     d = sub.add_parser("demo", help="the main job end to end on the default backbone")
     add_model_args(d)

@@ -376,7 +376,7 @@ class LongMem(nn.Module):
         self._check_input(input_ids, None)
         self._check_bank(bank)
         for segment in self.segments(input_ids):
-            states = self.adapter.run(segment, [], self.memory_layer)
+            states = self.adapter.run(segment, [], self.memory_layer, stop_after_memory=True)
             bank.add(states.memory_keys, states.memory_values, token_ids=segment, streams=streams,
                      skip_first=self.config.sink_tokens)
 

@@ -63,3 +63,36 @@ def austen_text():
     if not path.exists():
         pytest.fail(f"test text missing: {path} (shared data folder not laid out beside the project)")
     return path.read_text()
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded local Ray (127.0.0.1, 2 CPUs) shared by the pipeline tests."""
+    from pipelines.ray_env import init_ray
+
+    ray = init_ray(num_cpus=2, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama with the real SmolLM2 tokenizer (vocab 49,152), saved as a local folder."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from longmem.backbone import resolve_backbone
+
+    folder = tmp_path_factory.mktemp("tiny-backbone")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    model.save_pretrained(folder)
+    real = resolve_backbone("smollm2-135m-instruct")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        try:
+            shutil.copy(f"{real}/{name}", folder / name)
+        except FileNotFoundError:
+            pass
+    return folder

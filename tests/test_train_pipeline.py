@@ -1,42 +1,10 @@
 """Ray Train on a real local Ray: 2 CPU workers (gloo), a tiny SideNet, real tokenised text."""
 
-import shutil
 
 import pytest
 import torch
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    from pipelines.ray_env import init_ray
-
-    ray = init_ray(num_cpus=2, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny random Llama with the real SmolLM2 tokenizer (vocab 49,152), saved as a local folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from longmem.backbone import resolve_backbone
-
-    folder = tmp_path_factory.mktemp("tiny-backbone")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
-    model.save_pretrained(folder)
-    real = resolve_backbone("smollm2-135m-instruct")
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        src = f"{real}/{name}"
-        try:
-            shutil.copy(src, folder / name)
-        except FileNotFoundError:
-            pass
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -255,6 +255,7 @@ class MemoryBank:
             next_mask = hit[..., None].expand(*hit.shape, c).clone()
             next_mask[..., -1] = joined
             next_mask = next_mask.reshape(B, Hq, T, k * c)
+            next_values = next_values.masked_fill(~next_mask[..., None], 0)
         return MemoryRetrieval(
             keys=self.keys[b_idx, h_idx, slots].reshape(B, Hq, T, k * c, D),
             values=values.reshape(B, Hq, T, k * c, D),

@@ -1,0 +1,78 @@
+"""MemoryEncoder: the frozen backbone turned into a memory writer for whole corpora.
+
+A document is cut into the model's windows (window w covers tokens [w*W, (w+1)*W)); each window is
+run through the backbone up to the memory layer, its first `sink_tokens` tokens are dropped and
+the rest become memory tokens, exactly as `LongMem.write_memory` fills a bank.
+
+Windows are padded on the right to a length bucket that depends only on their own length, and a
+batch is run one bucket at a time: the keys of a window are then bit-identical however windows are
+batched (measured: CPU matmuls give the same rows for any batch size at a fixed length, but not
+for different padded lengths), so a rebuilt memory is byte-identical.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..backbone import BackboneError, fingerprint, freeze, load_backbone, make_adapter
+from ..config import LongMemConfig
+from .store import MemorySpec
+
+PAD_BUCKET = 128
+
+
+class MemoryEncoder:
+    def __init__(self, config: LongMemConfig, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 backbone=None):
+        if backbone is None:
+            backbone, _ = load_backbone(config.backbone, config.backbone_revision, config.gguf_file, dtype=dtype,
+                                        device=device, load_tokenizer=False)
+        self.adapter = make_adapter(freeze(backbone))
+        found = fingerprint(backbone)
+        if config.backbone_fingerprint not in (None, found):
+            raise BackboneError(
+                f"backbone {config.backbone!r} has fingerprint {found}, but the configuration was made "
+                f"with {config.backbone_fingerprint}: a different model"
+            )
+        config.backbone_fingerprint = found
+        config.model_type = backbone.config.model_type
+        config.num_backbone_layers = self.adapter.num_layers
+        self.config = config.validate()
+        self.memory_layer = config.resolved_memory_layer
+        self.device = torch.device(device)
+        self.spec = MemorySpec.from_config(config, self.adapter.num_kv_heads, self.adapter.head_dim)
+
+    def windows(self, num_tokens: int) -> list[int]:
+        """Start positions of the windows that cover a document of num_tokens tokens."""
+        W = self.config.window
+        return list(range(0, num_tokens, W))
+
+    @torch.no_grad()
+    def encode(self, windows: list[np.ndarray], starts: list[int]) -> list[dict]:
+        """Token windows (each <= window long) at document positions `starts` -> per window a dict
+        of keys, values (n, Hkv, D) float16/32 numpy, token_ids (n,), positions (n,)."""
+        W, sink = self.config.window, self.config.sink_tokens
+        out: list[dict | None] = [None] * len(windows)
+        buckets: dict[int, list[int]] = {}
+        for i, w in enumerate(windows):
+            if not 0 < len(w) <= W:
+                raise ValueError(f"window {i} has {len(w)} tokens; windows hold 1..{W}")
+            buckets.setdefault(min(W, -(-len(w) // PAD_BUCKET) * PAD_BUCKET), []).append(i)
+        dtype = np.float16 if self.spec.dtype == "float16" else np.float32
+        for length, members in sorted(buckets.items()):
+            ids = torch.zeros(len(members), length, dtype=torch.long)
+            for row, i in enumerate(members):
+                ids[row, : len(windows[i])] = torch.as_tensor(np.asarray(windows[i], dtype=np.int64))
+            states = self.adapter.run(ids.to(self.device), [], self.memory_layer, stop_after_memory=True)
+            keys = states.memory_keys.float().cpu().numpy()  # (b, length, Hkv, D)
+            values = states.memory_values.float().cpu().numpy()
+            for row, i in enumerate(members):
+                n = len(windows[i])
+                out[i] = {
+                    "keys": keys[row, sink:n].astype(dtype),
+                    "values": values[row, sink:n].astype(dtype),
+                    "token_ids": np.asarray(windows[i][sink:n], dtype=np.int32),
+                    "positions": np.arange(starts[i] + sink, starts[i] + n, dtype=np.int64),
+                }
+        return out

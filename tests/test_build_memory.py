@@ -1,0 +1,226 @@
+"""Building a sharded memory with Ray Data on a real local Ray, and reading it back."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from longmem.memory.store import MemoryStore, StoreError
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+SETTINGS = dict(window=64, chunk_size=4, sink_tokens=4, memory_dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, austen_text):
+    folder = tmp_path_factory.mktemp("memory-corpus")
+    for i, size in enumerate((3000, 1800, 2600)):
+        (folder / f"part{i}.txt").write_text(austen_text[i * 4000 : i * 4000 + size])
+    (folder / "empty.txt").write_text("  \n")
+    (folder / "blob.txt").write_bytes(b"\x00\x01" * 50)
+    (folder / "bad.txt").write_bytes(b"caf\xe9 au lait" * 20)
+    rows = [{"text": austen_text[20000:21500]}, {"title": "no text"}, {"text": "Hi."}]
+    (folder / "notes.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken\n")
+    return folder
+
+
+def build(tiny_dir, corpus, out, **kw):
+    from pipelines.build_memory import BuildJob, build_memory
+
+    settings = dict(corpus=[str(corpus)], out=str(out), backbone=str(tiny_dir), model=dict(SETTINGS), batch_size=3)
+    settings.update(kw)
+    return build_memory(BuildJob(**settings), progress=lambda _m: None)
+
+
+@pytest.fixture(scope="module")
+def one_shard(ray_local, tiny_dir, corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mem1") / "memory"
+    return out, build(tiny_dir, corpus, out)
+
+
+@pytest.fixture(scope="module")
+def three_shards(ray_local, tiny_dir, corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mem3") / "memory"
+    return out, build(tiny_dir, corpus, out, shards=3, max_actors=2, batch_size=2)
+
+
+def reference_chunks(tiny_dir, corpus):
+    """Each usable document fed to its own in-process MemoryBank stream by LongMem.write_memory."""
+    from longmem.model import LongMem
+
+    model = LongMem.from_backbone(str(tiny_dir), **SETTINGS, memory_tokens=4096)
+    tok = model.tokenizer
+    texts = {str(p): p.read_text() for p in sorted(corpus.glob("part*.txt"))}
+    for i, line in enumerate((corpus / "notes.jsonl").read_text().splitlines()):
+        if line.startswith("{\"text\""):
+            texts[f"{corpus / 'notes.jsonl'}#{i}"] = json.loads(line)["text"]
+    chunks = {}
+    for doc_id, text in texts.items():
+        ids = torch.tensor([tok(text, add_special_tokens=False).input_ids])
+        if ids.shape[1] < SETTINGS["sink_tokens"] + SETTINGS["chunk_size"]:
+            continue
+        bank = model.new_bank(1)
+        model.write_memory(ids, bank)
+        n = int(bank.count[0])
+        for j in range(n):
+            chunks[(doc_id, int(bank.chunk_positions[0, j]))] = (
+                bank.token_ids[0, j].numpy(), bank.keys[0, :, j].numpy(), bank.values[0, :, j].numpy())
+    return model, chunks
+
+
+def test_store_holds_the_chunks_a_bank_holds_and_search_is_exact(one_shard, tiny_dir, corpus):
+    out, summary = one_shard
+    assert summary["skipped"] == {"empty": 1, "too short": 1, "binary": 1, "undecodable": 1, "no 'text' field": 1, "bad json": 1}
+    assert summary["documents"] == 4 and summary["shards"] == 1 and summary["chunks"] > 0
+    store = MemoryStore.open(out, verify=True)
+    model, reference = reference_chunks(tiny_dir, corpus)
+    shard = store.shards[0]
+    got = {(d, int(p)): i for i, (d, p) in enumerate(zip(shard.doc_ids, shard.positions))}
+    assert set(got) == set(reference)
+    for key, (ids, keys, values) in reference.items():
+        i = got[key]
+        assert np.array_equal(shard.token_ids[i], ids)
+        np.testing.assert_allclose(shard.keys[i], keys, atol=1e-5)  # padded windows: last-bit differences only
+        np.testing.assert_allclose(shard.values[i], values, atol=1e-5)
+    # a search through the store == exact top-k over the reference chunks
+    store.check_model(model.config, model.adapter.num_kv_heads, model.adapter.head_dim)
+    order = list(reference)
+    chunk_keys = torch.tensor(np.stack([reference[c][1].mean(axis=1) for c in order]))  # (N, Hkv, D)
+    queries = torch.randn(1, 5, model.adapter.num_heads, model.adapter.head_dim, generator=torch.Generator().manual_seed(0))
+    hits = store.search(queries, k=6)
+    G = model.adapter.num_heads // model.adapter.num_kv_heads
+    for h in range(model.adapter.num_heads):
+        for t in range(5):
+            exact = (chunk_keys[:, h // G] @ queries[0, t, h]).topk(6).indices.tolist()
+            want = [order[j][1] for j in exact]
+            assert hits.positions[0, h, t].tolist() == want
+
+
+def test_three_shards_give_the_same_search_as_one(one_shard, three_shards):
+    (out1, s1), (out3, s3) = one_shard, three_shards
+    assert s3["chunks"] == s1["chunks"] and s3["shards"] == 3
+    one, three = MemoryStore.open(out1), MemoryStore.open(out3)
+    assert all(s.num_chunks > 0 for s in three.shards)
+    queries = torch.randn(2, 7, 4, 16, generator=torch.Generator().manual_seed(1))
+    a, b = one.search(queries, k=8, with_next=True), three.search(queries, k=8, with_next=True)
+    ident = lambda store, r: [[[(store_doc(store, int(s)), int(p)) for s, p in zip(ss, pp)]  # noqa: E731
+                               for ss, pp in zip(sh, ph)] for sh, ph in zip(r.slots.flatten(0, 1), r.positions.flatten(0, 1))]
+    assert ident(one, a) == ident(three, b)
+    torch.testing.assert_close(a.scores, b.scores)
+    torch.testing.assert_close(a.keys, b.keys)
+    torch.testing.assert_close(a.next_values, b.next_values)
+    assert torch.equal(a.next_mask, b.next_mask)
+
+
+def store_doc(store, slot):
+    for shard in store.shards:
+        if slot < shard.num_chunks:
+            return shard.doc_ids[slot]
+        slot -= shard.num_chunks
+    raise AssertionError
+
+
+def test_next_values_follow_the_document(one_shard):
+    out, _ = one_shard
+    store = MemoryStore.open(out)
+    shard = store.shards[0]
+    rows = np.arange(shard.num_chunks)[:, None, None].repeat(4, axis=1)  # every chunk, all 4 query heads
+    got = shard.gather(rows, with_next=True)
+    for i in range(shard.num_chunks - 1):
+        joined = shard.doc_ids[i] == shard.doc_ids[i + 1] and shard.positions[i + 1] == shard.positions[i] + 4
+        assert bool(got["next_mask"][i, 0, 0, -1]) == joined
+        np.testing.assert_array_equal(got["next_values"][i, 0, 0, :3], shard.values[i, 0, 1:])
+        if joined:
+            np.testing.assert_array_equal(got["next_values"][i, 0, 0, 3], shard.values[i + 1, 0, 0])
+
+
+def test_killed_build_resumes_to_the_same_manifest(ray_local, three_shards, tiny_dir, corpus, tmp_path):
+    out3, _ = three_shards
+    out = tmp_path / "memory"
+    cmd = [sys.executable, "-m", "longmem.cli", "build-memory", "--corpus", str(corpus), "--out", str(out),
+           "--backbone", str(tiny_dir), "--shards", "3", "--max-actors", "2", "--batch-size", "1",
+           "--window", "64", "--chunk-size", "4", "--sink-tokens", "4", "--dtype", "float32"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "RAY_ADDRESS": ""})
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (out / ".parts").exists() and any((out / ".parts").rglob("*.npz")):
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists(), "the build finished before it could be killed"
+    with pytest.raises(StoreError, match="has not finished"):
+        MemoryStore.open(out)
+    summary = build(tiny_dir, corpus, out, shards=3, max_actors=2, batch_size=2)
+    assert (out / "manifest.json").read_text() == (out3 / "manifest.json").read_text()
+    again = build(tiny_dir, corpus, out, shards=3)  # idempotent: nothing left to do
+    assert again["shards_reused"] == 3 and summary["chunks"] == again["chunks"]
+
+
+def test_bad_builds_are_refused(ray_local, one_shard, tiny_dir, corpus, tmp_path):
+    from pipelines.corpus import CorpusError
+
+    out1, _ = one_shard
+    with pytest.raises(CorpusError, match="no such file"):
+        build(tiny_dir, tmp_path / "missing", tmp_path / "m0")
+    with pytest.raises(StoreError, match="different model"):  # same folder, other memory settings
+        build(tiny_dir, corpus, out1, model={**SETTINGS, "chunk_size": 8})
+    with pytest.raises(StoreError, match="shards=1"):
+        build(tiny_dir, corpus, out1, shards=2)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(StoreError, match="not empty"):
+        build(tiny_dir, corpus, tmp_path / "busy")
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "empty.txt").write_text("")
+    with pytest.raises(StoreError, match="no usable documents"):
+        build(tiny_dir, junk, tmp_path / "m1")
+    with pytest.raises(StoreError, match="no finished memory"):
+        MemoryStore.open(tmp_path / "busy")
+
+
+def test_cli_build_memory_reports_bad_input_in_one_line(tmp_path):
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "longmem.cli", *a], capture_output=True, text=True, env=env)  # noqa: E731
+    r = run("build-memory", "--corpus", str(tmp_path / "nothing"), "--out", str(tmp_path / "m"), "--shards", "0")
+    assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr
+    r = run("memory-info", str(tmp_path))
+    assert r.returncode == 2 and "no finished memory" in r.stderr
+
+
+def test_real_backbone_over_one_chapter(ray_local, tmp_path, austen_text):
+    """SmolLM2 over a chapter: the store searched with a passage's own keys finds that passage."""
+    from longmem.config import LongMemConfig
+    from longmem.model import LongMem
+
+    chapter = austen_text[:12000]
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "chapter.txt").write_text(chapter)
+    from pipelines.build_memory import BuildJob, build_memory
+
+    summary = build_memory(BuildJob(corpus=[str(tmp_path / "corpus")], out=str(tmp_path / "mem"), shards=2,
+                                    model={"retrieval_metric": "cosine"}), progress=lambda _m: None)
+    assert summary["documents"] == 1 and summary["memory_tokens"] > 2000
+    assert summary["bytes_per_token"] < 1100  # fp16 keys + values 768 B, chunk-key index 192 B
+    model = LongMem.from_backbone(retrieval_metric="cosine", retrieval_query="backbone_key")
+    store = MemoryStore.open(tmp_path / "mem", verify=True)
+    store.check_model(model.config, model.adapter.num_kv_heads, model.adapter.head_dim)
+    ids = model.encode(chapter)[:, :512]
+    keys = model.backbone_states(ids).memory_keys  # (1, 512, Hkv, D)
+    hits = store.search(keys.repeat_interleave(3, dim=2)[:, 100:164], k=4)  # tokens 100..163 of window 0
+    starts = hits.positions[0]  # (Hq, 64, k)
+    original = torch.arange(100, 164)[None, :, None]
+    found = ((starts <= original) & (original < starts + 4)).any(-1).any(0).float().mean().item()
+    assert found > 0.9
+    other = LongMemConfig.from_dict({**model.config.to_dict(), "chunk_size": 8})
+    with pytest.raises(StoreError, match="chunk_size"):
+        store.check_model(other, model.adapter.num_kv_heads, model.adapter.head_dim)
