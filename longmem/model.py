@@ -146,11 +146,22 @@ class LongMem(nn.Module):
             )
 
     def _check_bank(self, bank: MemoryBank) -> None:
+        """Any memory with search() and these attributes: a MemoryBank, a MemoryStore, a CombinedMemory."""
         want = (self.adapter.num_kv_heads, self.adapter.head_dim, self.config.chunk_size)
         have = (bank.num_kv_heads, bank.head_dim, bank.chunk_size)
         if want != have:
             raise InputError(f"memory bank has (kv_heads, head_dim, chunk_size)={have}, the model needs {want}")
-        if bank.device != self.device:
+        spec = getattr(bank, "spec", None)
+        if spec is not None:  # a built memory: also the same backbone, layer and chunking
+            from .memory.store import StoreError
+
+            try:
+                bank.check_model(self.config, self.adapter.num_kv_heads, self.adapter.head_dim)
+            except StoreError as e:
+                raise InputError(str(e)) from None
+        for store in getattr(bank, "stores", []):
+            store.check_model(self.config, self.adapter.num_kv_heads, self.adapter.head_dim)
+        if not getattr(bank, "read_only", False) and bank.device != self.device:
             raise InputError(f"memory bank is on {bank.device} but the model is on {self.device}")
 
     def forward(
@@ -171,8 +182,8 @@ class LongMem(nn.Module):
         self._check_input(input_ids, None if backbone_cache is not None else self.config.window)
         if bank is not None:
             self._check_bank(bank)
-        if update_memory and bank is None:
-            raise InputError("update_memory=True needs a memory bank")
+        if update_memory and (bank is None or getattr(bank, "read_only", False)):
+            raise InputError("update_memory=True needs a writable memory bank (a built memory is read-only)")
         B, T = input_ids.shape
         if states is None:
             states = self.backbone_states(input_ids, cache=backbone_cache)
@@ -245,7 +256,7 @@ class LongMem(nn.Module):
         if state.ids.shape[1] >= window:
             # The window is full: its oldest part moves to memory, the rest is re-encoded from position 0.
             shift = max(self.config.chunk_size, (window // 2) // self.config.chunk_size * self.config.chunk_size)
-            if bank is not None:
+            if bank is not None and not getattr(bank, "read_only", False):
                 bank.add(state.keys[:, :shift], state.values[:, :shift], token_ids=state.ids[:, :shift],
                          streams=streams, skip_first=min(self.config.sink_tokens, shift))
             return self._prefill(torch.cat([state.ids[:, shift:], token], dim=1), bank, streams, use_cache)

@@ -1,6 +1,7 @@
 """Retrieval trace: which memory chunks each head read for one token, with what weight, and how
 much of the layer's attention went to memory (the gate). The tool that says why memory did or
-did not help."""
+did not help. With memory_read="next" a chunk's weight is on its tokens as matches, and the value
+read is that of the token after each match."""
 
 from __future__ import annotations
 
@@ -34,9 +35,8 @@ def retrieval_trace(model: LongMem, bank: MemoryBank, ids: torch.Tensor, positio
         for j in order.tolist():
             if read.retrieval.positions[0, h, position, j] < 0:
                 continue
-            slot = int(read.retrieval.slots[0, h, position, j])
             chunks.append({
-                "text": decode(bank.token_ids[stream, slot].tolist()),
+                "text": decode([t for t in read.retrieval.token_ids[0, h, position, j].tolist() if t >= 0]),
                 "stream_position": int(read.retrieval.positions[0, h, position, j]),
                 "score": round(float(read.retrieval.scores[0, h, position, j]), 4),
                 "weight": round(float(mass[j]), 4),
@@ -47,7 +47,7 @@ def retrieval_trace(model: LongMem, bank: MemoryBank, ids: torch.Tensor, positio
     return {
         "token": decode([int(ids[0, position])]),
         "position": position,
-        "memory_tokens": bank.num_tokens(stream),
+        "memory_tokens": bank.num_tokens(stream) if hasattr(bank, "num_tokens") else None,
         "predicted_next": decode([next_id]),
         "predicted_probability": round(float(probs[next_id]), 4),
         "heads": heads,

@@ -34,6 +34,7 @@ from longmem.memory.store import (
     MANIFEST,
     MemorySpec,
     StoreError,
+    assign_shards,
     documents_digest,
     read_shard_meta,
     shard_files_intact,
@@ -96,17 +97,6 @@ def _part_path(out: Path, shard: int, doc_id: str, start: int) -> Path:
     return out / PARTS / f"shard-{shard:05d}" / f"{_doc_key(doc_id)}-{start:012d}.npz"
 
 
-def assign_shards(docs: list[tuple[str, int]], shards: int) -> list[list[tuple[str, int]]]:
-    """Documents (doc_id, tokens) -> shards balanced by tokens; deterministic; each list sorted by id."""
-    load = [0] * shards
-    out: list[list[tuple[str, int]]] = [[] for _ in range(shards)]
-    for doc_id, n in sorted(docs, key=lambda d: (-d[1], d[0])):
-        i = min(range(shards), key=lambda s: (load[s], s))
-        load[i] += n
-        out[i].append((doc_id, n))
-    return [sorted(s) for s in out]
-
-
 class EncodeWindows:
     """Actor: the frozen backbone as a memory encoder (one model per actor, loaded once)."""
 
@@ -129,7 +119,14 @@ class EncodeWindows:
             "values": _objects([e["values"] for e in encoded]),
             "token_ids": _objects([e["token_ids"] for e in encoded]),
             "positions": _objects([e["positions"] for e in encoded]),
+            "rss_mb": np.full(len(encoded), _peak_rss_mb()),
         }
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _objects(arrays: list) -> np.ndarray:
@@ -179,7 +176,7 @@ class WriteParts:
                          token_ids=batch["token_ids"][i], positions=batch["positions"][i])
             os.replace(tmp, path)
             written.append(len(batch["token_ids"][i]))
-        return {"shard": batch["shard"], "tokens": np.array(written, dtype=np.int64)}
+        return {"shard": batch["shard"], "tokens": np.array(written, dtype=np.int64), "rss_mb": batch["rss_mb"]}
 
 
 def finish_shard(out: str, shard: int, docs: list[tuple[str, int]], spec: dict, index: str, window: int) -> dict:
@@ -285,7 +282,7 @@ def build_memory(job: BuildJob, address: str | None = None, progress=print) -> d
     progress(f"[build-memory] {len(usable)} documents, {total_tokens:,} tokens -> {job.shards} shard(s); "
              f"{len(finished)} already built, {len(pending)} to build; skipped {dict(skipped) or 'none'}")
 
-    encoded_tokens, encode_seconds = 0, 0.0
+    encoded_tokens, encode_seconds, peak_rss = 0, 0.0, 0.0
     if pending:
         shard_of = {doc_id: i for i in pending for doc_id, _ in plan[i]}
         windows = docs_ds.map_batches(WindowsOf(str(out), config.window, shard_of), batch_size=4)
@@ -301,6 +298,7 @@ def build_memory(job: BuildJob, address: str | None = None, progress=print) -> d
         t_encode = time.time()
         for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
             encoded_tokens += int(batch["tokens"].sum())
+            peak_rss = max(peak_rss, float(batch["rss_mb"].max()))
         encode_seconds = time.time() - t_encode
         progress(f"[build-memory] encoded {encoded_tokens:,} memory tokens in {encode_seconds:.1f} s; "
                  f"building {len(pending)} shard index(es) ({job.index})")
@@ -327,6 +325,7 @@ def build_memory(job: BuildJob, address: str | None = None, progress=print) -> d
         "bytes_per_token": manifest["totals"]["bytes"] / max(1, manifest["totals"]["tokens"]),
         "seconds": round(seconds, 2),
         "encode_tokens_per_s": round(encoded_tokens / encode_seconds, 1) if encode_seconds else None,
+        "encoder_peak_rss_mb": round(peak_rss) if peak_rss else None,
     }
     progress(f"[build-memory] done: {json.dumps(summary)}")
     return summary

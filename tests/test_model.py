@@ -244,7 +244,7 @@ def test_bank_mismatches_are_clear_errors():
         model(ids(), bank=MemoryBank(2, 3, 16, capacity_tokens=64))
     with pytest.raises(InputError, match="memory bank is on meta"):
         model(ids(), bank=MemoryBank(2, 2, 16, capacity_tokens=64, device="meta"))
-    with pytest.raises(InputError, match="needs a memory bank"):
+    with pytest.raises(InputError, match="needs a writable memory bank"):
         model(ids(), update_memory=True)
     with pytest.raises(InputError, match="max_new_tokens"):
         model.generate(ids(), max_new_tokens=0)

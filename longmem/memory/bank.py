@@ -42,11 +42,48 @@ class MemoryRetrieval:
     # in its stream, and where that token is known (False at a stream's newest token or a gap).
     next_values: torch.Tensor | None = None  # (B, Hq, T, k * csz, D)
     next_mask: torch.Tensor | None = None  # (B, Hq, T, k * csz)
+    token_ids: torch.Tensor | None = None  # (B, Hq, T, k, csz) token ids of each chunk, -1 if unknown
 
     @property
     def has_memory(self) -> torch.Tensor:
         """(B, Hq, T) True where at least one chunk was retrieved."""
         return self.token_mask.any(dim=-1)
+
+
+def merge_retrievals(parts: list[MemoryRetrieval], k: int) -> MemoryRetrieval:
+    """Top-k by score over several retrievals of the same queries (shards, a bank and a store).
+
+    Ties keep the earlier part first, so merging is deterministic."""
+    if len(parts) == 1:
+        return parts[0]
+    scores = torch.cat([p.scores for p in parts], dim=-1)  # (B, Hq, T, sum k)
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]  # (B, Hq, T, k)
+    kk = order.shape[-1]
+    c = parts[0].token_mask.shape[-1] // parts[0].scores.shape[-1]
+
+    def chunks(name):
+        return torch.cat([getattr(p, name) for p in parts], dim=-1).gather(-1, order)
+
+    def tokens(name):  # (B, Hq, T, k*c[, D]) per part -> picked chunks' tokens
+        xs = [getattr(p, name) for p in parts]
+        if xs[0] is None:
+            return None
+        B, H, T = xs[0].shape[:3]
+        tail = xs[0].shape[4:]
+        x = torch.cat([t.reshape(B, H, T, -1, c, *tail).to(xs[0].dtype) for t in xs], dim=3)
+        idx = order.reshape(B, H, T, kk, *([1] * (1 + len(tail)))).expand(B, H, T, kk, c, *tail)
+        return x.gather(3, idx).reshape(B, H, T, kk * c, *tail)
+
+    ids = None
+    if all(p.token_ids is not None for p in parts):
+        B, H, T = order.shape[:3]
+        ids = torch.cat([p.token_ids for p in parts], dim=3).gather(3, order[..., None].expand(B, H, T, kk, c))
+    return MemoryRetrieval(
+        keys=tokens("keys"), values=tokens("values"), token_mask=tokens("token_mask"),
+        scores=scores.gather(-1, order), slots=chunks("slots"), positions=chunks("positions"),
+        streams=parts[0].streams, queries=parts[0].queries, next_values=tokens("next_values"),
+        next_mask=tokens("next_mask"), token_ids=ids,
+    )
 
 
 def exact_topk(scores: torch.Tensor, k: int, block: int = 64):
@@ -264,6 +301,7 @@ class MemoryBank:
             slots=slots,
             positions=positions,
             streams=s,
+            token_ids=self.token_ids[b_idx, slots],
             queries=queries.transpose(1, 2),
             next_values=next_values,
             next_mask=next_mask,

@@ -17,7 +17,7 @@ import torch
 
 from ..backbone import BackboneError, fingerprint, freeze, load_backbone, make_adapter
 from ..config import LongMemConfig
-from .store import MemorySpec
+from .store import MemorySpec, assign_shards, documents_digest, write_manifest, write_shard
 
 PAD_BUCKET = 128
 
@@ -76,3 +76,28 @@ class MemoryEncoder:
                     "positions": np.arange(starts[i] + sink, starts[i] + n, dtype=np.int64),
                 }
         return out
+
+
+def write_memory_dir(out, encoder: MemoryEncoder, documents: list[tuple[str, np.ndarray]], shards: int = 1,
+                     index: str = "flat", batch_size: int = 8) -> dict:
+    """Build a memory folder in this process (no Ray): the same format and chunks as build-memory.
+    For small memories and tests; corpora go through `pipelines.build_memory`."""
+    from pathlib import Path
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokens = {doc_id: np.asarray(ids, dtype=np.int64).reshape(-1) for doc_id, ids in documents}
+    plan = assign_shards([(d, len(t)) for d, t in tokens.items()], shards)
+    metas = []
+    for i, docs in enumerate(plan):
+        encoded = []
+        for doc_id, n in docs:
+            starts = list(range(0, n, encoder.config.window))
+            parts = []
+            for b in range(0, len(starts), batch_size):
+                chunk = starts[b : b + batch_size]
+                parts += encoder.encode([tokens[doc_id][s : s + encoder.config.window] for s in chunk], chunk)
+            encoded.append({"doc_id": doc_id, **{k: np.concatenate([p[k] for p in parts]) for k in parts[0]}})
+        meta = write_shard(out / f"shard-{i:05d}", encoder.spec, encoded, index, documents_digest(docs))
+        metas.append({"name": f"shard-{i:05d}", **meta})
+    return write_manifest(out, encoder.spec, metas, {"shards": shards, "index": index})

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bank import MemoryRetrieval
+from .bank import MemoryRetrieval, merge_retrievals
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -106,6 +106,17 @@ def chunk_document(keys, values, token_ids, positions, chunk_size: int):
     keys = keys[: n * c].reshape(n, c, *keys.shape[1:]).transpose(0, 2, 1, 3)
     values = values[: n * c].reshape(n, c, *values.shape[1:]).transpose(0, 2, 1, 3)
     return keys, values, token_ids[: n * c].reshape(n, c), positions[: n * c : c]
+
+
+def assign_shards(docs: list[tuple[str, int]], shards: int) -> list[list[tuple[str, int]]]:
+    """Documents (doc_id, tokens) -> shards balanced by tokens; deterministic; each list sorted by id."""
+    load = [0] * shards
+    out: list[list[tuple[str, int]]] = [[] for _ in range(shards)]
+    for doc_id, n in sorted(docs, key=lambda d: (-d[1], d[0])):
+        i = min(range(shards), key=lambda s: (load[s], s))
+        load[i] += n
+        out[i].append((doc_id, n))
+    return [sorted(s) for s in out]
 
 
 def sha256_file(path: Path) -> str:
@@ -346,6 +357,43 @@ class MemoryShard:
         return out
 
 
+def shard_retrieval(shard: "MemoryShard", queries: torch.Tensor, k: int, with_next: bool = False,
+                    slot_offset: int = 0) -> MemoryRetrieval:
+    """One shard's top-k for queries (B, T, Hq, D), as a MemoryRetrieval (slots = offset + row)."""
+    B, T, Hq, D = queries.shape
+    c = shard.spec.chunk_size
+    scores, rows = shard.search(queries.detach().float().cpu().numpy().reshape(B * T, Hq, D), k)
+    got = shard.gather(rows, with_next)
+    kk = rows.shape[-1]
+    hit = np.isfinite(scores)
+
+    def to(x, dtype=None):  # (B*T, Hq, ...) -> (B, Hq, T, ...)
+        t = torch.from_numpy(np.ascontiguousarray(x)).reshape(B, T, *x.shape[1:]).transpose(1, 2)
+        return t.to(device=queries.device, dtype=dtype or t.dtype)
+
+    def tokens(x, dtype):  # (B*T, Hq, k, c, D) -> (B, Hq, T, k*c, D)
+        if x is None:
+            x = np.zeros((B * T, Hq, kk, c, D), np.float32)
+        return to(x, dtype).reshape(B, Hq, T, kk * c, D)
+
+    dtype = queries.dtype
+    ids = np.where(hit[..., None], shard.token_ids[np.where(rows >= 0, rows, 0)] if shard.num_chunks else -1, -1)
+    return MemoryRetrieval(
+        keys=tokens(got["keys"], dtype),
+        values=tokens(got["values"], dtype),
+        token_mask=to(np.repeat(hit, c, axis=-1)),
+        scores=to(scores),
+        slots=to(np.where(hit, rows + slot_offset, -1)),
+        positions=to(got["positions"]),
+        streams=torch.zeros(B, dtype=torch.long),
+        queries=queries.transpose(1, 2),
+        next_values=tokens(got.get("next_values"), dtype) if with_next else None,
+        next_mask=(to(got["next_mask"]).reshape(B, Hq, T, kk * c) if "next_mask" in got
+                   else torch.zeros(B, Hq, T, kk * c, dtype=torch.bool)) if with_next else None,
+        token_ids=to(ids.astype(np.int64)),
+    )
+
+
 def _to_device(index, device: str):
     if not str(device).startswith("cuda"):
         return index
@@ -401,59 +449,27 @@ class MemoryStore:
         global chunk numbers (shard offset + row)."""
         if queries.dim() != 4 or queries.shape[-1] != self.spec.head_dim:
             raise StoreError(f"queries must have shape (B, T, Hq, {self.spec.head_dim}), got {tuple(queries.shape)}")
-        B, T, Hq, D = queries.shape
-        flat = queries.detach().float().cpu().numpy().reshape(B * T, Hq, D)
-        per_shard = [shard.search(flat, k) for shard in self.shards]
-        return merge_shard_hits(self, flat.shape, per_shard, k, with_next, (B, T), queries)
+        parts, offset = [], 0
+        for shard in self.shards:
+            parts.append(shard_retrieval(shard, queries, k, with_next, offset))
+            offset += shard.num_chunks
+        return merge_retrievals(parts, k)
 
+    # The attributes a LongMem model checks before reading a memory.
+    @property
+    def num_kv_heads(self) -> int:
+        return self.spec.num_kv_heads
 
-def merge_shard_hits(store: "MemoryStore", shape, per_shard, k: int, with_next: bool, bt, queries) -> MemoryRetrieval:
-    """Per-shard (scores, rows) -> the global top-k, gathered from the shards that own each chunk."""
-    n, Hq, _ = shape
-    B, T = bt
-    c, D = store.spec.chunk_size, store.spec.head_dim
-    scores = np.concatenate([s for s, _ in per_shard], axis=-1)  # (n, Hq, S*k)
-    order = np.argsort(-scores, axis=-1, kind="stable")[..., :k]
-    top = np.take_along_axis(scores, order, -1)
-    shard_of = order // k
-    rows = np.take_along_axis(np.concatenate([r for _, r in per_shard], axis=-1), order, -1)
-    rows = np.where(np.isfinite(top), rows, -1)
-    kk = top.shape[-1]
-    keys = np.zeros((n, Hq, kk, c, D), np.float32)
-    values = np.zeros_like(keys)
-    next_values = np.zeros_like(keys) if with_next else None
-    next_mask = np.zeros((n, Hq, kk, c), bool) if with_next else None
-    positions = np.full((n, Hq, kk), -1, np.int64)
-    slots = np.full((n, Hq, kk), -1, np.int64)
-    offset = 0
-    for i, shard in enumerate(store.shards):
-        mine = (shard_of == i) & (rows >= 0)
-        if mine.any():
-            got = shard.gather(np.where(mine, rows, -1), with_next)
-            keys[mine], values[mine] = got["keys"][mine], got["values"][mine]
-            positions[mine], slots[mine] = got["positions"][mine], rows[mine] + offset
-            if with_next:
-                next_values[mine], next_mask[mine] = got["next_values"][mine], got["next_mask"][mine]
-        offset += shard.num_chunks
+    @property
+    def head_dim(self) -> int:
+        return self.spec.head_dim
 
-    def to(x, dtype=None):  # (B*T, Hq, ...) -> (B, Hq, T, ...)
-        t = torch.from_numpy(np.ascontiguousarray(x)).reshape(B, T, *x.shape[1:]).transpose(1, 2)
-        return t.to(device=queries.device, dtype=dtype or t.dtype)
+    @property
+    def chunk_size(self) -> int:
+        return self.spec.chunk_size
 
-    hit = np.isfinite(top)
-    dtype = queries.dtype if queries.is_floating_point() else torch.float32
-    return MemoryRetrieval(
-        keys=to(keys, dtype).reshape(B, Hq, T, kk * c, D),
-        values=to(values, dtype).reshape(B, Hq, T, kk * c, D),
-        token_mask=to(np.repeat(hit, c, axis=-1)),
-        scores=to(top),
-        slots=to(slots),
-        positions=to(positions),
-        streams=torch.zeros(B, dtype=torch.long),
-        queries=queries.transpose(1, 2),
-        next_values=None if not with_next else to(next_values, dtype).reshape(B, Hq, T, kk * c, D),
-        next_mask=None if not with_next else to(next_mask).reshape(B, Hq, T, kk * c),
-    )
+    device = torch.device("cpu")  # results are returned on the queries' device
+    read_only = True
 
 
 def read_manifest(directory: str | Path) -> dict:
@@ -484,3 +500,31 @@ def list_shards(directory: str | Path) -> list[dict]:
          "bytes": sum(f["bytes"] for f in s["files"].values())}
         for s in read_manifest(directory)["shards"]
     ]
+
+
+class CombinedMemory:
+    """A session bank (writable, per stream) read together with built memories (read-only, shared).
+
+    What leaves the local window is written to the bank; a search returns the top-k over all of
+    them by score, so a model reads its own past and a corpus memory in one softmax."""
+
+    def __init__(self, bank=None, stores: list | None = None):
+        self.bank, self.stores = bank, list(stores or [])
+        parts = ([bank] if bank is not None else []) + self.stores
+        if not parts:
+            raise StoreError("CombinedMemory needs a bank or at least one built memory")
+        shapes = {(p.num_kv_heads, p.head_dim, p.chunk_size) for p in parts}
+        if len(shapes) > 1:
+            raise StoreError(f"memories of different shapes (kv_heads, head_dim, chunk_size) cannot be combined: {shapes}")
+        self.num_kv_heads, self.head_dim, self.chunk_size = shapes.pop()
+        self.device = bank.device if bank is not None else torch.device("cpu")
+        self.read_only = bank is None
+
+    def add(self, *args, **kwargs) -> None:
+        if self.bank is not None:
+            self.bank.add(*args, **kwargs)
+
+    def search(self, queries: torch.Tensor, k: int, streams=None, with_next: bool = False) -> MemoryRetrieval:
+        parts = [] if self.bank is None else [self.bank.search(queries, k, streams, with_next=with_next)]
+        parts += [store.search(queries, k, streams, with_next=with_next) for store in self.stores]
+        return merge_retrievals(parts, k)

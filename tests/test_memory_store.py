@@ -1,0 +1,100 @@
+"""The on-disk memory format read by the model, without Ray: a built memory reads like a bank."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_backbone
+from longmem.config import LongMemConfig
+from longmem.memory.encoder import MemoryEncoder, write_memory_dir
+from longmem.memory.store import CombinedMemory, MemoryStore, StoreError, list_shards
+from longmem.model import InputError, LongMem
+
+SETTINGS = dict(window=32, chunk_size=4, sink_tokens=4, memory_dtype="float32", memory_tokens=1024)
+
+
+@pytest.fixture(scope="module")
+def model_and_docs():
+    torch.manual_seed(0)
+    settings = dict(SETTINGS, side_init="paper", memory_read="next", retrieval_query="backbone_key",
+                    retrieval_metric="cosine")
+    model = LongMem(tiny_backbone("llama", 0), LongMemConfig(backbone="tiny-llama", **settings))
+    g = torch.Generator().manual_seed(1)
+    docs = [(f"doc{i}", torch.randint(0, 100, (n,), generator=g).numpy()) for i, n in enumerate((96, 70, 128))]
+    return model, docs
+
+
+def encoder_for(model):
+    return MemoryEncoder(LongMemConfig.from_dict(model.config.to_dict()), backbone=model.backbone)
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_model_reads_a_built_memory_as_it_reads_a_bank(tmp_path, model_and_docs, shards):
+    model, docs = model_and_docs
+    doc_id, ids = docs[2]
+    write_memory_dir(tmp_path / "m", encoder_for(model), [(doc_id, ids)], shards=1)
+    store = MemoryStore.open(tmp_path / "m", verify=True)
+    bank = model.new_bank(1)
+    model.write_memory(torch.as_tensor(ids)[None], bank)
+    query = torch.randint(0, 100, (1, 20), generator=torch.Generator().manual_seed(5))
+    from_bank, from_store = model(query, bank=bank), model(query, bank=store)
+    torch.testing.assert_close(from_store.logits, from_bank.logits, atol=1e-4, rtol=1e-4)
+    # sharding the corpus changes nothing; a bank + the corpus reads both
+    write_memory_dir(tmp_path / f"s{shards}", encoder_for(model), docs, shards=shards)
+    write_memory_dir(tmp_path / "s1ref", encoder_for(model), docs, shards=1)
+    sharded, single = MemoryStore.open(tmp_path / f"s{shards}"), MemoryStore.open(tmp_path / "s1ref")
+    assert len(list_shards(tmp_path / f"s{shards}")) == shards
+    torch.testing.assert_close(model(query, bank=sharded).logits, model(query, bank=single).logits)
+    combined = CombinedMemory(model.new_bank(1), [single])  # empty session bank + corpus == corpus
+    torch.testing.assert_close(model(query, bank=combined).logits, model(query, bank=single).logits)
+    session = model.new_bank(1)
+    out = model.generate(query, bank=CombinedMemory(session, [single]), max_new_tokens=40)
+    assert len(out.token_ids[0]) == 40 and session.num_tokens(0) > 0  # the window shifted into the session bank
+
+
+def test_store_errors_are_clear(tmp_path, model_and_docs):
+    model, docs = model_and_docs
+    with pytest.raises(StoreError, match="no such memory directory"):
+        MemoryStore.open(tmp_path / "nothing")
+    write_memory_dir(tmp_path / "m", encoder_for(model), docs[:1])
+    store = MemoryStore.open(tmp_path / "m")
+    with pytest.raises(InputError, match="read-only|writable"):
+        model(torch.zeros(1, 8, dtype=torch.long), bank=store, update_memory=True)
+    other = LongMem(tiny_backbone("llama", 1), LongMemConfig(backbone="tiny-llama", **SETTINGS))
+    with pytest.raises(InputError, match="different model"):
+        other(torch.zeros(1, 8, dtype=torch.long), bank=store)
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (tmp_path / "m" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match="format 99"):
+        MemoryStore.open(tmp_path / "m")
+    write_memory_dir(tmp_path / "n", encoder_for(model), docs[:1])
+    keys = tmp_path / "n" / "shard-00000" / "keys.npy"
+    data = bytearray(keys.read_bytes())
+    data[-1] ^= 0xFF
+    keys.write_bytes(bytes(data))
+    MemoryStore.open(tmp_path / "n")  # same size: only a checksum finds it
+    with pytest.raises(StoreError, match="checksum"):
+        MemoryStore.open(tmp_path / "n", verify=True)
+    (tmp_path / "n" / "shard-00000" / "values.npy").write_bytes(b"short")
+    with pytest.raises(StoreError, match="wrong size"):
+        MemoryStore.open(tmp_path / "n")
+
+
+def test_faiss_indexes_agree_with_exact_search(tmp_path, model_and_docs):
+    """flat == exact; IVF at full probe == exact; the kinds are recorded."""
+    from longmem.memory.store import build_index
+
+    g = np.random.default_rng(0)
+    x = g.standard_normal((5000, 16)).astype(np.float32)
+    q = g.standard_normal((50, 16)).astype(np.float32)
+    exact = np.argsort(-(q @ x.T), axis=1, kind="stable")[:, :8]
+    flat, kind = build_index(x, "flat")
+    assert kind == "flat" and np.array_equal(flat.search(q, 8)[1], exact)
+    ivf, kind = build_index(x, "ivf")
+    ivf.nprobe = ivf.nlist
+    assert kind == "ivf" and np.mean([len(set(a) & set(b)) / 8 for a, b in zip(ivf.search(q, 8)[1], exact)]) > 0.99
+    small, kind = build_index(x[:100], "ivfpq")  # too few vectors to train PQ: falls back
+    assert kind == "ivf"
