@@ -288,13 +288,15 @@ class LongMem(nn.Module):
         use_cache: bool = True,
         seed: int | None = None,
         return_logits: bool = False,
+        on_token=None,
     ):
         """Decode from prompts (B, P) of equal length. A prompt longer than the window is streamed:
         whole segments go through memory, the rest is the local context. When the window fills up, its
         older half moves into memory (if a bank is given) and decoding continues.
 
         temperature 0 is greedy; otherwise sample with nucleus `top_p`. Returns GenerationOutput, and
-        also the per-step logits (steps, B, V) when return_logits=True.
+        also the per-step logits (steps, B, V) when return_logits=True. `on_token(row, token_id)` is
+        called for every kept token as it is decided (streaming).
         """
         self._check_input(input_ids, None)
         if bank is not None:
@@ -308,7 +310,7 @@ class LongMem(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            return self._generate(input_ids, bank, streams, max_new_tokens, temperature, top_p, stop or [],
+            return self._generate(input_ids, bank, streams, max_new_tokens, temperature, top_p, stop or [], on_token,
                                   use_cache, seed, return_logits)
         finally:
             self.train(was_training)
@@ -318,7 +320,8 @@ class LongMem(nn.Module):
         whole segments, the last (possibly whole) segment stays local."""
         return (prompt_length - 1) // self.config.window * self.config.window
 
-    def _generate(self, ids, bank, streams, max_new_tokens, temperature, top_p, stop, use_cache, seed, return_logits):
+    def _generate(self, ids, bank, streams, max_new_tokens, temperature, top_p, stop, on_token, use_cache, seed,
+                  return_logits):
         window = self.config.window
         B, P = ids.shape
         local_start = self.local_start(P)
@@ -347,6 +350,8 @@ class LongMem(nn.Module):
                     done[b], reasons[b] = True, "eos"
                     continue
                 new[b].append(t)
+                if on_token is not None:
+                    on_token(b, t)
                 if stop:
                     text = self.tokenizer.decode(new[b], skip_special_tokens=True)
                     if any(s in text for s in stop):

@@ -210,3 +210,10 @@ def test_next_mask_breaks_where_the_ring_overwrote_the_successor():
     hit = bank.search(k[:, :1], k=2, with_next=True)
     by_start = {int(p): hit.next_mask[0, 0, 0, j * 4 : j * 4 + 4].tolist() for j, p in enumerate(hit.positions[0, 0, 0])}
     assert by_start == {4: [True] * 4, 8: [True, True, True, False]}
+
+
+def test_text_shorter_than_the_skipped_sink_is_counted_not_stored():
+    bank = MemoryBank(num_streams=1, num_kv_heads=1, head_dim=4, capacity_tokens=16, chunk_size=4, dtype=torch.float32)
+    k, v = random_kv(1, 3, H=1, D=4)
+    bank.add(k, v, skip_first=4)
+    assert bank.num_tokens(0) == 0 and int(bank.tokens_seen[0]) == 3

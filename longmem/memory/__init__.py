@@ -1,3 +1,3 @@
-from .bank import MemoryBank, MemoryBankError, MemoryRetrieval
+from .bank import MemoryBank, MemoryBankError, MemoryRetrieval, merge_retrievals
 
-__all__ = ["MemoryBank", "MemoryBankError", "MemoryRetrieval"]
+__all__ = ["MemoryBank", "MemoryBankError", "MemoryRetrieval", "merge_retrievals"]

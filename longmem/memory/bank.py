@@ -194,6 +194,7 @@ class MemoryBank:
         if skip_first < 0:
             raise MemoryBankError(f"skip_first must be >= 0, got {skip_first}")
         c, C = self.chunk_size, self.capacity_chunks
+        skip_first = min(skip_first, T)  # a text shorter than the sink is counted, not stored
         for row, s in enumerate(self._streams(streams, B).tolist()):
             first_pos = int(self.tokens_seen[s])
             self.tokens_seen[s] += T

@@ -1,0 +1,192 @@
+"""Ray Serve endpoint on a real local Ray, over real HTTP on 127.0.0.1."""
+
+import json
+import socket
+import time
+
+import httpx
+import pytest
+import torch
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+SETTINGS = dict(window=64, chunk_size=4, sink_tokens=4, memory_tokens=2048, retrieval_query="backbone_key",
+                retrieval_metric="cosine", memory_read="next", side_init="paper")
+KEY1, KEY2 = "key-one", "key-two"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(ray_local, tiny_dir, tmp_path_factory, austen_text):
+    from ray import serve
+
+    from longmem.config import LongMemConfig
+    from longmem.memory.encoder import MemoryEncoder, write_memory_dir
+    from longmem.model import LongMem
+    from pipelines.serve import app_builder
+
+    root = tmp_path_factory.mktemp("serve")
+    torch.manual_seed(0)
+    model = LongMem.from_backbone(str(tiny_dir), **SETTINGS)
+    model.save_pretrained(root / "ckpt")
+    docs = []
+    for i in range(3):
+        text = austen_text[i * 3000 : (i + 1) * 3000]
+        docs.append((f"doc{i}", model.encode(text)[0].numpy()))
+    for shards in (1, 3):
+        encoder = MemoryEncoder(LongMemConfig.from_dict(model.config.to_dict()), backbone=model.backbone)
+        write_memory_dir(root / f"mem{shards}", encoder, docs, shards=shards)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = {"checkpoint": str(root / "ckpt"), "memories": {"one": str(root / "mem1"), "three": str(root / "mem3")},
+            "api_keys": [KEY1, KEY2], "model_cpus": 0.5, "shard_cpus": 0.1, "ingress_cpus": 0.1,
+            "max_prompt_tokens": 300, "max_new_tokens": 64, "max_document_bytes": 20_000}
+    serve.run(app_builder(args), name="longmem-test", route_prefix="/", blocking=False)
+    base = f"http://127.0.0.1:{port}"
+    client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY1}"}, timeout=120)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if client.get("/healthz").status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    yield client, base, austen_text
+    client.close()
+    serve.delete("longmem-test")
+
+
+def complete(client, **body):
+    body = {"prompt": "It is a truth universally", "max_tokens": 12, "temperature": 0, **body}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_completion_with_and_without_memory_and_sharding_changes_nothing(served):
+    client, _, _ = served
+    plain = complete(client)
+    assert plain["object"] == "text_completion" and plain["choices"][0]["finish_reason"] in ("length", "stop")
+    assert plain["usage"]["completion_tokens"] > 0
+    one = complete(client, memory="one")
+    three = complete(client, memory=["three"])
+    assert one["choices"][0]["text"] == three["choices"][0]["text"]
+    models = client.get("/v1/models").json()
+    memories = {m["name"]: m for m in models["data"][0]["memories"]}
+    assert memories["one"]["shards"] == 1 and memories["three"]["shards"] == 3
+    assert memories["one"]["chunks"] == memories["three"]["chunks"] > 0
+
+
+def test_streaming_equals_plain(served):
+    client, _, _ = served
+    plain = complete(client, memory="one", max_tokens=20)["choices"][0]["text"]
+    with client.stream("POST", "/v1/completions", json={"prompt": "It is a truth universally", "max_tokens": 20,
+                                                        "temperature": 0, "memory": "one", "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    chunks = [json.loads(x) for x in lines[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == plain
+    assert chunks[-1]["choices"][0]["finish_reason"] is not None
+
+
+def test_session_memory_lifecycle_and_isolation(served):
+    client, base, text = served
+    session = client.post("/v1/memories").json()
+    sid = session["id"]
+    assert session["tokens_in_memory"] == 0
+    info = client.post(f"/v1/memories/{sid}/documents", json={"text": text[5000:7000]}).json()
+    assert info["documents"] == 1 and info["tokens_in_memory"] > 0
+    assert client.get(f"/v1/memories/{sid}").json()["tokens_added"] == info["tokens_added"]
+    complete(client, session=sid)
+    other = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY2}"}, timeout=60)
+    assert other.get(f"/v1/memories/{sid}").status_code == 404
+    assert other.post(f"/v1/memories/{sid}/documents", json={"text": "mine now"}).status_code == 404
+    assert other.delete(f"/v1/memories/{sid}").status_code == 404
+    assert other.post("/v1/completions", json={"prompt": "Hi", "session": sid}).status_code == 404
+    assert httpx.get(f"{base}/v1/models").status_code == 401
+    assert httpx.post(f"{base}/v1/memories", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.delete(f"/v1/memories/{sid}").json()["deleted"] is True
+    assert client.get(f"/v1/memories/{sid}").status_code == 404
+
+
+@pytest.mark.parametrize("send, status", [
+    (dict(content=b"{not json"), 400),
+    (dict(content=b'{"prompt": "caf\xe9"}'), 400),  # invalid UTF-8
+    (dict(json={"prompt": 5}), 400),
+    (dict(json={"prompt": ""}), 400),
+    (dict(json={"prompt": "Hi", "max_tokens": 0}), 400),
+    (dict(json={"prompt": "Hi", "max_tokens": 10_000}), 400),
+    (dict(json={"prompt": "Hi", "max_tokens": "3"}), 400),
+    (dict(json={"prompt": "Hi", "temperature": -1}), 400),
+    (dict(json={"prompt": "word " * 400}), 400),  # longer than max_prompt_tokens
+    (dict(json={"prompt": "Hi", "memory": "nope"}), 404),
+    (dict(json={"prompt": "Hi", "session": "mem-nope"}), 404),
+    (dict(json={"prompt": "Hi", "model": "gpt-4"}), 404),
+    (dict(json={"prompt": "Hi", "surprise": 1}), 400),
+])
+def test_bad_completion_requests_answer_4xx_and_service_keeps_serving(served, send, status):
+    client, _, _ = served
+    r = client.post("/v1/completions", headers={"content-type": "application/json"}, **send)
+    assert r.status_code == status, r.text
+    assert "error" in r.json() and r.json()["error"]["message"]
+    complete(client, max_tokens=2)
+
+
+def test_bad_documents_answer_4xx(served):
+    client, _, _ = served
+    sid = client.post("/v1/memories").json()["id"]
+    assert client.post(f"/v1/memories/{sid}/documents", json={"text": "x" * 30_000}).status_code == 413
+    assert client.post(f"/v1/memories/{sid}/documents", content=b'{"text": "\xff\xfe"}').status_code == 400
+    assert client.post(f"/v1/memories/{sid}/documents", json={"text": "   "}).status_code == 400
+    assert client.post(f"/v1/memories/{sid}/documents", json={"words": "hi"}).status_code == 400
+    assert client.post("/v1/memories/mem-missing/documents", json={"text": "hi"}).status_code == 404
+    assert client.post(f"/v1/memories/{sid}/documents", json={"text": "Fine text."}).status_code == 200
+
+
+def test_openai_client_plain_and_streaming(served):
+    from openai import OpenAI
+
+    _, base, _ = served
+    client = OpenAI(base_url=f"{base}/v1", api_key=KEY1)
+    plain = client.completions.create(model="longmem", prompt="It is a truth", max_tokens=8, temperature=0,
+                                      extra_body={"memory": "one"})
+    text = plain.choices[0].text
+    assert plain.usage.completion_tokens > 0
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="longmem", prompt="It is a truth", max_tokens=8, temperature=0, stream=True,
+        extra_body={"memory": "one"}))
+    assert streamed == text
+
+
+def shard_replicas(name: str) -> list[dict]:
+    import ray
+
+    return [a for a in ray.util.list_named_actors(all_namespaces=True) if name in a["name"]]
+
+
+def test_killed_shard_replica_is_replaced_and_requests_resume(served):
+    import ray
+
+    client, _, _ = served
+    before = complete(client, memory="three")["choices"][0]["text"]
+    victims = shard_replicas("MemoryShard-three-1")
+    assert len(victims) == 1, victims
+    ray.kill(ray.get_actor(victims[0]["name"], namespace=victims[0]["namespace"]), no_restart=True)
+    deadline, after, replaced = time.time() + 180, None, False
+    while time.time() < deadline and not (after and replaced):
+        r = client.post("/v1/completions", json={"prompt": "It is a truth universally", "max_tokens": 12,
+                                                 "temperature": 0, "memory": "three"})
+        if r.status_code == 200:
+            after = r.json()["choices"][0]["text"]
+        now = shard_replicas("MemoryShard-three-1")
+        replaced = len(now) == 1 and now[0]["name"] != victims[0]["name"]
+        time.sleep(1)
+    assert replaced, "the killed shard replica was not replaced"
+    assert after == before
