@@ -1,4 +1,4 @@
-"""`longmem` command line: generate, perplexity, train, trace, build-memory, memory-info, demo.
+"""`longmem` command line: generate, perplexity, train, trace, build-memory, memory-info, serve, demo.
 
 Every error a user can cause ends in one line on stderr and exit status 2, never a stack trace.
 """
@@ -207,6 +207,35 @@ def cmd_memory_info(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import os
+
+    from pipelines.serve import ServeArgs, run_local
+
+    memories = {}
+    for spec in args.memory or []:
+        name, sep, folder = spec.partition("=")
+        if not sep:
+            name, folder = Path(spec).name, spec
+        if name in memories:
+            raise InputError(f"two memories are named {name!r}; use NAME=DIR")
+        from .memory.store import read_manifest
+
+        read_manifest(folder)  # a clear error now rather than a failed deployment later
+        memories[name] = str(Path(folder).resolve())
+    keys = list(args.api_key or [])
+    if os.environ.get("LONGMEM_API_KEYS"):
+        keys += [k for k in os.environ["LONGMEM_API_KEYS"].split(",") if k]
+    serve_args = ServeArgs(checkpoint=args.checkpoint, backbone=args.backbone, memories=memories, api_keys=keys,
+                           model_replicas=args.replicas, model_cpus=args.model_cpus,
+                           max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens)
+    if args.host not in ("127.0.0.1", "localhost") and not keys:
+        log(f"warning: serving on {args.host} without API keys; anyone who can reach it can use it")
+    log(f"serving on http://{args.host}:{args.port} (memories: {', '.join(memories) or 'none'}); Ctrl-C stops")
+    run_local(serve_args.model_dump(), host=args.host, port=args.port, address=args.address)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -302,6 +331,20 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("memory")
     i.add_argument("--verify", action="store_true", help="check every file's sha256")
     i.set_defaults(func=cmd_memory_info)
+
+    v = sub.add_parser("serve", help="serve memory-augmented completions over HTTP with Ray Serve")
+    v.add_argument("--checkpoint", help="LongMem checkpoint (default: a zero-init SideNet on --backbone)")
+    v.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    v.add_argument("--memory", action="append", help="built memory as NAME=DIR or DIR (repeatable)")
+    v.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--api-key", action="append", help="accepted bearer token (repeatable; also LONGMEM_API_KEYS)")
+    v.add_argument("--replicas", type=int, default=1, help="model replicas")
+    v.add_argument("--model-cpus", type=float, default=1.0)
+    v.add_argument("--max-prompt-tokens", type=int, default=4096)
+    v.add_argument("--max-new-tokens", type=int, default=512)
+    v.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
+    v.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="the main job end to end on the default backbone")
     add_model_args(d)

@@ -1,0 +1,102 @@
+"""Cluster manifests and job configs: valid against KubeRay's CRD schemas, and everything they name exists."""
+
+import importlib
+import shlex
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CRDS = ROOT.parent / "shared" / "kuberay-crds"
+MANIFESTS = {
+    "raycluster.yaml": "ray.io_rayclusters.yaml",
+    "rayjob-build-memory.yaml": "ray.io_rayjobs.yaml",
+    "rayjob-train.yaml": "ray.io_rayjobs.yaml",
+    "rayservice.yaml": "ray.io_rayservices.yaml",
+}
+
+
+def kubernetes_schema(node):
+    """OpenAPI v3 (Kubernetes flavour) -> JSON Schema: int-or-string, and unknown fields rejected
+    wherever Kubernetes would prune them (so a misspelt field fails here)."""
+    if isinstance(node, list):
+        return [kubernetes_schema(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: kubernetes_schema(v) for k, v in node.items()}
+    if out.pop("x-kubernetes-int-or-string", False):
+        out.pop("type", None)
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    preserve = out.pop("x-kubernetes-preserve-unknown-fields", False)
+    if out.get("type") == "object" and "properties" in out and not preserve and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return {k: v for k, v in out.items() if not k.startswith("x-kubernetes")}
+
+
+def crd_schema(name: str) -> dict:
+    crd = yaml.safe_load((CRDS / name).read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    schema = kubernetes_schema(version["schema"]["openAPIV3Schema"])
+    schema["properties"]["metadata"] = {"type": "object"}
+    return schema
+
+
+def entry_files(entrypoint: str) -> list[Path]:
+    return [ROOT / a for a in shlex.split(entrypoint) if a.endswith(".py")]
+
+
+def check_import_path(path: str) -> None:
+    module, _, attr = path.partition(":")
+    assert callable(getattr(importlib.import_module(module), attr)), path
+
+
+@pytest.mark.parametrize("manifest, crd", MANIFESTS.items())
+def test_manifest_is_valid_against_kuberay_crd(manifest, crd):
+    doc = yaml.safe_load((ROOT / "cluster" / "kuberay" / manifest).read_text())
+    jsonschema.validate(doc, crd_schema(crd))
+
+
+def test_a_misspelt_field_is_caught():
+    doc = yaml.safe_load((ROOT / "cluster" / "kuberay" / "raycluster.yaml").read_text())
+    doc["spec"]["enableInTreeAutoscalling"] = True
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(doc, crd_schema("ray.io_rayclusters.yaml"))
+
+
+def test_autoscaling_gpu_group_scales_from_zero():
+    spec = yaml.safe_load((ROOT / "cluster" / "kuberay" / "raycluster.yaml").read_text())["spec"]
+    assert spec["enableInTreeAutoscaling"] is True
+    gpu = spec["workerGroupSpecs"][0]
+    assert gpu["minReplicas"] == 0 and gpu["maxReplicas"] > 0
+    assert "nvidia.com/gpu" in gpu["template"]["spec"]["containers"][0]["resources"]["limits"]
+    ray_up = yaml.safe_load((ROOT / "cluster" / "ray-cluster.yaml").read_text())
+    assert ray_up["available_node_types"]["gpu_worker"]["min_workers"] == 0
+    assert ray_up["available_node_types"]["gpu_worker"]["resources"]["GPU"] == 1
+
+
+def test_entrypoints_and_import_paths_exist():
+    for name in ("rayjob-build-memory.yaml", "rayjob-train.yaml"):
+        job = yaml.safe_load((ROOT / "cluster" / "kuberay" / name).read_text())
+        files = entry_files(job["spec"]["entrypoint"])
+        assert files and all(f.is_file() for f in files), files
+    service = yaml.safe_load((ROOT / "cluster" / "kuberay" / "rayservice.yaml").read_text())
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    local = yaml.safe_load((ROOT / "cluster" / "serve_config.yaml").read_text())
+    from pipelines.serve import ServeArgs
+
+    for app in serve_config["applications"] + local["applications"]:
+        check_import_path(app["import_path"])
+        ServeArgs(**app["args"])  # the args the app builder will be given are valid
+
+
+def test_job_configs_build_valid_jobs():
+    from pipelines.build_memory import BuildJob
+    from pipelines.serve import ServeArgs
+    from pipelines.train_sidenet import TrainJob
+
+    load = lambda name: yaml.safe_load((ROOT / "jobs" / "configs" / name).read_text())  # noqa: E731
+    BuildJob(**load("build_memory.yaml")["job"]).validate()
+    TrainJob(**load("train_sidenet.yaml")["job"]).train_config()
+    ServeArgs(**load("serve.yaml")["args"])
