@@ -285,7 +285,10 @@ def build_memory(job: BuildJob, address: str | None = None, progress=print) -> d
     encoded_tokens, encode_seconds, peak_rss = 0, 0.0, 0.0
     if pending:
         shard_of = {doc_id: i for i in pending for doc_id, _ in plan[i]}
-        windows = docs_ds.map_batches(WindowsOf(str(out), config.window, shard_of), batch_size=4)
+        # One block per encoder batch (a streaming repartition): a long document becomes many actor
+        # tasks, which is what lets the pool grow past one actor and keep every actor busy.
+        windows = docs_ds.map_batches(WindowsOf(str(out), config.window, shard_of), batch_size=1, num_cpus=0.25).repartition(
+            target_num_rows_per_block=job.batch_size)
         encoded = windows.map_batches(
             EncodeWindows,
             fn_constructor_kwargs={"config": config.to_dict(), "num_threads": int(max(1, job.num_cpus_per_actor)),
@@ -294,7 +297,7 @@ def build_memory(job: BuildJob, address: str | None = None, progress=print) -> d
             batch_size=job.batch_size,
             num_gpus=job.num_gpus_per_actor,
             num_cpus=job.num_cpus_per_actor,
-        ).map_batches(WriteParts(str(out)), batch_size=job.batch_size)
+        ).map_batches(WriteParts(str(out)), batch_size=job.batch_size, num_cpus=0.25)  # file writes: light
         t_encode = time.time()
         for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
             encoded_tokens += int(batch["tokens"].sum())
