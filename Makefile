@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/longmem demo
+	$(PY) jobs/main.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q

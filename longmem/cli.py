@@ -237,9 +237,11 @@ def cmd_serve(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from pipelines.main_job import MainJob, run_main_job
 
-    return run_demo(args)
+    run_main_job(MainJob(corpus=args.corpus, backbone=args.backbone, train_steps=args.train_steps,
+                         score_tokens=args.max_tokens, address=args.address, workdir=args.workdir))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -346,10 +348,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
     v.set_defaults(func=cmd_serve)
 
-    d = sub.add_parser("demo", help="the main job end to end on the default backbone")
-    add_model_args(d)
-    d.add_argument("--corpus", help="text file for the demo (default: a bundled public-domain novel)")
+    d = sub.add_parser("demo", help="the main job end to end: build memory, adapt, serve, complete, score")
+    d.add_argument("--corpus", help="text file for the demo (default: a public-domain novel)")
+    d.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    d.add_argument("--train-steps", type=int, default=40, help="brief SideNet adaptation (cached between runs)")
     d.add_argument("--max-tokens", type=int, default=4096, help="tokens of the demo text to score")
+    d.add_argument("--workdir", help="where the job keeps memory and checkpoints (default: cache folder)")
+    d.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
     d.set_defaults(func=cmd_demo)
     return parser
 

@@ -36,7 +36,8 @@ class LongMemConfig:
     # --- SideNet ---
     reduction_factor: int = 2  # SideNet has L / r layers
     memory_layer: int | None = None  # backbone layer m (0-based); None keeps the paper's 17/24 ratio
-    side_init: str = "paper"  # "paper": copy backbone layers; "zero": copies scaled by alpha=0
+    # "paper": copy backbone layers; "zero": copies scaled by alpha=0, so a fresh LongMem == its backbone
+    side_init: str = "zero"
     gate_init: float = 0.0  # per-head memory gate g; the mix is sigmoid(g)
 
     # --- memory and retrieval ---
@@ -48,12 +49,13 @@ class LongMemConfig:
     # Which vector searches the bank: the SideNet's memory-layer query ("side", the paper), the
     # frozen backbone's query ("backbone"), or the frozen backbone's key of the token itself
     # ("backbone_key": in a verbatim repeat it nearly equals the stored key of the original).
-    retrieval_query: str = "side"
-    retrieval_metric: str = "ip"  # "ip" (the paper) or "cosine" between query and chunk key
+    # Defaults are the measured best (docs/results.md); the paper's are "side" and "ip".
+    retrieval_query: str = "backbone_key"
+    retrieval_metric: str = "cosine"  # "ip" (the paper) or "cosine" between query and chunk key
     # None: the memory read is part of the memory layer's block (paper), scaled by its alpha.
     # A float: the read enters the side stream on its own learned scale starting here, outside
     # alpha, so that with side_init="zero" the memory branch gets gradient from step 0.
-    memory_scale_init: float | None = None
+    memory_scale_init: float | None = 0.0
     # Tokens at the start of every encoded window that are not written to memory: the first
     # positions act as attention sinks and their keys match almost any query.
     sink_tokens: int = 4
@@ -61,7 +63,7 @@ class LongMemConfig:
     # attends over the retrieved keys and reads their values. "next": the search query is matched
     # to each retrieved key by cosine times a learned per-head temperature, and the read takes the
     # value of the token that *followed* the match: the step an induction head makes in context.
-    memory_read: str = "attend"
+    memory_read: str = "next"
     memory_temperature_init: float = 20.0  # "next" read: initial softmax temperature on cosines
 
     extra: dict = field(default_factory=dict)

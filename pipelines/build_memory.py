@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -291,7 +292,7 @@ def build_memory(job: BuildJob, address: str | None = None, progress=print) -> d
             target_num_rows_per_block=job.batch_size)
         encoded = windows.map_batches(
             EncodeWindows,
-            fn_constructor_kwargs={"config": config.to_dict(), "num_threads": int(max(1, job.num_cpus_per_actor)),
+            fn_constructor_kwargs={"config": config.to_dict(), "num_threads": math.ceil(job.num_cpus_per_actor),
                                    "use_gpu": job.num_gpus_per_actor > 0},
             compute=ActorPoolStrategy(min_size=job.min_actors, max_size=job.max_actors),
             batch_size=job.batch_size,
