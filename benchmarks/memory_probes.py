@@ -41,6 +41,7 @@ def main():
     ap.add_argument("--sink-tokens", type=int, default=4)
     ap.add_argument("--memory-read", default="attend", choices=["attend", "next"])
     ap.add_argument("--memory-temperature-init", type=float, default=20.0)
+    ap.add_argument("--memory-confidence", action="store_true")
     ap.add_argument("--curriculum", default="plain:0.5,repeat:0.5")
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--memory-lr", type=float, default=3e-3)
@@ -60,7 +61,8 @@ def main():
         model = LongMem.from_backbone(side_init=args.side_init, retrieval_query=args.retrieval_query,
                                       retrieval_metric=args.retrieval_metric, sink_tokens=args.sink_tokens,
                                       window=args.window, memory_read=args.memory_read,
-                                      memory_temperature_init=args.memory_temperature_init, **scale)
+                                      memory_temperature_init=args.memory_temperature_init,
+                                      memory_confidence=args.memory_confidence, **scale)
     tok = model.tokenizer
     report = {"machine": machine(), "config": model.config.to_dict()}
     t_start = time.time()

@@ -65,6 +65,9 @@ class LongMemConfig:
     # value of the token that *followed* the match: the step an induction head makes in context.
     memory_read: str = "next"
     memory_temperature_init: float = 20.0  # "next" read: initial softmax temperature on cosines
+    # "next" read: scale each head's gate by sigmoid(a_h * (best cosine - b_h)), learned a and b, so a
+    # read is trusted when the match is close (a repeat) and muted when it is not (fresh text).
+    memory_confidence: bool = False
 
     extra: dict = field(default_factory=dict)
 

@@ -82,6 +82,15 @@ def next_token_read(retrieval: MemoryRetrieval, temperature: torch.Tensor):
     return out, weights
 
 
+def match_confidence(retrieval: MemoryRetrieval, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """sigmoid(scale_h * (best cosine - bias_h)) per (B, Hq, T): how close the best match is."""
+    q = F.normalize(retrieval.queries.float(), dim=-1)
+    keys = F.normalize(retrieval.keys.float(), dim=-1)
+    cos = torch.einsum("bhtd,bhtkd->bhtk", q, keys).masked_fill(~(retrieval.token_mask & retrieval.next_mask), -1.0)
+    best = cos.max(dim=-1).values  # (B, Hq, T)
+    return torch.sigmoid(scale.float()[None, :, None] * (best - bias.float()[None, :, None]))
+
+
 class SideLayer(nn.Module):
     def __init__(self, adapter: BackboneAdapter, backbone_layer: int, config: LongMemConfig, memory_layer: bool):
         super().__init__()
@@ -97,6 +106,9 @@ class SideLayer(nn.Module):
             if config.memory_read == "next":  # log-parametrised: stays positive
                 init = torch.full((adapter.num_heads,), float(config.memory_temperature_init))
                 self.memory_temperature = nn.Parameter(init.log())
+                if config.memory_confidence:
+                    self.memory_conf_scale = nn.Parameter(torch.full((adapter.num_heads,), 20.0).log())
+                    self.memory_conf_bias = nn.Parameter(torch.full((adapter.num_heads,), 0.9))
             self.gate = nn.Parameter(torch.full((adapter.num_heads,), float(config.gate_init)))
             if config.memory_scale_init is not None:
                 self.memory_scale = nn.Parameter(torch.tensor(float(config.memory_scale_init)))
@@ -146,6 +158,8 @@ class SideLayer(nn.Module):
                 remembered, weights = memory_attention(q_plain, retrieval, scale)
                 has = retrieval.has_memory  # (B, Hq, T)
             gate = torch.sigmoid(self.gate).to(local.dtype)[None, :, None].expand(B, -1, T)
+            if getattr(self, "memory_conf_scale", None) is not None:
+                gate = gate * match_confidence(retrieval, self.memory_conf_scale.exp(), self.memory_conf_bias).to(gate.dtype)
             gate = torch.where(has, gate, torch.zeros_like(gate))  # nothing retrieved: exactly the local layer
             readout = MemoryReadout(retrieval, weights, gate)
             memory_part = gate[..., None] * (remembered - local)  # (B, Hq, T, D)

@@ -157,7 +157,7 @@ def make_optimizer(sidenet: torch.nn.Module, cfg: TrainConfig):
     for name, p in sidenet.named_parameters():
         if not p.requires_grad:
             continue
-        if name.endswith((".gate", ".memory_scale", ".memory_temperature")):
+        if name.endswith((".gate", ".memory_scale", ".memory_temperature", ".memory_conf_scale", ".memory_conf_bias")):
             memory.append(p)
         elif p.dim() < 2:
             no_decay.append(p)

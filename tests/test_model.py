@@ -314,3 +314,19 @@ def test_next_token_read_keeps_equivalences_and_reads_the_following_value(family
     assert not torch.equal(out.logits, backbone)
     out.loss.backward()
     assert model.sidenet.memory_layer.memory_temperature.grad.abs().sum() > 0
+
+
+def test_confidence_gate_keeps_equivalences_and_learns():
+    model = tiny_longmem("llama", side_init="zero", memory_read="next", retrieval_query="backbone_key",
+                         retrieval_metric="cosine", memory_scale_init=0.0, memory_confidence=True)
+    ids = torch.randint(0, 100, (1, 16))
+    assert torch.equal(model(ids, bank=model.new_bank(1)).logits, model(ids).logits)
+    bank = model.new_bank(1)
+    model.write_memory(torch.randint(0, 100, (1, 64)), bank)
+    assert torch.equal(model(ids, bank=bank).logits, model.backbone_logits(ids))
+    with torch.no_grad():
+        model.sidenet.memory_layer.memory_scale.fill_(1.0)
+    out = model(ids, bank=bank, labels=ids)
+    assert (out.readout.gate < 0.5).any()  # random text: weak matches mute the read
+    out.loss.backward()
+    assert model.sidenet.memory_layer.memory_conf_bias.grad.abs().sum() > 0

@@ -1,0 +1,123 @@
+"""Serving: latency per generated token with a 3-shard memory ÷ without memory (same replica), and
+8 concurrent clients for 60 s (requests/s, p50/p99 latency, errors).
+
+    python benchmarks/bench_serve.py [--checkpoint DIR] [--memory-tokens 32768] [--seconds 60]
+
+The memory is built in-process from real text (Emma) into 3 shards; the model is the checkpoint
+given, else a fresh SideNet on the default backbone. Prints one JSON object.
+"""
+
+import argparse
+import json
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from common import AUSTEN, machine
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--checkpoint")
+    ap.add_argument("--memory-tokens", type=int, default=32768)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--seconds", type=float, default=60)
+    args = ap.parse_args()
+
+    from ray import serve
+
+    from longmem.config import LongMemConfig
+    from longmem.memory.encoder import MemoryEncoder, write_memory_dir
+    from longmem.model import LongMem
+    from pipelines.ray_env import init_ray
+    from pipelines.serve import app_builder
+
+    model = LongMem.from_pretrained(args.checkpoint) if args.checkpoint else LongMem.from_backbone()
+    root = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    if not args.checkpoint:
+        model.save_pretrained(root / "ckpt")
+    checkpoint = args.checkpoint or str(root / "ckpt")
+    ids = model.encode((AUSTEN / "emma.txt").read_text())[0, : args.memory_tokens].numpy()
+    encoder = MemoryEncoder(LongMemConfig.from_dict(model.config.to_dict()), backbone=model.backbone)
+    third = len(ids) // 3
+    docs = [(f"emma-{i}", ids[i * third : (i + 1) * third]) for i in range(3)]
+    write_memory_dir(root / "memory", encoder, docs, shards=3)
+    prompt = model.tokenizer.decode(ids[5000:5064].tolist())
+    del model, encoder
+
+    init_ray(num_cpus=2, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(app_builder({"checkpoint": checkpoint, "memories": {"emma": str(root / "memory")},
+                           "model_cpus": 1.0, "shard_cpus": 0.1, "ingress_cpus": 0.1}),
+              name="bench", route_prefix="/", blocking=False)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300)
+    body = {"prompt": prompt, "max_tokens": args.new_tokens, "temperature": 0}
+
+    def per_token(extra) -> float:
+        t0 = time.perf_counter()
+        r = client.post("/v1/completions", json={**body, **extra}).json()
+        return (time.perf_counter() - t0) / max(1, r["usage"]["completion_tokens"])
+
+    per_token({"memory": "emma"}), per_token({})  # warm-up
+    with_mem, without = [], []
+    for _ in range(args.rounds):  # interleaved, so drift hits both alike
+        with_mem.append(per_token({"memory": "emma"}))
+        without.append(per_token({}))
+    report = {"machine": machine(), "memory_chunks_per_shard": third // 4, "shards": 3,
+              "ms_per_token_with_memory": 1000 * statistics.median(with_mem),
+              "ms_per_token_without_memory": 1000 * statistics.median(without)}
+    report["ratio_with_over_without"] = report["ms_per_token_with_memory"] / report["ms_per_token_without_memory"]
+
+    latencies, errors, stop = [], [0], time.time() + args.seconds
+    lock = threading.Lock()
+
+    def worker(i):
+        c = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300)
+        while time.time() < stop:
+            t0 = time.perf_counter()
+            try:
+                r = c.post("/v1/completions", json={**body, "max_tokens": 8, "memory": "emma" if i % 2 else []})
+                ok = r.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            with lock:
+                if ok:
+                    latencies.append(time.perf_counter() - t0)
+                else:
+                    errors[0] += 1
+
+    t0 = time.time()
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(args.clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.time() - t0
+    latencies.sort()
+    report.update({
+        "clients": args.clients, "seconds": round(elapsed, 1), "requests": len(latencies), "errors": errors[0],
+        "requests_per_s": len(latencies) / elapsed,
+        "p50_s": latencies[len(latencies) // 2] if latencies else None,
+        "p99_s": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] if latencies else None,
+    })
+    serve.shutdown()
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
