@@ -15,7 +15,7 @@ from longmem.memory.store import MemoryStore, StoreError
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-SETTINGS = dict(window=64, chunk_size=4, sink_tokens=4, memory_dtype="float32")
+SETTINGS = dict(window=64, chunk_size=4, sink_tokens=4, memory_dtype="float32", retrieval_metric="ip")
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +146,7 @@ def test_killed_build_resumes_to_the_same_manifest(ray_local, three_shards, tiny
     out = tmp_path / "memory"
     cmd = [sys.executable, "-m", "longmem.cli", "build-memory", "--corpus", str(corpus), "--out", str(out),
            "--backbone", str(tiny_dir), "--shards", "3", "--max-actors", "2", "--batch-size", "1",
-           "--window", "64", "--chunk-size", "4", "--sink-tokens", "4", "--dtype", "float32"]
+           "--window", "64", "--chunk-size", "4", "--sink-tokens", "4", "--dtype", "float32", "--metric", "ip"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             env={**os.environ, "RAY_ADDRESS": ""})
     deadline = time.time() + 240

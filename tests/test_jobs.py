@@ -73,12 +73,16 @@ def test_submitted_build_memory_job_succeeds_and_writes_memory(head, tiny_dir, a
         (corpus / f"part{i}.txt").write_text(austen_text[i * 3000 : (i + 1) * 3000])
     out = tmp_path / "memory"
     model = json.dumps({"window": 64, "chunk_size": 4, "sink_tokens": 4})
-    result = subprocess.run(
-        [RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-         sys.executable, "jobs/build_memory.py", "--set", f"job.corpus=[{corpus}]", "--set", f"job.out={out}",
-         "--set", f"job.backbone={tiny_dir}", "--set", "job.shards=2", "--set", f"job.model={model}",
-         "--set", "job.batch_size=4"],
-        env=env, capture_output=True, text=True, timeout=600)
+    for _ in range(30):  # the head's job agent can take a while to come up on a busy machine
+        result = subprocess.run(
+            [RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+             sys.executable, "jobs/build_memory.py", "--set", f"job.corpus=[{corpus}]", "--set", f"job.out={out}",
+             "--set", f"job.backbone={tiny_dir}", "--set", "job.shards=2", "--set", f"job.model={model}",
+             "--set", "job.batch_size=4"],
+            env=env, capture_output=True, text=True, timeout=600)
+        if "No available agent" not in result.stderr + result.stdout:
+            break
+        time.sleep(2)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "succeeded" in result.stdout
     store = MemoryStore.open(out, verify=True)
@@ -98,6 +102,15 @@ def test_encoder_pool_scales_up_under_load(head, tiny_dir, austen_text, tmp_path
         (corpus / f"part{i}.txt").write_text(austen_text[i * 8000 : (i + 1) * 8000])
     client = JobSubmissionClient(address)
     model = json.dumps({"window": 64, "chunk_size": 4, "sink_tokens": 4})
+    submit = client.submit_job
+    for _ in range(30):  # the head's job agent can take a while to come up on a busy machine
+        try:
+            submit(entrypoint="true")
+            break
+        except RuntimeError as e:
+            if "No available agent" not in str(e):
+                raise
+            time.sleep(2)
     job = client.submit_job(
         entrypoint=f"{sys.executable} jobs/build_memory.py --set 'job.corpus=[{corpus}]' --set job.out={tmp_path / 'm'} "
                    f"--set job.backbone={tiny_dir} --set 'job.model={model}' --set job.batch_size=1 "

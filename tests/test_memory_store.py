@@ -98,3 +98,15 @@ def test_faiss_indexes_agree_with_exact_search(tmp_path, model_and_docs):
     assert kind == "ivf" and np.mean([len(set(a) & set(b)) / 8 for a, b in zip(ivf.search(q, 8)[1], exact)]) > 0.99
     small, kind = build_index(x[:100], "ivfpq")  # too few vectors to train PQ: falls back
     assert kind == "ivf"
+
+
+def test_more_shards_than_documents_leaves_empty_shards_that_search_fine(tmp_path, model_and_docs):
+    model, docs = model_and_docs
+    write_memory_dir(tmp_path / "m", encoder_for(model), docs[:2], shards=3)
+    store = MemoryStore.open(tmp_path / "m")
+    assert sorted(s.num_chunks == 0 for s in store.shards) == [False, False, True]
+    write_memory_dir(tmp_path / "one", encoder_for(model), docs[:2], shards=1)
+    query = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(model(query, bank=store).logits, model(query, bank=MemoryStore.open(tmp_path / "one")).logits)
+    hits = store.search(torch.randn(1, 3, 4, 16), k=5, with_next=True)
+    assert hits.token_ids.shape == (1, 4, 3, 5, 4)

@@ -44,7 +44,7 @@ def test_perplexity_through_adapter_equals_plain_hf_model(real_backbone, page):
 
 def test_real_memory_capture_and_retrieval(real_backbone, page):
     backbone, tokenizer = real_backbone
-    model = LongMem(backbone, LongMemConfig(side_init="paper", memory_dtype="float32", sink_tokens=0), tokenizer)
+    model = LongMem(backbone, LongMemConfig(side_init="paper", memory_scale_init=None, memory_dtype="float32", sink_tokens=0), tokenizer)
     assert (model.memory_layer, model.config.memory_side_layer) == (21, 10)  # paper ratio on 30 layers
     attn = backbone.model.layers[21].self_attn
     seen = {}

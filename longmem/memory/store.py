@@ -377,7 +377,10 @@ def shard_retrieval(shard: "MemoryShard", queries: torch.Tensor, k: int, with_ne
         return to(x, dtype).reshape(B, Hq, T, kk * c, D)
 
     dtype = queries.dtype
-    ids = np.where(hit[..., None], shard.token_ids[np.where(rows >= 0, rows, 0)] if shard.num_chunks else -1, -1)
+    if shard.num_chunks:
+        ids = np.where(hit[..., None], shard.token_ids[np.where(rows >= 0, rows, 0)], -1)
+    else:
+        ids = np.full((*rows.shape, c), -1, np.int64)
     return MemoryRetrieval(
         keys=tokens(got["keys"], dtype),
         values=tokens(got["values"], dtype),
