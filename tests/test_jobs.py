@@ -73,7 +73,7 @@ def test_submitted_build_memory_job_succeeds_and_writes_memory(head, tiny_dir, a
         (corpus / f"part{i}.txt").write_text(austen_text[i * 3000 : (i + 1) * 3000])
     out = tmp_path / "memory"
     model = json.dumps({"window": 64, "chunk_size": 4, "sink_tokens": 4})
-    for _ in range(30):  # the head's job agent can take a while to come up on a busy machine
+    for _ in range(60):  # the head's job agent can take a while to come up on a busy machine
         result = subprocess.run(
             [RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
              sys.executable, "jobs/build_memory.py", "--set", f"job.corpus=[{corpus}]", "--set", f"job.out={out}",
@@ -103,7 +103,7 @@ def test_encoder_pool_scales_up_under_load(head, tiny_dir, austen_text, tmp_path
     client = JobSubmissionClient(address)
     model = json.dumps({"window": 64, "chunk_size": 4, "sink_tokens": 4})
     submit = client.submit_job
-    for _ in range(30):  # the head's job agent can take a while to come up on a busy machine
+    for _ in range(60):  # the head's job agent can take a while to come up on a busy machine
         try:
             submit(entrypoint="true")
             break
