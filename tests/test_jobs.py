@@ -27,6 +27,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_job_agent(address: str, seconds: float = 120) -> None:
+    """The dashboard answers before the head's job agent does; a busy machine widens the gap."""
+    from ray.job_submission import JobSubmissionClient
+
+    client, deadline = JobSubmissionClient(address), time.time() + seconds
+    while True:
+        try:
+            client.submit_job(entrypoint="true")
+            return
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.time() > deadline:
+                raise
+            time.sleep(2)
+
+
 @pytest.fixture(scope="module")
 def head():
     """A head node we start and stop ourselves (its own process group; never `ray stop`)."""
@@ -39,6 +54,11 @@ def head():
     proc = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=4",
+         # Every port of our own: another Ray on this machine (the tests' embedded one) holds the defaults.
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+         f"--ray-client-server-port={free_port()}", f"--node-manager-port={free_port()}",
+         f"--object-manager-port={free_port()}",
          f"--temp-dir={temp}"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
@@ -52,6 +72,7 @@ def head():
             time.sleep(1)
     else:
         pytest.fail("the Ray head did not come up: " + (Path(temp) / "head.log").read_text()[-2000:])
+    wait_for_job_agent(address)
     yield address, env
     os.killpg(proc.pid, signal.SIGTERM)
     try:
@@ -63,26 +84,29 @@ def head():
     shutil.rmtree(temp, ignore_errors=True)
 
 
+MODEL = json.dumps({"window": 64, "chunk_size": 4, "sink_tokens": 4})  # a small memory layout, quick to build
+
+
+def write_corpus(tmp_path, text: str, parts: int, chars: int) -> Path:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(parts):
+        (corpus / f"part{i}.txt").write_text(text[i * chars : (i + 1) * chars])
+    return corpus
+
+
 def test_submitted_build_memory_job_succeeds_and_writes_memory(head, tiny_dir, austen_text, tmp_path):
     from longmem.memory.store import MemoryStore
 
     address, env = head
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(2):
-        (corpus / f"part{i}.txt").write_text(austen_text[i * 3000 : (i + 1) * 3000])
+    corpus = write_corpus(tmp_path, austen_text, parts=2, chars=3000)
     out = tmp_path / "memory"
-    model = json.dumps({"window": 64, "chunk_size": 4, "sink_tokens": 4})
-    for _ in range(60):  # the head's job agent can take a while to come up on a busy machine
-        result = subprocess.run(
-            [RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-             sys.executable, "jobs/build_memory.py", "--set", f"job.corpus=[{corpus}]", "--set", f"job.out={out}",
-             "--set", f"job.backbone={tiny_dir}", "--set", "job.shards=2", "--set", f"job.model={model}",
-             "--set", "job.batch_size=4"],
-            env=env, capture_output=True, text=True, timeout=600)
-        if "No available agent" not in result.stderr + result.stdout:
-            break
-        time.sleep(2)
+    result = subprocess.run(
+        [RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+         sys.executable, "jobs/build_memory.py", "--set", f"job.corpus=[{corpus}]", "--set", f"job.out={out}",
+         "--set", f"job.backbone={tiny_dir}", "--set", "job.shards=2", "--set", f"job.model={MODEL}",
+         "--set", "job.batch_size=4"],
+        env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "succeeded" in result.stdout
     store = MemoryStore.open(out, verify=True)
@@ -96,24 +120,11 @@ def test_encoder_pool_scales_up_under_load(head, tiny_dir, austen_text, tmp_path
     from ray.util.state import list_actors
 
     address, env = head
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(6):
-        (corpus / f"part{i}.txt").write_text(austen_text[i * 8000 : (i + 1) * 8000])
+    corpus = write_corpus(tmp_path, austen_text, parts=6, chars=8000)
     client = JobSubmissionClient(address)
-    model = json.dumps({"window": 64, "chunk_size": 4, "sink_tokens": 4})
-    submit = client.submit_job
-    for _ in range(60):  # the head's job agent can take a while to come up on a busy machine
-        try:
-            submit(entrypoint="true")
-            break
-        except RuntimeError as e:
-            if "No available agent" not in str(e):
-                raise
-            time.sleep(2)
     job = client.submit_job(
         entrypoint=f"{sys.executable} jobs/build_memory.py --set 'job.corpus=[{corpus}]' --set job.out={tmp_path / 'm'} "
-                   f"--set job.backbone={tiny_dir} --set 'job.model={model}' --set job.batch_size=1 "
+                   f"--set job.backbone={tiny_dir} --set 'job.model={MODEL}' --set job.batch_size=1 "
                    "--set job.min_actors=1 --set job.max_actors=2 --set job.num_cpus_per_actor=0.5",
         runtime_env={"working_dir": str(ROOT)})
     most, deadline = 0, time.time() + 600
