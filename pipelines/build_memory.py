@@ -287,7 +287,8 @@ def build_memory(job: BuildJob, address: str | None = None, progress=print) -> d
     if pending:
         shard_of = {doc_id: i for i in pending for doc_id, _ in plan[i]}
         # One block per encoder batch (a streaming repartition): a long document becomes many actor
-        # tasks, which is what lets the pool grow past one actor and keep every actor busy.
+        # tasks, which is what lets the pool grow past one actor and keep every actor busy. The
+        # repartition needs 1 free CPU beside the actors: on a 2-CPU machine keep actors at <= 1 CPU.
         windows = docs_ds.map_batches(WindowsOf(str(out), config.window, shard_of), batch_size=1, num_cpus=0.25).repartition(
             target_num_rows_per_block=job.batch_size)
         encoded = windows.map_batches(

@@ -78,7 +78,7 @@ def run_main_job(job: MainJob) -> dict:
     memory = work / f"memory-{digest}-{job.shards}"
     log(f"2/5 memory: building with Ray Data into {memory} (reused when already built)")
     built = build_memory(BuildJob(corpus=[str(corpus_dir)], out=str(memory), backbone=job.backbone,
-                                  shards=job.shards, num_cpus_per_actor=1.5),
+                                  shards=job.shards, num_cpus_per_actor=1.0),
                          address=job.address, progress=lambda m: log("   " + m))
 
     from pipelines.train_sidenet import TrainJob, run_training
