@@ -1,4 +1,4 @@
-"""`longmem` command line: generate, perplexity, train, trace, build-memory, memory-info, serve, demo.
+"""`longmem` command line: generate, perplexity, train, trace, build-memory, memory-info, evaluate, serve, demo.
 
 Every error a user can cause ends in one line on stderr and exit status 2, never a stack trace.
 """
@@ -22,9 +22,10 @@ USER_ERRORS = (ConfigError, BackboneError, InputError, MemoryBankError, OSError,
 def user_errors():
     from pipelines.corpus import CorpusError
 
+    from .evaluation import EvalError
     from .memory.store import StoreError
 
-    return USER_ERRORS + (CorpusError, StoreError)
+    return USER_ERRORS + (CorpusError, StoreError, EvalError)
 
 
 def log(message: str) -> None:
@@ -194,6 +195,38 @@ def cmd_build_memory(args) -> int:
     return 0
 
 
+def _ints(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def cmd_evaluate(args) -> int:
+    from pipelines.evaluate import EvalJob, evaluate
+
+    model = {k: v for k, v in {"window": args.window, "memory_tokens": args.memory_tokens}.items() if v is not None}
+    settings = {k: v for k, v in {
+        "long_window": args.long_window, "seed": args.seed, "max_doc_tokens": args.max_doc_tokens,
+        "length_buckets": _ints(args.length_buckets), "prefix_tokens": _ints(args.prefix_tokens),
+        "candidate_tokens": args.candidate_tokens, "examples_per_length": args.examples,
+        "template": args.template, "shots": args.shots, "memory_shots": args.memory_shots,
+        "seeds": _ints(args.seeds), "queries": args.queries,
+        "labels": [x.strip() for x in args.labels.split(",")] if args.labels else None,
+    }.items() if v is not None}
+    job = EvalJob(task=args.task, data=args.data, out=args.out, checkpoint=args.checkpoint, backbone=args.backbone,
+                  model=model, settings=settings, min_actors=args.min_actors,
+                  max_actors=max(args.max_actors or args.min_actors, args.min_actors),
+                  num_cpus_per_actor=args.cpus_per_actor, num_gpus_per_actor=args.gpus_per_actor,
+                  text_field=args.text_field, label_field=args.label_field)
+    report = evaluate(job, address=args.address, progress=log)
+    print((Path(args.out) / "report.md").read_text(), end="")
+    log(f"seconds: {report['seconds']}")
+    return 0
+
+
 def cmd_memory_info(args) -> int:
     from .memory.store import MemoryStore, read_manifest
 
@@ -328,6 +361,38 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--text-field", default="text")
     b.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
     b.set_defaults(func=cmd_build_memory)
+
+    e = sub.add_parser("evaluate", help="the paper's evaluations (perplexity, suffix, icl) spread over Ray Data actors")
+    e.add_argument("task", choices=["perplexity", "suffix", "icl"],
+                   help="perplexity: long documents; suffix: ChapterBreak JSON or books with chapter headings; "
+                        "icl: labelled .jsonl (text, label) or books ('which book is this passage from?')")
+    e.add_argument("--data", nargs="+", required=True, help="files or folders (see the task)")
+    e.add_argument("--out", required=True, help="report folder: report.json, report.md, report.png")
+    e.add_argument("--checkpoint", help="LongMem checkpoint (default: an untrained zero-init SideNet on --backbone)")
+    e.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    e.add_argument("--window", type=int, help="local window (default: the checkpoint's)")
+    e.add_argument("--memory-tokens", type=int)
+    e.add_argument("--long-window", type=int, help="window of the backbone_long baseline (default 2048)")
+    e.add_argument("--seed", type=int)
+    e.add_argument("--max-doc-tokens", type=int, help="perplexity: cut documents to this many tokens")
+    e.add_argument("--length-buckets", help="perplexity: document-length bucket edges, e.g. 4096,16384,65536")
+    e.add_argument("--prefix-tokens", help="suffix: prefix lengths, e.g. 4096,8192,16384")
+    e.add_argument("--candidate-tokens", type=int, help="suffix: tokens of each candidate opening (default 128)")
+    e.add_argument("--examples", type=int, help="suffix: examples per prefix length from books (default 20)")
+    e.add_argument("--template", help="icl: demonstration template with {text} and {label}")
+    e.add_argument("--labels", help="icl: the label set, comma-separated (default: labels in the data)")
+    e.add_argument("--shots", type=int, help="icl: demonstrations in context (default 3)")
+    e.add_argument("--memory-shots", type=int, help="icl: demonstrations in memory (default 200)")
+    e.add_argument("--seeds", help="icl: seeds for the demonstration draw, e.g. 0,1,2")
+    e.add_argument("--queries", type=int, help="icl: questions per seed (default 60)")
+    e.add_argument("--min-actors", type=int, default=1)
+    e.add_argument("--max-actors", type=int, help="model replicas to grow to (default: min)")
+    e.add_argument("--cpus-per-actor", type=float, default=1.0)
+    e.add_argument("--gpus-per-actor", type=float, default=0.0)
+    e.add_argument("--text-field", default="text")
+    e.add_argument("--label-field", default="label")
+    e.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
+    e.set_defaults(func=cmd_evaluate)
 
     i = sub.add_parser("memory-info", help="describe a built memory (spec, shards, totals)")
     i.add_argument("memory")

@@ -1,0 +1,245 @@
+"""Evaluate LongMem with Ray Data: items spread over an autoscaling pool of model replicas.
+
+    data --(driver: read, tokenize, build items)--> items --EvalActor pool (one model each)-->
+    per-item results --(driver: sort by id, aggregate)--> report.json + report.md + report.png
+
+Each item (a document, a ChapterBreak example, a group of ICL queries sharing one memory) is scored
+on its own with a fresh memory, so the report does not depend on how many actors ran or in which
+order items finished.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from longmem.config import DEFAULT_BACKBONE, LongMemConfig
+from longmem.evaluation import (
+    EvalError,
+    EvalSettings,
+    aggregate,
+    document_items,
+    icl_items,
+    labelled_rows_from_books,
+    read_labelled,
+    score_item,
+    suffix_items_from_books,
+    suffix_items_from_chapterbreak,
+    write_report,
+)
+
+TITLES = {
+    "perplexity": "long-text perplexity (memory = the document's own past)",
+    "suffix": "suffix identification (ChapterBreak protocol)",
+    "icl": "memory-augmented in-context learning",
+}
+
+
+@dataclass
+class EvalJob:
+    task: str
+    data: list[str]
+    out: str
+    checkpoint: str | None = None
+    backbone: str = DEFAULT_BACKBONE  # used when no checkpoint is given (the SideNet is then untrained)
+    model: dict = field(default_factory=dict)  # LongMemConfig overrides (window, memory_tokens, ...)
+    settings: dict = field(default_factory=dict)  # EvalSettings fields
+    min_actors: int = 1
+    max_actors: int = 1
+    num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float = 0.0
+    text_field: str = "text"
+    label_field: str = "label"
+    scorer_factory: Callable | None = None  # settings dict -> Scorer; default: the model's ModelScorer
+
+    def config(self) -> LongMemConfig:
+        if self.checkpoint:
+            path = Path(self.checkpoint) / "config.json"
+            if not path.exists():
+                raise EvalError(f"{self.checkpoint} is not a LongMem checkpoint (no config.json)")
+            config = LongMemConfig.load(path)
+            for key, value in self.model.items():
+                setattr(config, key, value)
+            return config.validate()
+        return LongMemConfig(backbone=self.backbone, **self.model).validate()
+
+    def eval_settings(self) -> EvalSettings:
+        settings = EvalSettings.from_dict({**self.settings, "task": self.task})
+        settings.window = self.config().window
+        return settings.validate()
+
+    def validate(self) -> "EvalJob":
+        if not self.data:
+            raise EvalError("give at least one --data path")
+        if not 1 <= self.min_actors <= self.max_actors:
+            raise EvalError(f"need 1 <= min_actors <= max_actors, got {self.min_actors}..{self.max_actors}")
+        self.eval_settings()
+        return self
+
+
+def load_eval_model(checkpoint: str | None, backbone: str, overrides: dict, device: str = "cpu"):
+    from longmem.model import LongMem
+
+    if checkpoint:
+        model = LongMem.from_pretrained(checkpoint, device=device)
+        for key, value in overrides.items():
+            setattr(model.config, key, value)
+        model.config.validate()
+        return model
+    return LongMem.from_backbone(backbone, device=device, **overrides)
+
+
+class EvalActor:
+    """Actor: one model replica (or the given scorer) scoring items."""
+
+    def __init__(self, checkpoint, backbone, overrides, settings, num_threads, use_gpu, scorer_factory=None):
+        import torch
+
+        from longmem.evaluation import ModelScorer
+
+        torch.set_num_threads(max(1, num_threads))
+        if scorer_factory is not None:
+            self.scorer = scorer_factory(settings)
+        else:
+            device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+            model = load_eval_model(checkpoint, backbone, overrides, device)
+            self.scorer = ModelScorer(model, long_window=settings["long_window"])
+
+    def __call__(self, batch: dict) -> dict:
+        results = [json.dumps(score_item(self.scorer, pickle.loads(p))) for p in batch["payload"]]
+        return {"id": batch["id"], "result": np.array(results, dtype=object)}
+
+
+def _tokenizer(config: LongMemConfig):
+    from transformers import AutoTokenizer
+
+    from longmem.backbone import resolve_backbone
+
+    tok = AutoTokenizer.from_pretrained(resolve_backbone(config.backbone))
+    return lambda text: np.asarray(tok(text, add_special_tokens=False).input_ids, dtype=np.int64)
+
+
+def _read_texts(paths: list[str], text_field: str) -> tuple[list[tuple[str, str]], dict]:
+    """(doc_id, text) of every usable document, read by the shared Ray Data corpus reader."""
+    from pipelines.corpus import read_documents
+
+    docs, skipped = [], {}
+    for row in read_documents(paths, text_field).iter_rows():
+        if row["skip"]:
+            skipped[row["skip"]] = skipped.get(row["skip"], 0) + 1
+        else:
+            docs.append((row["doc_id"], row["text"]))
+    return sorted(docs), skipped
+
+
+def build_items(job: EvalJob, settings: EvalSettings, config: LongMemConfig, progress=print) -> tuple[list[dict], dict]:
+    tokenize = _tokenizer(config)
+    task = settings.task
+    if task == "perplexity":
+        texts, skipped = _read_texts(job.data, job.text_field)
+        items, more = document_items([(d, tokenize(t)) for d, t in texts], settings)
+    elif task == "suffix":
+        jsons = [p for p in job.data if p.lower().endswith(".json")]
+        items, skipped = [], {}
+        for path in jsons:
+            try:
+                data = json.loads(Path(path).read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                raise EvalError(f"{path}: no such file") from None
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise EvalError(f"{path}: not a JSON file ({e})") from None
+            got, sk = suffix_items_from_chapterbreak(data, tokenize, settings)
+            items += got
+            skipped = _merge(skipped, sk)
+        books = [p for p in job.data if not p.lower().endswith(".json")]
+        more = {}
+        if books:
+            texts, sk = _read_texts(books, job.text_field)
+            got, more = suffix_items_from_books([(Path(d).stem, t) for d, t in texts], tokenize, settings)
+            items += got
+            skipped = _merge(skipped, sk)
+    else:
+        labelled = [p for p in job.data if p.lower().endswith((".jsonl", ".ndjson"))]
+        rows, skipped = [], {}
+        for path in labelled:
+            if not Path(path).is_file():
+                raise EvalError(f"{path}: no such file")
+            got, sk = read_labelled(path, job.text_field, job.label_field)
+            rows += got
+            skipped = _merge(skipped, sk)
+        books = [p for p in job.data if p not in labelled]
+        if books:  # "which book is this passage from?", built from the books themselves
+            texts, sk = _read_texts(books, job.text_field)
+            rows += labelled_rows_from_books([(Path(d).stem, t) for d, t in texts], seed=settings.seed)
+            skipped = _merge(skipped, sk)
+        items, more = icl_items(rows, tokenize, settings)
+    skipped = _merge(skipped, more)
+    if not items:
+        raise EvalError(f"no usable {task} examples in {', '.join(job.data)}"
+                        + (f" (skipped: {skipped})" if skipped else ""))
+    return items, skipped
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = out.get(k, 0) + v
+    return out
+
+
+def evaluate(job: EvalJob, address: str | None = None, progress=print) -> dict:
+    """Run one evaluation; writes report.json/.md/.png into job.out and returns the report."""
+    from pipelines.ray_env import init_ray
+
+    job.validate()
+    config, settings = job.config(), job.eval_settings()
+    t0 = time.time()
+    ray = init_ray(address)
+    from ray.data import ActorPoolStrategy
+
+    progress(f"[evaluate] {job.task}: building examples from {len(job.data)} path(s)")
+    items, skipped = build_items(job, settings, config, progress)
+    progress(f"[evaluate] {len(items)} items" + (f"; skipped {skipped}" if skipped else "")
+             + f"; scoring on {job.min_actors}..{job.max_actors} actor(s)")
+    rows = [{"id": i, "payload": pickle.dumps(item)} for i, item in enumerate(items)]
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+        EvalActor,
+        fn_constructor_kwargs=dict(checkpoint=job.checkpoint, backbone=job.backbone, overrides=job.model,
+                                   settings=settings.to_dict(), num_threads=math.ceil(job.num_cpus_per_actor),
+                                   use_gpu=job.num_gpus_per_actor > 0, scorer_factory=job.scorer_factory),
+        batch_size=1,
+        num_cpus=job.num_cpus_per_actor,
+        num_gpus=job.num_gpus_per_actor,
+        compute=ActorPoolStrategy(min_size=job.min_actors, max_size=job.max_actors),
+        batch_format="numpy",
+    )
+    results, t_score = [], time.time()
+    for row in ds.iter_rows():
+        results.append(json.loads(row["result"]))
+        done = len(results)
+        eta = (time.time() - t_score) / done * (len(items) - done)
+        progress(f"[evaluate] {done}/{len(items)} items scored ({time.time() - t0:.0f} s, ~{eta:.0f} s left)")
+    report = {
+        "task": job.task,
+        "title": TITLES[job.task],
+        "model": {"checkpoint": job.checkpoint, "backbone": config.backbone, "window": config.window,
+                  "memory_tokens": config.memory_tokens, "memory_read": config.memory_read,
+                  "sidenet_trained": bool(job.checkpoint)},
+        "data": job.data,
+        "settings": settings.to_dict(),
+        "items": len(items),
+        "skipped": skipped,
+        "actors": [job.min_actors, job.max_actors],
+        "seconds": round(time.time() - t0, 1),
+        "results": aggregate(results, settings),
+    }
+    paths = write_report(report, job.out)
+    progress(f"[evaluate] wrote {paths['json']}, {paths['markdown']}, {paths['plot']}")
+    return report
