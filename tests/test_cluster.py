@@ -93,6 +93,7 @@ def test_entrypoints_and_import_paths_exist():
 
 def test_job_configs_build_valid_jobs():
     from pipelines.build_memory import BuildJob
+    from pipelines.evaluate import EvalJob
     from pipelines.serve import ServeArgs
     from pipelines.train_sidenet import TrainJob
 
@@ -100,3 +101,6 @@ def test_job_configs_build_valid_jobs():
     BuildJob(**load("build_memory.yaml")["job"]).validate()
     TrainJob(**load("train_sidenet.yaml")["job"]).train_config()
     ServeArgs(**load("serve.yaml")["args"])
+    job = load("evaluate.yaml")["job"]
+    for task in ("perplexity", "suffix", "icl"):
+        EvalJob(**{**job, "task": task}).validate()

@@ -240,3 +240,16 @@ def test_bad_evaluation_inputs(ray_local, tiny_dir, docs, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 2 and "labels not in the label set" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_evaluate_job_entrypoint(tiny_dir, docs, tmp_path):
+    """jobs/evaluate.py with its YAML config and --set overrides, as `ray job submit` runs it."""
+    out = tmp_path / "report"
+    cmd = [sys.executable, "jobs/evaluate.py", "--set", f"job.data=[{docs / 'b.txt'}]", "--set", f"job.out={out}",
+           "--set", f"job.backbone={tiny_dir}", "--set", "job.model={window: 32, memory_dtype: float32}",
+           "--set", "job.max_actors=1", "--set", "job.settings={long_window: 64}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| all |" in proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["task"] == "perplexity" and report["results"]["overall"]["documents"] == 1

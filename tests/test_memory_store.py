@@ -100,6 +100,32 @@ def test_faiss_indexes_agree_with_exact_search(tmp_path, model_and_docs):
     assert kind == "ivf"
 
 
+def test_exact_rerank_restores_product_quantised_recall():
+    """IVF-PQ candidates re-scored exactly: the full candidate list gives exact top-k, and 4k
+    candidates recover most of what PQ's coarse scores lose."""
+    from longmem.memory.store import build_index, rerank_exact
+
+    g = np.random.default_rng(0)
+    centers = g.standard_normal((64, 32)).astype(np.float32)
+    x = (centers[g.integers(0, 64, 20000)] + 0.3 * g.standard_normal((20000, 32))).astype(np.float32)
+    q = x[g.integers(0, 20000, 64)] + 0.1 * g.standard_normal((64, 32)).astype(np.float32)
+    exact = np.argsort(-(q @ x.T), axis=1, kind="stable")[:, :16]
+    everything = np.tile(np.arange(len(x)), (len(q), 1))
+    _, rows = rerank_exact(lambda r: x[r], q, np.zeros(everything.shape, np.float32), everything, 16)
+    assert np.array_equal(rows, exact)
+    pq, kind = build_index(x, "ivfpq")
+    assert kind == "ivfpq"
+    pq.nprobe = 16
+    recall = lambda found: np.mean([len(set(a) & set(b)) / 16 for a, b in zip(found, exact)])  # noqa: E731
+    plain = recall(pq.search(q, 16)[1])
+    s, cand = pq.search(q, 64)
+    reranked = recall(rerank_exact(lambda r: x[r], q, s, cand, 16)[1])
+    assert reranked > plain + 0.3 and reranked > 0.75  # measured 0.40 -> 0.81
+    cand[:, -5:] = -1  # missing candidates stay missing, never a wrong row
+    _, rows = rerank_exact(lambda r: x[r], q, s, cand, 64)
+    assert (rows[:, -5:] == -1).all()
+
+
 def test_more_shards_than_documents_leaves_empty_shards_that_search_fine(tmp_path, model_and_docs):
     model, docs = model_and_docs
     write_memory_dir(tmp_path / "m", encoder_for(model), docs[:2], shards=3)

@@ -163,6 +163,23 @@ def build_index(vectors: np.ndarray, kind: str, seed: int = 0):
     return index, kind
 
 
+def rerank_exact(vectors_of, queries: np.ndarray, scores: np.ndarray, rows: np.ndarray, k: int):
+    """Re-score approximate candidates exactly and keep the best k.
+
+    queries (m, D); scores/rows (m, k') from an approximate index (rows -1 = none);
+    vectors_of(rows (r,)) -> (r, D) the exact indexed vectors. Returns scores, rows (m, k)."""
+    valid = rows >= 0
+    exact = np.full(rows.shape, -np.inf, np.float32)
+    if valid.any():
+        vecs = vectors_of(rows[valid])  # (r, D)
+        exact[valid] = np.einsum("rd,rd->r", vecs, np.repeat(queries, valid.sum(1), axis=0))
+    order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+    top_rows = np.take_along_axis(rows, order, 1)
+    top = np.take_along_axis(exact, order, 1)
+    top_rows[~np.isfinite(top)] = -1
+    return top, top_rows
+
+
 def write_shard(directory: str | Path, spec: MemorySpec, documents: list[dict], index_kind: str = "flat",
                 docs_digest: str = "") -> dict:
     """Write one shard from documents in order: dicts of doc_id, keys, values (N, Hkv, D),
@@ -277,7 +294,7 @@ class MemoryShard:
     """One shard: memory-mapped keys/values and one faiss index per KV head."""
 
     def __init__(self, directory: str | Path, spec: MemorySpec, meta: dict | None = None, nprobe: int = 16,
-                 mmap: bool = True, device: str = "cpu"):
+                 mmap: bool = True, device: str = "cpu", rerank: int = 4):
         import faiss
         import pyarrow.parquet as pq
 
@@ -303,6 +320,9 @@ class MemoryShard:
         self.next_joined = np.zeros(self.num_chunks, dtype=bool)
         if self.num_chunks > 1:
             self.next_joined[:-1] = same_doc & (self.positions[1:] == self.positions[:-1] + spec.chunk_size)
+        # Product-quantised scores are coarse (recall@16 ~0.35 on real keys, docs/results.md): fetch
+        # rerank x k candidates and score them exactly from the memory-mapped keys.
+        self.rerank = rerank if self.meta.get("index") == "ivfpq" else 0
         self.indexes = []
         for h in range(spec.num_kv_heads):
             index = faiss.read_index(str(self.directory / "index" / f"head-{h}.faiss"))
@@ -326,11 +346,24 @@ class MemoryShard:
             return scores, rows
         for h in range(Hkv):
             block = np.ascontiguousarray(q[:, h * G : (h + 1) * G].reshape(n * G, D))  # query head -> KV head h // G
-            s, i = self.indexes[h].search(block, k)
+            if self.rerank:
+                s, i = self.indexes[h].search(block, k * self.rerank)
+                s, i = rerank_exact(lambda r, h=h: self._chunk_vectors(r, h), block, s, i, k)
+            else:
+                s, i = self.indexes[h].search(block, k)
             s[i < 0] = -np.inf
             scores[:, h * G : (h + 1) * G] = s.reshape(n, G, k)
             rows[:, h * G : (h + 1) * G] = i.reshape(n, G, k)
         return scores, rows
+
+    def _chunk_vectors(self, rows: np.ndarray, h: int) -> np.ndarray:
+        """The vectors the index of KV head h holds for these rows (as write_shard built them)."""
+        order = np.argsort(rows, kind="stable")  # sorted reads from the memory map
+        v = np.empty((len(rows), self.spec.head_dim), np.float32)
+        v[order] = self.keys[rows[order], h].astype(np.float32).mean(axis=1)
+        if self.spec.metric == "cosine":
+            v /= np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+        return v
 
     def gather(self, rows: np.ndarray, with_next: bool = False) -> dict:
         """rows (n, Hq, k) -> keys/values (n, Hq, k, c, D) of each chunk from its query head's KV head,
