@@ -152,12 +152,20 @@ class ModelScorer:
 
     @torch.no_grad()
     def choice_scores(self, memory, context, candidates) -> dict[str, list[float]]:
+        """The context is encoded once per reading and every candidate continues it from a KV cache
+        (cropped back after each), which is exact and saves re-reading the context per candidate."""
+        from transformers import DynamicCache
+
+        from .sidenet import LayerCache
+
         model, W, L = self.model, self.window, self.long_window
         longest = max(len(c) for c in candidates)
         if longest >= W:
             raise EvalError(f"a candidate of {longest} tokens does not fit the {W}-token window")
         context = np.asarray(context, dtype=np.int64)
         memory = np.asarray(memory, dtype=np.int64)
+        if len(context) == 0:
+            raise EvalError("a choice question needs at least one context token")
         # Context that does not fit beside the longest candidate moves to memory, so each reading
         # sees the same local tokens and LongMem loses nothing.
         keep = W - longest
@@ -165,27 +173,45 @@ class ModelScorer:
             memory, context = np.concatenate([memory, context[:-keep]]), context[-keep:]
         bank = None
         if len(memory):
-            bank = model.new_bank(1, capacity_tokens=max(model.config.memory_tokens, len(memory)))
+            bank = model.new_bank(1)  # the model's memory size: beyond it the oldest tokens are evicted
             model.write_memory(self._tensor(memory), bank)
         far = np.concatenate([memory, context])
+        far = far[len(far) - min(len(far), L - longest):]
+
+        ctx, n_ctx = self._tensor(context), len(context)
+        cache = DynamicCache(config=model.backbone.config)
+        states = model.backbone_states(ctx, cache=cache)
+        sides = {"longmem_no_memory": [LayerCache() for _ in model.sidenet.layers],
+                 "longmem_memory": [LayerCache() for _ in model.sidenet.layers]}
+        banks = {"longmem_no_memory": None, "longmem_memory": bank}
+        first = {"backbone": model.adapter.logits(states.hidden[-1])[:, -1:]}
+        for r, side in sides.items():
+            first[r] = model(ctx, bank=banks[r], states=states, side_caches=side, backbone_cache=cache).logits[:, -1:]
+        saved = {r: [(c.keys, c.values) for c in side] for r, side in sides.items()}
+        long_cache = DynamicCache(config=model.backbone.config)
+        long_states = model.adapter.run(self._tensor(far), [model.adapter.num_layers], model.memory_layer, cache=long_cache)
+        first["backbone_long"] = model.adapter.logits(long_states.hidden[-1])[:, -1:]
+
         scores = {r: [] for r in READINGS}
         for cand in candidates:
             cand = np.asarray(cand, dtype=np.int64)
-            n = len(cand)
-            ids = self._tensor(np.concatenate([context, cand]))
-            states = model.backbone_states(ids)
-            t = ids[:, -n:]
-
-            def lp(logits):
-                nll = self._nll(logits[:, -n - 1 : -1], t).sum()
-                return float(-nll / n if self.length_normalize else -nll)
-
-            scores["backbone"].append(lp(model.adapter.logits(states.hidden[-1])))
-            scores["longmem_no_memory"].append(lp(model(ids, states=states).logits))
-            scores["longmem_memory"].append(lp(model(ids, bank=bank, states=states).logits if bank is not None
-                                               else model(ids, states=states).logits))
-            long_ids = self._tensor(np.concatenate([far[len(far) - min(len(far), L - n):], cand]))
-            scores["backbone_long"].append(lp(model.backbone_logits(long_ids)))
+            n, t = len(cand), self._tensor(cand)
+            st = model.backbone_states(t, cache=cache)
+            logits = {"backbone": model.adapter.logits(st.hidden[-1])}
+            for r, side in sides.items():
+                logits[r] = model(t, bank=banks[r], states=st, side_caches=side, position_offset=n_ctx,
+                                  backbone_cache=cache).logits
+            ls = model.adapter.run(t, [model.adapter.num_layers], model.memory_layer, cache=long_cache)
+            logits["backbone_long"] = model.adapter.logits(ls.hidden[-1])
+            for r in READINGS:
+                # the first candidate token is predicted by the context's last position
+                nll = self._nll(torch.cat([first[r], logits[r][:, :-1]], dim=1), t).sum()
+                scores[r].append(float(-nll / n if self.length_normalize else -nll))
+            cache.crop(-n)  # drop the candidate's tokens again
+            long_cache.crop(-n)
+            for r, side in sides.items():
+                for c, (k, v) in zip(side, saved[r]):
+                    c.keys, c.values = k, v
         return scores
 
 

@@ -57,7 +57,7 @@ class ServeArgs(BaseModel):
     shard_cpus: float = 0.25
     ingress_cpus: float = 0.25
     device: str = "cpu"
-    nprobe: int = 16
+    nprobe: int = 32
 
 
 # ------------------------------------------------------------------------------ memory shards
@@ -82,7 +82,7 @@ def split_retrieval(r, sizes: list[int]):
 class MemoryShardServer:
     """One shard of a built memory; concurrent searches are batched into one faiss call."""
 
-    def __init__(self, memory_dir: str, shard: int, nprobe: int = 16):
+    def __init__(self, memory_dir: str, shard: int, nprobe: int = 32):
         from longmem.memory.store import MemoryStore, read_manifest
 
         self.store = MemoryStore.open(memory_dir, shards=[shard], nprobe=nprobe)

@@ -116,7 +116,9 @@ def test_model_scorer_matches_perplexity_report():
     assert report["perplexity"]["longmem_memory"] != pytest.approx(report["perplexity"]["longmem_no_memory"], rel=1e-4)
 
 
-def test_choice_scores_read_memory_and_same_local_tokens():
+def test_choice_scores_equal_uncached_scoring_of_each_candidate():
+    """The KV-cached scorer == scoring context + candidate from scratch for every reading, with the
+    context's overflow in memory and the same local tokens for every reading."""
     from longmem.evaluation import ModelScorer
 
     model = tiny_longmem(memory_scale_init=0.5)
@@ -124,17 +126,29 @@ def test_choice_scores_read_memory_and_same_local_tokens():
     memory = torch.randint(3, 128, (300,), generator=g).numpy()
     context = torch.randint(3, 128, (40,), generator=g).numpy()  # longer than fits: the head moves to memory
     cands = [torch.randint(3, 128, (n,), generator=g).numpy() for n in (5, 8, 3)]
-    scorer = ModelScorer(model, long_window=64, length_normalize=False)
-    scores = scorer.choice_scores(memory, context, cands)
-    # The no-memory reading equals scoring the last W - 8 context tokens + candidate by hand.
-    keep = context[-(32 - 8):]
-    for cand, got in zip(cands, scores["longmem_no_memory"]):
-        ids = torch.as_tensor(np.concatenate([keep, cand]))[None]
-        logp = torch.log_softmax(model(ids).logits[0, -len(cand) - 1 : -1].float(), -1)
-        assert got == pytest.approx(logp.gather(-1, torch.as_tensor(cand)[:, None]).sum().item(), rel=1e-5)
+    scores = ModelScorer(model, long_window=64, length_normalize=False).choice_scores(memory, context, cands)
+    keep = 32 - 8
+    local, far_memory = context[-keep:], np.concatenate([memory, context[:-keep]])
+    bank = model.new_bank(1)
+    model.write_memory(torch.as_tensor(far_memory)[None], bank)
+    far = np.concatenate([far_memory, local])[-(64 - 8):]
+
+    def logp(logits, cand):
+        lp = torch.log_softmax(logits[0, -len(cand) - 1 : -1].float(), -1)
+        return lp.gather(-1, torch.as_tensor(cand)[:, None]).sum().item()
+
+    for i, cand in enumerate(cands):
+        ids = torch.as_tensor(np.concatenate([local, cand]))[None]
+        long_ids = torch.as_tensor(np.concatenate([far, cand]))[None]
+        expected = {"backbone": logp(model.backbone_logits(ids), cand),
+                    "longmem_no_memory": logp(model(ids).logits, cand),
+                    "longmem_memory": logp(model(ids, bank=bank).logits, cand),
+                    "backbone_long": logp(model.backbone_logits(long_ids), cand)}
+        for reading, value in expected.items():
+            assert scores[reading][i] == pytest.approx(value, rel=1e-4, abs=1e-4), reading
     assert scores["longmem_memory"] != scores["longmem_no_memory"]
     with pytest.raises(ValueError, match="does not fit"):
-        scorer.choice_scores(memory, context, [np.arange(3, 40)])
+        ModelScorer(model).choice_scores(memory, context, [np.arange(3, 40)])
 
 
 def test_suffix_oracle_reads_the_answer_from_memory_only(ray_local, tiny_dir, tokenize, tmp_path):

@@ -293,7 +293,7 @@ def write_manifest(directory: str | Path, spec: MemorySpec, shards: list[dict], 
 class MemoryShard:
     """One shard: memory-mapped keys/values and one faiss index per KV head."""
 
-    def __init__(self, directory: str | Path, spec: MemorySpec, meta: dict | None = None, nprobe: int = 16,
+    def __init__(self, directory: str | Path, spec: MemorySpec, meta: dict | None = None, nprobe: int = 32,
                  mmap: bool = True, device: str = "cpu", rerank: int = 4):
         import faiss
         import pyarrow.parquet as pq
@@ -451,7 +451,7 @@ class MemoryStore:
         self.spec = MemorySpec.from_dict(manifest["spec"])
 
     @classmethod
-    def open(cls, directory: str | Path, verify: bool = False, nprobe: int = 16, shards: list[int] | None = None,
+    def open(cls, directory: str | Path, verify: bool = False, nprobe: int = 32, shards: list[int] | None = None,
              device: str = "cpu") -> "MemoryStore":
         """Open a built memory. `verify` checks every file's sha256; `shards` opens only those."""
         directory = Path(directory)
