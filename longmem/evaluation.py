@@ -315,7 +315,8 @@ def suffix_items_from_books(books: list[tuple[str, str]], tokenize, settings: Ev
     """Books with chapter headings -> ChapterBreak-style items, for every prefix length.
 
     Prefix = the last P tokens before a chapter break (the memory holds all but the local part);
-    candidates = the true next-chapter opening + (num_candidates - 1) other openings of the same book."""
+    candidates = the true next-chapter opening + (num_candidates - 1) openings of other chapters of
+    the same book that lie outside the prefix."""
     rng = random.Random(settings.seed)
     items, skipped = [], {}
     C = settings.candidate_tokens
@@ -338,7 +339,13 @@ def suffix_items_from_books(books: list[tuple[str, str]], tokenize, settings: Ev
             breaks = [i for i in range(1, len(spans)) if ends[i] >= P and i in usable]
             rng.shuffle(breaks)
             for i in sorted(breaks[: settings.examples_per_length]):
-                negatives = rng.sample([j for j in usable if j != i], settings.num_candidates - 1)
+                # Negatives never come from inside the prefix: a memory model would find such an
+                # opening verbatim in memory and be rewarded for copying a wrong answer.
+                outside = [j for j in usable if j > i or (j + 1 < len(ends) and ends[j + 1] <= ends[i] - P)]
+                if len(outside) < settings.num_candidates - 1:
+                    skipped["too few chapters outside the prefix"] = skipped.get("too few chapters outside the prefix", 0) + 1
+                    continue
+                negatives = rng.sample(outside, settings.num_candidates - 1)
                 prefix = book[ends[i] - P : ends[i]]
                 items.append(_choice_item(f"{name}/ch{i:03d}/{P}", prefix, openings[i],
                                           [openings[j] for j in negatives], P, settings, rng))

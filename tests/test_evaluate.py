@@ -206,6 +206,22 @@ def test_icl_oracle_reads_demonstrations_in_memory(ray_local, tiny_dir, tmp_path
     assert report["skipped"] == {"missing text/label": 1}
 
 
+def test_book_suffix_negatives_never_occur_in_the_prefix(tokenize):
+    """A wrong opening found verbatim in memory would reward copying; the builder keeps them out."""
+    from longmem.evaluation import EvalSettings, suffix_items_from_books
+
+    book = (AUSTEN / "persuasion.txt").read_text()
+    settings = EvalSettings(task="suffix", window=512, prefix_tokens=(4096, 16384), examples_per_length=30).validate()
+    items, _ = suffix_items_from_books([("persuasion", book)], tokenize, settings)
+    assert len(items) > 20
+    for item in items:
+        q = item["questions"][0]
+        prefix = np.concatenate([item["memory"], q["context"]]).astype(np.int64).tobytes()
+        found = [np.asarray(c, dtype=np.int64)[:16].tobytes() in prefix for c in q["candidates"]]
+        assert not any(found), item["id"]
+        assert len(set(map(bytes, (np.asarray(c).tobytes() for c in q["candidates"])))) == 6
+
+
 def test_suffix_and_icl_from_books_end_to_end(ray_local, tiny_dir, tmp_path):
     """Chapter breaks and "which novel?" passages built from real books, scored by a tiny model."""
     books = [AUSTEN / "persuasion.txt", AUSTEN / "northangerabbey.txt"]
