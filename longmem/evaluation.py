@@ -20,6 +20,7 @@ the same interface (a model, or a stub in tests) gives the same report.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -115,6 +116,7 @@ class ModelScorer:
         self.window = model.config.window
         self.long_window = long_window
         self.length_normalize = length_normalize
+        self._memory_key, self._memory_bank = None, None
 
     def _tensor(self, ids) -> torch.Tensor:
         return torch.as_tensor(np.asarray(ids, dtype=np.int64), device=self.model.device)[None]
@@ -150,6 +152,24 @@ class ModelScorer:
         out["backbone_long"][np.arange(0, N, W)] = np.nan
         return out
 
+    def _bank(self, memory: np.ndarray, overflow: np.ndarray):
+        """The memory of `memory`, then `overflow`; questions sharing a memory (ICL) encode it once."""
+        import copy
+
+        if not len(memory) and not len(overflow):
+            return None
+        key = hashlib.sha1(memory.tobytes()).hexdigest()
+        if self._memory_key != key:
+            bank = self.model.new_bank(1)  # the model's memory size: beyond it the oldest tokens are evicted
+            if len(memory):
+                self.model.write_memory(self._tensor(memory), bank)
+            self._memory_key, self._memory_bank = key, bank
+        bank = self._memory_bank
+        if len(overflow):
+            bank = copy.deepcopy(bank)
+            self.model.write_memory(self._tensor(overflow), bank)
+        return bank
+
     @torch.no_grad()
     def choice_scores(self, memory, context, candidates) -> dict[str, list[float]]:
         """The context is encoded once per reading and every candidate continues it from a KV cache
@@ -169,12 +189,10 @@ class ModelScorer:
         # Context that does not fit beside the longest candidate moves to memory, so each reading
         # sees the same local tokens and LongMem loses nothing.
         keep = W - longest
-        if len(context) > keep:
-            memory, context = np.concatenate([memory, context[:-keep]]), context[-keep:]
-        bank = None
-        if len(memory):
-            bank = model.new_bank(1)  # the model's memory size: beyond it the oldest tokens are evicted
-            model.write_memory(self._tensor(memory), bank)
+        overflow = context[:-keep] if len(context) > keep else context[:0]
+        context = context[len(overflow):]
+        bank = self._bank(memory, overflow)
+        memory = np.concatenate([memory, overflow])
         far = np.concatenate([memory, context])
         far = far[len(far) - min(len(far), L - longest):]
 

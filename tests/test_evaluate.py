@@ -126,11 +126,15 @@ def test_choice_scores_equal_uncached_scoring_of_each_candidate():
     memory = torch.randint(3, 128, (300,), generator=g).numpy()
     context = torch.randint(3, 128, (40,), generator=g).numpy()  # longer than fits: the head moves to memory
     cands = [torch.randint(3, 128, (n,), generator=g).numpy() for n in (5, 8, 3)]
-    scores = ModelScorer(model, long_window=64, length_normalize=False).choice_scores(memory, context, cands)
+    scorer = ModelScorer(model, long_window=64, length_normalize=False)
+    scores = scorer.choice_scores(memory, context, cands)
+    again = scorer.choice_scores(memory, context, cands)  # the encoded memory is reused, unchanged
+    assert again == scores
     keep = 32 - 8
     local, far_memory = context[-keep:], np.concatenate([memory, context[:-keep]])
     bank = model.new_bank(1)
-    model.write_memory(torch.as_tensor(far_memory)[None], bank)
+    model.write_memory(torch.as_tensor(memory)[None], bank)  # the shared memory, then the overflow
+    model.write_memory(torch.as_tensor(context[:-keep])[None], bank)
     far = np.concatenate([far_memory, local])[-(64 - 8):]
 
     def logp(logits, cand):
