@@ -45,6 +45,7 @@ def main():
     ap.add_argument("--curriculum", default="plain:0.5,repeat:0.5")
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--memory-lr", type=float, default=3e-3)
+    ap.add_argument("--answer-weight", type=float, default=1.0)
     ap.add_argument("--segments", type=int, default=3)
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--log-every", type=int, default=10)
@@ -68,6 +69,7 @@ def main():
     t_start = time.time()
     if not args.eval_only:
         cfg = TrainConfig(steps=args.steps, lr=args.lr, memory_lr=args.memory_lr, curriculum=args.curriculum,
+                          answer_weight=args.answer_weight,
                           segments_per_episode=args.segments, seed=args.seed).validate()
         books = [tokenize(tok, p) for p in sorted(AUSTEN.glob("*.txt")) if p.name != HELD_OUT]
         sampler = EpisodeSampler(books, args.window, cfg.segments_per_episode, cfg.curriculum, cfg.seed, tok)

@@ -144,6 +144,8 @@ def cmd_train(args) -> int:
              "warmup_steps": min(args.warmup, args.steps)}
     if args.memory_lr is not None:
         train["memory_lr"] = args.memory_lr
+    if args.answer_weight is not None:
+        train["answer_weight"] = args.answer_weight
     job = TrainJob(corpus=args.corpus, out=args.out, backbone=args.backbone, init_checkpoint=args.checkpoint,
                    workers=args.workers, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker, name=args.name,
                    storage_path=args.storage, checkpoint_every=args.checkpoint_every, text_field=args.text_field,
@@ -318,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--curriculum", default="plain:0.5,repeat:0.5", help="mix of plain, repeat, passkey episodes")
     t.add_argument("--lr", type=float, default=3e-4)
     t.add_argument("--memory-lr", type=float, help="learning rate of the gates and memory scale (default 3e-3)")
+    t.add_argument("--answer-weight", type=float, help="loss weight of passkey answer tokens (default 1)")
     t.add_argument("--warmup", type=int, default=20)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--side-init", choices=["zero", "paper"])

@@ -46,6 +46,7 @@ class TrainConfig:
     bf16: bool = False
     seed: int = 0
     curriculum: str = "plain:0.5,repeat:0.5"
+    answer_weight: float = 1.0  # loss weight of a passkey answer's tokens (1 = like any other token)
 
     def validate(self) -> "TrainConfig":
         if self.steps <= 0 or self.batch_size <= 0 or self.grad_accum <= 0:
@@ -55,6 +56,8 @@ class TrainConfig:
         if self.schedule not in ("cosine", "linear"):
             raise InputError(f"schedule must be 'cosine' or 'linear', got {self.schedule!r}")
         parse_curriculum(self.curriculum)
+        if self.answer_weight <= 0:
+            raise InputError(f"answer_weight must be positive, got {self.answer_weight}")
         if "repeat" in parse_curriculum(self.curriculum) and self.segments_per_episode < 3:
             raise InputError("repeat episodes need segments_per_episode >= 3 (a span from >= 2 segments back)")
         return self
@@ -86,6 +89,7 @@ class Episode:
     ids: torch.Tensor  # (segments * W,)
     labels: torch.Tensor  # (segments * W,), -100 where not scored
     kind: str
+    answer: torch.Tensor | None = None  # (segments * W,) bool: the tokens a passkey question asks for
 
 
 class EpisodeSampler:
@@ -129,7 +133,8 @@ class EpisodeSampler:
             dst = (self.segments - 1) * W + self.rng.randrange(W - span + 1)
             ids[dst : dst + span] = ids[src : src + span]
         elif kind == "passkey":
-            ids = self._passkey(ids)
+            ids, answer = self._passkey(ids)
+            return Episode(ids, ids.clone(), kind, answer)
         return Episode(ids, ids.clone(), kind)
 
     def _passkey(self, ids: torch.Tensor) -> torch.Tensor:
@@ -140,7 +145,9 @@ class EpisodeSampler:
         at = self.rng.randrange(W - fact.numel())
         ids[at : at + fact.numel()] = fact
         ids[self.length - question.numel() :] = question
-        return ids
+        answer = torch.zeros(self.length, dtype=torch.bool)
+        answer[self.length - (question.numel() - encode(PASSKEY_QUESTION).numel()) :] = True
+        return ids, answer
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -191,8 +198,19 @@ def train_step(model: LongMem, episodes: list[list[Episode]], optimizer, schedul
             model.write_memory(ids[:, : (n - k) * W], bank)
         for j in range(n - k, n):
             seg, lab = ids[:, j * W : (j + 1) * W], labels[:, j * W : (j + 1) * W]
+            weights = None
+            if cfg.answer_weight != 1.0 and any(e.answer is not None for e in micro):
+                answer = torch.stack([e.answer if e.answer is not None else torch.zeros_like(e.labels, dtype=torch.bool)
+                                      for e in micro]).to(model.device)[:, j * W : (j + 1) * W]
+                weights = 1.0 + (cfg.answer_weight - 1.0) * answer[:, 1:].float()  # (B, W-1), per target
             with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                out = model(seg, bank=bank, labels=lab, update_memory=True)
+                out = model(seg, bank=bank, labels=lab if weights is None else None, update_memory=True)
+            if weights is not None:
+                # Mean over scored tokens, the answer's tokens counted answer_weight times.
+                nll = torch.nn.functional.cross_entropy(out.logits[:, :-1].float().transpose(1, 2), lab[:, 1:],
+                                                        ignore_index=-100, reduction="none")
+                scored = (lab[:, 1:] != -100).float() * weights
+                out.loss = (nll * scored).sum() / scored.sum()
             (out.loss / (k * len(episodes))).backward()
             total += out.loss.item()
             tokens += seg.numel()

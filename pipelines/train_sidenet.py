@@ -89,7 +89,8 @@ def make_episode_dataset(job: TrainJob, docs: list[np.ndarray], window: int, tok
     for i in range(n):
         ep = sampler.sample()
         items.append({"index": i, "ids": ep.ids.numpy().astype(np.int32),
-                      "labels": ep.labels.numpy().astype(np.int32), "kind": ep.kind})
+                      "labels": ep.labels.numpy().astype(np.int32), "kind": ep.kind,
+                      "answer": (ep.answer if ep.answer is not None else torch.zeros_like(ep.labels, dtype=torch.bool)).numpy()})
     return ray.data.from_items(items), sampler.skipped
 
 
@@ -130,7 +131,8 @@ def train_loop_per_worker(job: dict) -> None:
 
     def next_step_batches():
         taken = [next(rows) for _ in range(per_step)]
-        eps = [Episode(torch.as_tensor(r["ids"], dtype=torch.long), torch.as_tensor(r["labels"], dtype=torch.long), r["kind"]) for r in taken]
+        eps = [Episode(torch.as_tensor(r["ids"], dtype=torch.long), torch.as_tensor(r["labels"], dtype=torch.long), r["kind"],
+                       torch.as_tensor(r["answer"], dtype=torch.bool)) for r in taken]
         return [eps[i : i + cfg.batch_size] for i in range(0, per_step, cfg.batch_size)]
 
     for _ in range(start * per_step):

@@ -66,3 +66,36 @@ def test_optimizer_gives_memory_parameters_their_own_rate():
     optimizer, _ = make_optimizer(model.sidenet, TrainConfig(lr=1e-4, memory_lr=1e-2))
     memory_group = optimizer.param_groups[-1]
     assert memory_group["initial_lr"] == 1e-2 and len(memory_group["params"]) == 2  # gate + memory scale
+
+
+def test_passkey_answer_tokens_can_weigh_more_in_the_loss(tiny_dir):
+    """The answer mask covers exactly the key and its full stop; with answer_weight w the loss is
+    the mean over tokens with the answer counted w times."""
+    import copy
+
+    import torch.nn.functional as F
+    from transformers import AutoTokenizer
+
+    from longmem.model import LongMem
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    model = LongMem.from_backbone(str(tiny_dir), window=64, memory_dtype="float32", side_init="paper")
+    book = torch.tensor(tok(" ".join(["the quiet house by the sea"] * 80), add_special_tokens=False).input_ids)
+    sampler = EpisodeSampler([book], window=64, segments=3, curriculum="passkey:1", seed=0, tokenizer=tok)
+    ep = sampler.sample()
+    answer_text = tok.decode(ep.ids[ep.answer])
+    assert answer_text.strip().rstrip(".").isdigit() and len(answer_text.strip()) == 6, answer_text
+
+    with torch.no_grad():  # per-token NLL of the trained segment, as train_step computes it
+        bank = model.new_bank(1)
+        model.write_memory(ep.ids[None, :128], bank)
+        logits = model(ep.ids[None, 128:], bank=bank).logits
+        nll = F.cross_entropy(logits[0, :-1].float(), ep.ids[129:], reduction="none")
+    in_answer = ep.answer[129:].float()
+    for w in (1.0, 8.0):
+        cfg = TrainConfig(steps=1, answer_weight=w, curriculum="passkey:1", lr=0.0, memory_lr=0.0)
+        m = copy.deepcopy(model)
+        optimizer, scheduler = make_optimizer(m.sidenet, cfg)
+        loss = train_step(m, [[ep]], optimizer, scheduler, cfg)["loss"]
+        weights = 1 + (w - 1) * in_answer
+        assert loss == pytest.approx(((nll * weights).sum() / weights.sum()).item(), rel=1e-4)
