@@ -187,6 +187,12 @@ def build_items(job: EvalJob, settings: EvalSettings, config: LongMemConfig, pro
     return items, skipped
 
 
+def _item_tokens(item: dict) -> int:
+    if item["kind"] == "document":
+        return len(item["tokens"])
+    return len(item["memory"]) + sum(len(q["context"]) + sum(len(c) for c in q["candidates"]) for q in item["questions"])
+
+
 def _merge(a: dict, b: dict) -> dict:
     out = dict(a)
     for k, v in b.items():
@@ -206,8 +212,9 @@ def evaluate(job: EvalJob, address: str | None = None, progress=print) -> dict:
 
     progress(f"[evaluate] {job.task}: building examples from {len(job.data)} path(s)")
     items, skipped = build_items(job, settings, config, progress)
-    progress(f"[evaluate] {len(items)} items" + (f"; skipped {skipped}" if skipped else "")
-             + f"; scoring on {job.min_actors}..{job.max_actors} actor(s)")
+    tokens = sum(_item_tokens(item) for item in items)
+    progress(f"[evaluate] {len(items)} items, {tokens:,} tokens to read" + (f"; skipped {skipped}" if skipped else "")
+             + f"; scoring on {job.min_actors}..{job.max_actors} actor(s) (progress is counted per item)")
     rows = [{"id": i, "payload": pickle.dumps(item)} for i, item in enumerate(items)]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
         EvalActor,
