@@ -51,6 +51,7 @@ def main():
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--probe-episodes", type=int, default=4)
     ap.add_argument("--passkey-distances", type=int, nargs="*", default=[4096])
+    ap.add_argument("--passkey-trials", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.manual_seed(args.seed)
@@ -86,7 +87,7 @@ def main():
             model.save_pretrained(args.out)
     held = tokenize(tok, AUSTEN / HELD_OUT)[None]
     report["copy_probe"] = copy_probe(model, held[:, : (3 * args.window) * args.probe_episodes], episodes=args.probe_episodes)
-    report["passkey"] = [passkey_probe(model, held, d, trials=4) for d in args.passkey_distances]
+    report["passkey"] = [passkey_probe(model, held, d, trials=args.passkey_trials) for d in args.passkey_distances]
     print(json.dumps(report, indent=2), flush=True)
     out_dir = args.out or args.checkpoint
     if out_dir:
