@@ -71,6 +71,7 @@ def passkey_probe(model: LongMem, filler_ids: torch.Tensor, distance: int, trial
     rng = random.Random(seed)
     encode = lambda s: tok(s, add_special_tokens=False, return_tensors="pt").input_ids  # noqa: E731
     correct = {"memory": 0, "no_memory": 0, "backbone": 0}
+    examples = []
     W = model.config.window
     if distance < W:
         raise ValueError(f"passkey distance {distance} must be at least the window ({W}) to test memory")
@@ -95,5 +96,6 @@ def passkey_probe(model: LongMem, filler_ids: torch.Tensor, distance: int, trial
         for name, text in answers.items():
             digits = re.findall(r"\d{5}", text.replace(" ", ""))
             correct[name] += bool(digits) and digits[0] == key
+        examples.append({"key": key, **answers})
     return {"distance": distance, "trials": trials, "local_tokens": W // 2,
-            **{f"accuracy_{k}": v / trials for k, v in correct.items()}}
+            **{f"accuracy_{k}": v / trials for k, v in correct.items()}, "answers": examples}
