@@ -111,7 +111,7 @@ class Scorer(Protocol):
 class ModelScorer:
     """The Scorer of a LongMem model. Every reading scores exactly the same tokens."""
 
-    def __init__(self, model, long_window: int = 2048, length_normalize: bool = True):
+    def __init__(self, model, long_window: int | None = 2048, length_normalize: bool = True):
         self.model = model.eval()
         self.window = model.config.window
         self.long_window = long_window
@@ -127,23 +127,28 @@ class ModelScorer:
         return F.cross_entropy(logits[0].float(), targets[0], reduction="none").cpu().numpy()
 
     @torch.no_grad()
-    def token_nll(self, ids: np.ndarray) -> dict[str, np.ndarray]:
-        model, W, N = self.model, self.window, len(ids)
+    def token_nll(self, ids: np.ndarray, window: int | None = None, progress=None) -> dict[str, np.ndarray]:
+        """Segments of `window` (default: the model's) read in order, memory = the earlier segments.
+        backbone_long stays NaN when the scorer has no long_window."""
+        model, N = self.model, len(ids)
+        W = window or self.window
         out = {r: np.full(N, np.nan, dtype=np.float64) for r in READINGS}
         x = self._tensor(ids)
         bank = model.new_bank(1)
-        for s in range(0, N, W):
+        starts = range(0, N, W)
+        for i, s in enumerate(starts):
             seg = x[:, s : s + W]
-            if seg.shape[1] < 2:
-                continue
-            states = model.backbone_states(seg)  # one frozen pass serves three readings
-            t = seg[:, 1:]
-            out["backbone"][s + 1 : s + seg.shape[1]] = self._nll(model.adapter.logits(states.hidden[-1])[:, :-1], t)
-            out["longmem_no_memory"][s + 1 : s + seg.shape[1]] = self._nll(model(seg, states=states).logits[:, :-1], t)
-            mem = model(seg, bank=bank, update_memory=True, states=states).logits
-            out["longmem_memory"][s + 1 : s + seg.shape[1]] = self._nll(mem[:, :-1], t)
+            if seg.shape[1] >= 2:
+                states = model.backbone_states(seg)  # one frozen pass serves three readings
+                t, span = seg[:, 1:], slice(s + 1, s + seg.shape[1])
+                out["backbone"][span] = self._nll(model.adapter.logits(states.hidden[-1])[:, :-1], t)
+                out["longmem_no_memory"][span] = self._nll(model(seg, states=states).logits[:, :-1], t)
+                mem = model(seg, bank=bank, update_memory=True, states=states).logits
+                out["longmem_memory"][span] = self._nll(mem[:, :-1], t)
+            if progress:
+                progress(i + 1, len(starts))
         L = self.long_window
-        for s in range(0, N, L):
+        for s in range(0, N, L) if L else ():
             seg = x[:, s : s + L]
             if seg.shape[1] < 2:
                 continue

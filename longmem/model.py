@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -468,34 +469,19 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
 def perplexity_report(model: LongMem, input_ids: torch.Tensor, window: int | None = None, progress=None) -> dict:
     """Perplexity of (1, N) tokens three ways over the same scored tokens and local window:
     the backbone alone, LongMem with memory disabled, LongMem reading the memory of earlier segments."""
+    from .evaluation import ModelScorer
+
     window = window or model.config.window
+    if input_ids.shape[0] != 1:
+        raise InputError(f"perplexity_report scores one sequence, got a batch of {input_ids.shape[0]}")
     if input_ids.shape[1] < 2:
         raise InputError(f"need at least 2 tokens to score, got {input_ids.shape[1]}")
-    totals = {"backbone": 0.0, "longmem_no_memory": 0.0, "longmem_memory": 0.0}
-    bank = model.new_bank(num_streams=input_ids.shape[0])
-    scored = 0
-    segments = list(model.segments(input_ids, window))
-    model.eval()
-    with torch.no_grad():
-        for i, seg in enumerate(segments):
-            if seg.shape[1] < 2:
-                continue
-            targets = seg[:, 1:].reshape(-1)
-
-            def nll(logits):
-                return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets, reduction="sum").item()
-
-            states = model.backbone_states(seg)  # one frozen pass serves all three readings
-            totals["backbone"] += nll(model.adapter.logits(states.hidden[-1]))
-            totals["longmem_no_memory"] += nll(model(seg, states=states).logits)
-            totals["longmem_memory"] += nll(model(seg, bank=bank, update_memory=True, states=states).logits)
-            scored += targets.numel()
-            if progress:
-                progress(i + 1, len(segments))
+    nll = ModelScorer(model, long_window=None).token_nll(input_ids[0].cpu().numpy(), window, progress)
+    scored = ~np.isnan(nll["backbone"])
     return {
-        "perplexity": {k: math.exp(v / scored) for k, v in totals.items()},
+        "perplexity": {r: math.exp(nll[r][scored].mean()) for r in ("backbone", "longmem_no_memory", "longmem_memory")},
         "tokens": int(input_ids.numel()),
-        "scored_tokens": scored,
+        "scored_tokens": int(scored.sum()),
         "window": window,
-        "segments": len(segments),
+        "segments": math.ceil(input_ids.shape[1] / window),
     }

@@ -100,7 +100,10 @@ def test_perplexity_report_same_for_one_and_two_actors(ray_local, tiny_dir, docs
     assert "| all |" in md and "longmem_memory" in md
 
 
-def test_model_scorer_matches_perplexity_report():
+def test_model_scorer_matches_a_segment_by_segment_reference():
+    """token_nll (and perplexity_report, built on it) == reading the segments by hand."""
+    import torch.nn.functional as F
+
     from longmem.evaluation import ModelScorer
     from longmem.model import perplexity_report
 
@@ -108,10 +111,22 @@ def test_model_scorer_matches_perplexity_report():
     ids = torch.randint(3, 128, (1, 200), generator=torch.Generator().manual_seed(0))
     nll = ModelScorer(model, long_window=64).token_nll(ids[0].numpy())
     report = perplexity_report(model, ids)
-    for reading in ("backbone", "longmem_no_memory", "longmem_memory"):
+    reference = {"backbone": [], "longmem_no_memory": [], "longmem_memory": []}
+    bank = model.new_bank(1)
+    with torch.no_grad():
+        for seg in model.segments(ids):
+            if seg.shape[1] < 2:
+                continue
+            target = seg[0, 1:]
+            for reading, logits in (("backbone", model.backbone_logits(seg)), ("longmem_no_memory", model(seg).logits),
+                                    ("longmem_memory", model(seg, bank=bank, update_memory=True).logits)):
+                reference[reading].append(F.cross_entropy(logits[0, :-1].float(), target, reduction="none"))
+    for reading, parts in reference.items():
+        expected = torch.cat(parts)
         values = nll[reading][~np.isnan(nll[reading])]
-        assert len(values) == report["scored_tokens"]
-        assert math.exp(values.mean()) == pytest.approx(report["perplexity"][reading], rel=1e-5)
+        assert len(values) == report["scored_tokens"] == len(expected)
+        assert math.exp(values.mean()) == pytest.approx(math.exp(expected.mean().item()), rel=1e-5)
+        assert report["perplexity"][reading] == pytest.approx(math.exp(expected.mean().item()), rel=1e-5)
     assert np.array_equal(np.isnan(nll["backbone_long"]), np.isnan(nll["backbone"]))
     assert report["perplexity"]["longmem_memory"] != pytest.approx(report["perplexity"]["longmem_no_memory"], rel=1e-4)
 
