@@ -3,7 +3,7 @@
     corpus files --read_binary_files--> documents --Tokenize (tasks)--> token arrays
       -> documents assigned to shards (balanced by tokens, deterministic)
       -> windows (doc_id, start, tokens) --EncodeWindows (actor pool, frozen backbone)--> keys/values
-      -> window parts written (tasks) --> per shard: chunks + faiss index per KV head (Ray tasks)
+      -> window parts written by the actors --> per shard: chunks + faiss index per KV head (Ray tasks)
       -> manifest.json, last and atomically
 
 Resumable at two grains: a finished shard (its shard.json matches the documents assigned to it)
@@ -99,9 +99,11 @@ def _part_path(out: Path, shard: int, doc_id: str, start: int) -> Path:
 
 
 class EncodeWindows:
-    """Actor: the frozen backbone as a memory encoder (one model per actor, loaded once)."""
+    """Actor: the frozen backbone as a memory encoder (one model per actor, loaded once). Each
+    encoded window is written as its part file here, in the actor: keys and values (~1 KB per token)
+    never travel through the object store, and no extra tasks compete with the actors for CPUs."""
 
-    def __init__(self, config: dict, num_threads: int, use_gpu: bool):
+    def __init__(self, config: dict, out: str, num_threads: int, use_gpu: bool):
         import torch
 
         from longmem.memory.encoder import MemoryEncoder
@@ -109,19 +111,23 @@ class EncodeWindows:
         torch.set_num_threads(max(1, num_threads))
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.encoder = MemoryEncoder(LongMemConfig.from_dict(config), device=device)
+        self.out = Path(out)
 
     def __call__(self, batch: dict) -> dict:
         encoded = self.encoder.encode(list(batch["tokens"]), [int(s) for s in batch["start"]])
-        return {
-            "doc_id": batch["doc_id"],
-            "shard": batch["shard"],
-            "start": batch["start"],
-            "keys": _objects([e["keys"] for e in encoded]),
-            "values": _objects([e["values"] for e in encoded]),
-            "token_ids": _objects([e["token_ids"] for e in encoded]),
-            "positions": _objects([e["positions"] for e in encoded]),
-            "rss_mb": np.full(len(encoded), _peak_rss_mb()),
-        }
+        for doc_id, shard, start, part in zip(batch["doc_id"], batch["shard"], batch["start"], encoded):
+            write_part(_part_path(self.out, int(shard), doc_id, int(start)), part)
+        return {"shard": batch["shard"], "tokens": np.array([len(e["token_ids"]) for e in encoded], dtype=np.int64),
+                "rss_mb": np.full(len(encoded), _peak_rss_mb())}
+
+
+def write_part(path: Path, part: dict) -> None:
+    """One encoded window -> its .npz part file, atomically (temp name, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **{k: part[k] for k in ("keys", "values", "token_ids", "positions")})
+    os.replace(tmp, path)
 
 
 def _peak_rss_mb() -> float:
@@ -158,26 +164,6 @@ class WindowsOf:
                     rows["tokens"].append(np.asarray(tokens[start : start + self.window], dtype=np.int32))
         return {"doc_id": _objects(rows["doc_id"]), "shard": np.array(rows["shard"], dtype=np.int64),
                 "start": np.array(rows["start"], dtype=np.int64), "tokens": _objects(rows["tokens"])}
-
-
-@dataclass
-class WriteParts:
-    """map_batches (tasks): encoded windows -> one .npz part each, atomically."""
-
-    out: str
-
-    def __call__(self, batch: dict) -> dict:
-        written = []
-        for i in range(len(batch["doc_id"])):
-            path = _part_path(Path(self.out), int(batch["shard"][i]), batch["doc_id"][i], int(batch["start"][i]))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-            with open(tmp, "wb") as f:
-                np.savez(f, keys=batch["keys"][i], values=batch["values"][i],
-                         token_ids=batch["token_ids"][i], positions=batch["positions"][i])
-            os.replace(tmp, path)
-            written.append(len(batch["token_ids"][i]))
-        return {"shard": batch["shard"], "tokens": np.array(written, dtype=np.int64), "rss_mb": batch["rss_mb"]}
 
 
 def finish_shard(out: str, shard: int, docs: list[tuple[str, int]], spec: dict, index: str, window: int) -> dict:
@@ -288,18 +274,23 @@ def build_memory(job: BuildJob, address: str | None = None, progress=print) -> d
         shard_of = {doc_id: i for i in pending for doc_id, _ in plan[i]}
         # One block per encoder batch (a streaming repartition): a long document becomes many actor
         # tasks, which is what lets the pool grow past one actor and keep every actor busy. The
-        # repartition needs 1 free CPU beside the actors: on a 2-CPU machine keep actors at <= 1 CPU.
-        windows = docs_ds.map_batches(WindowsOf(str(out), config.window, shard_of), batch_size=1, num_cpus=0.25).repartition(
-            target_num_rows_per_block=job.batch_size)
+        # windowing (fused with the repartition) runs as 1-CPU tasks, so it is finished
+        # (materialised) before any encoder actor starts: otherwise actors that take every CPU of the
+        # cluster wait forever on windows that can never be cut. Windows hold token ids only, about
+        # the size of the tokenised corpus already held.
+        windows = docs_ds.map_batches(WindowsOf(str(out), config.window, shard_of), batch_size=1).repartition(
+            target_num_rows_per_block=job.batch_size).materialize()
+        del docs_ds
         encoded = windows.map_batches(
             EncodeWindows,
-            fn_constructor_kwargs={"config": config.to_dict(), "num_threads": math.ceil(job.num_cpus_per_actor),
+            fn_constructor_kwargs={"config": config.to_dict(), "out": str(out),
+                                   "num_threads": math.ceil(job.num_cpus_per_actor),
                                    "use_gpu": job.num_gpus_per_actor > 0},
             compute=ActorPoolStrategy(min_size=job.min_actors, max_size=job.max_actors),
             batch_size=job.batch_size,
             num_gpus=job.num_gpus_per_actor,
             num_cpus=job.num_cpus_per_actor,
-        ).map_batches(WriteParts(str(out)), batch_size=job.batch_size, num_cpus=0.25)  # file writes: light
+        )
         t_encode = time.time()
         for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
             encoded_tokens += int(batch["tokens"].sum())

@@ -165,6 +165,16 @@ def test_killed_build_resumes_to_the_same_manifest(ray_local, three_shards, tiny
     assert again["shards_reused"] == 3 and summary["chunks"] == again["chunks"]
 
 
+@pytest.mark.timeout(300)
+def test_encoder_actors_that_take_every_cpu_still_finish(ray_local, three_shards, tiny_dir, corpus, tmp_path):
+    """2 actors x 1 CPU on the 2-CPU local Ray: nothing else the build needs may wait for a free CPU
+    (this stalled for good when windows were cut by 1-CPU tasks streaming beside the actors)."""
+    out3, _ = three_shards
+    out = tmp_path / "memory"
+    build(tiny_dir, corpus, out, shards=3, min_actors=2, max_actors=2, num_cpus_per_actor=1.0, batch_size=2)
+    assert (out / "manifest.json").read_text() == (out3 / "manifest.json").read_text()
+
+
 def test_bad_builds_are_refused(ray_local, one_shard, tiny_dir, corpus, tmp_path):
     from pipelines.corpus import CorpusError
 
