@@ -53,6 +53,7 @@ def main():
     ap.add_argument("--passkey-distances", type=int, nargs="*", default=[4096])
     ap.add_argument("--passkey-trials", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--chunk-size", type=int, help="memory chunk size (search granularity); 1 searches single tokens")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
 
@@ -65,6 +66,9 @@ def main():
                                       window=args.window, memory_read=args.memory_read,
                                       memory_temperature_init=args.memory_temperature_init,
                                       memory_confidence=args.memory_confidence, **scale)
+    if args.chunk_size:  # the SideNet has no chunk-sized weights: a checkpoint can change it
+        model.config.chunk_size = args.chunk_size
+        model.config.validate()
     tok = model.tokenizer
     report = {"machine": machine(), "config": model.config.to_dict()}
     t_start = time.time()

@@ -23,23 +23,24 @@ def random_kv(B, T, H=2, D=8, seed=0):
     return torch.randn(B, T, H, D, generator=g), torch.randn(B, T, H, D, generator=g)
 
 
-def test_search_equals_brute_force_and_gqa_mapping():
-    bank = MemoryBank(num_streams=2, num_kv_heads=2, head_dim=8, capacity_tokens=64, chunk_size=4, dtype=torch.float32)
+@pytest.mark.parametrize("c", [4, 1])  # 1: every token is its own chunk (token-level search)
+def test_search_equals_brute_force_and_gqa_mapping(c):
+    bank = MemoryBank(num_streams=2, num_kv_heads=2, head_dim=8, capacity_tokens=64, chunk_size=c, dtype=torch.float32)
     k, v = random_kv(2, 40)
     bank.add(k, v)
     queries = torch.randn(2, 5, 4, 8, generator=torch.Generator().manual_seed(1))  # 4 query heads, 2 KV heads
     hit = bank.search(queries, k=3)
-    # chunk keys by hand: mean of each 4-token chunk, per stream and head
-    chunk_keys = k.reshape(2, 10, 4, 2, 8).mean(2).permute(0, 2, 1, 3)  # (B, Hkv, chunks, D)
+    # chunk keys by hand: mean of each c-token chunk, per stream and head
+    chunk_keys = k.reshape(2, 40 // c, c, 2, 8).mean(2).permute(0, 2, 1, 3)  # (B, Hkv, chunks, D)
     slots, scores = reference_search(chunk_keys, queries, 3, group=2)
     assert torch.equal(hit.slots, slots)
     torch.testing.assert_close(hit.scores, scores, rtol=1e-5, atol=1e-5)
     # returned tokens are the tokens of those chunks, from the right KV head (query head h -> KV head h // 2)
     b, h, t, j = 1, 3, 2, 0
     slot = int(hit.slots[b, h, t, j])
-    torch.testing.assert_close(hit.keys[b, h, t, j * 4 : (j + 1) * 4], k[b, slot * 4 : slot * 4 + 4, h // 2])
-    torch.testing.assert_close(hit.values[b, h, t, j * 4 : (j + 1) * 4], v[b, slot * 4 : slot * 4 + 4, h // 2])
-    assert hit.positions[b, h, t, j] == slot * 4
+    torch.testing.assert_close(hit.keys[b, h, t, j * c : (j + 1) * c], k[b, slot * c : slot * c + c, h // 2])
+    torch.testing.assert_close(hit.values[b, h, t, j * c : (j + 1) * c], v[b, slot * c : slot * c + c, h // 2])
+    assert hit.positions[b, h, t, j] == slot * c
     assert hit.token_mask.all()
 
 
@@ -175,23 +176,24 @@ def test_cosine_metric_ranks_by_angle_not_norm():
         MemoryBank(1, 1, 2, metric="l2")
 
 
-def test_next_values_are_the_values_of_the_following_token():
+@pytest.mark.parametrize("c", [4, 1])
+def test_next_values_are_the_values_of_the_following_token(c):
     """with_next pairs every retrieved token with the value of the token after it in its stream,
     across chunk and add() boundaries, and masks it where that token is unknown or evicted."""
-    bank = MemoryBank(num_streams=1, num_kv_heads=2, head_dim=8, capacity_tokens=32, chunk_size=4, dtype=torch.float32)
+    bank = MemoryBank(num_streams=1, num_kv_heads=2, head_dim=8, capacity_tokens=32, chunk_size=c, dtype=torch.float32)
     k, v = random_kv(1, 50)
-    bank.add(k[:, :18], v[:, :18], skip_first=2)  # positions 2..17 stored; 16, 17 wait as a partial chunk
+    bank.add(k[:, :18], v[:, :18], skip_first=2)  # positions 2..17 (with c=4, 16 and 17 wait as a partial chunk)
     bank.add(k[:, 18:50], v[:, 18:50])  # 48 tokens stored in a 32-token ring: positions 18..49 survive
     queries = torch.randn(1, 6, 4, 8, generator=torch.Generator().manual_seed(3))
-    hit = bank.search(queries, k=8, with_next=True)
+    hit = bank.search(queries, k=32 // c, with_next=True)
     assert hit.next_values.shape == hit.values.shape
     checked = 0
     for h in range(4):
         for t in range(6):
-            for j in range(8):
+            for j in range(32 // c):
                 start = int(hit.positions[0, h, t, j])
-                for i in range(4):
-                    p, col = start + i, j * 4 + i
+                for i in range(c):
+                    p, col = start + i, j * c + i
                     torch.testing.assert_close(hit.values[0, h, t, col], v[0, p, h // 2])
                     known = p + 1 < 50
                     assert bool(hit.next_mask[0, h, t, col]) == known
@@ -199,7 +201,7 @@ def test_next_values_are_the_values_of_the_following_token():
                         torch.testing.assert_close(hit.next_values[0, h, t, col], v[0, p + 1, h // 2])
                         checked += 1
     assert checked > 0 and not hit.next_mask.all()  # position 49 has no successor yet
-    plain = bank.search(queries, k=8)
+    plain = bank.search(queries, k=32 // c)
     assert plain.next_values is None and torch.equal(plain.values, hit.values)
 
 

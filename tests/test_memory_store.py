@@ -54,6 +54,25 @@ def test_model_reads_a_built_memory_as_it_reads_a_bank(tmp_path, model_and_docs,
     assert len(out.token_ids[0]) == 40 and session.num_tokens(0) > 0  # the window shifted into the session bank
 
 
+def test_token_level_memory_reads_the_same_from_a_store_as_from_a_bank(tmp_path):
+    """chunk_size=1 (every token its own chunk, searched alone): the faiss store, the next-token
+    successors across slots and the bank agree."""
+    torch.manual_seed(0)
+    settings = dict(SETTINGS, chunk_size=1, retrieve_tokens=16, side_init="paper", memory_read="next",
+                    retrieval_query="backbone_key", retrieval_metric="cosine")
+    model = LongMem(tiny_backbone("llama", 0), LongMemConfig(backbone="tiny-llama", **settings))
+    ids = torch.randint(0, 100, (1, 100), generator=torch.Generator().manual_seed(1))
+    write_memory_dir(tmp_path / "m", encoder_for(model), [("doc", ids[0].numpy())], shards=2)
+    bank = model.new_bank(1)
+    model.write_memory(ids, bank)
+    query = ids[:, 40:60]  # a repeat: every token's twin is in memory
+    from_bank, from_store = model(query, bank=bank), model(query, bank=MemoryStore.open(tmp_path / "m"))
+    torch.testing.assert_close(from_store.logits, from_bank.logits, atol=1e-4, rtol=1e-4)
+    retrieval = from_bank.readout.retrieval
+    assert retrieval.keys.shape[-2] == 16 and bool(retrieval.next_mask.any())
+    torch.testing.assert_close(from_store.readout.retrieval.next_values, retrieval.next_values, atol=1e-5, rtol=1e-5)
+
+
 def test_store_errors_are_clear(tmp_path, model_and_docs):
     model, docs = model_and_docs
     with pytest.raises(StoreError, match="no such memory directory"):
