@@ -138,6 +138,7 @@ def cmd_train(args) -> int:
     model = {k: v for k, v in {
         "window": args.segment, "memory_tokens": args.memory_tokens, "side_init": args.side_init,
         "retrieval_query": args.retrieval_query, "memory_scale_init": args.memory_scale_init,
+        "chunk_size": args.chunk_size,
     }.items() if v is not None}
     train = {"steps": args.steps, "batch_size": args.batch, "curriculum": args.curriculum, "lr": args.lr,
              "segments_per_episode": args.segments, "grad_accum": args.grad_accum, "seed": args.seed,
@@ -149,7 +150,7 @@ def cmd_train(args) -> int:
     job = TrainJob(corpus=args.corpus, out=args.out, backbone=args.backbone, init_checkpoint=args.checkpoint,
                    workers=args.workers, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker, name=args.name,
                    storage_path=args.storage, checkpoint_every=args.checkpoint_every, text_field=args.text_field,
-                   model=model if not args.checkpoint else {}, train=train)
+                   model=model, train=train)
     job.train_config()  # validate before starting Ray
     summary = run_training(job, address=args.address)
     print(json.dumps(summary, indent=2, default=str))
@@ -326,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--side-init", choices=["zero", "paper"])
     t.add_argument("--retrieval-query", choices=["side", "backbone", "backbone_key"])
     t.add_argument("--memory-scale-init", type=float)
+    t.add_argument("--chunk-size", type=int, help="memory chunk size; 1 searches memory token by token")
     t.add_argument("--name", default="longmem-sidenet", help="run name; the same name resumes")
     t.add_argument("--storage", help="where runs and checkpoints live (default: cache folder)")
     t.add_argument("--checkpoint-every", type=int, default=50)

@@ -77,3 +77,17 @@ def test_bad_training_data_is_a_clear_error(ray_local, tiny_dir, tmp_path):
         run_training(job(tiny_dir, tmp_path / "missing", tmp_path / "o", "missing", tmp_path / "runs"))
     with pytest.raises(InputError, match="unknown curriculum kind"):
         run_training(job(tiny_dir, short, tmp_path / "o", "bad", tmp_path / "runs", train={"curriculum": "copy:1"}))
+
+
+def test_continuing_a_checkpoint_may_change_only_settings_no_weight_depends_on(tiny_dir, tmp_path):
+    from longmem.config import ConfigError
+    from longmem.model import LongMem
+    from pipelines.train_sidenet import build_model
+
+    LongMem.from_backbone(str(tiny_dir), window=32, memory_tokens=256).save_pretrained(tmp_path / "ckpt")
+    model = build_model({"init_checkpoint": str(tmp_path / "ckpt"), "model": {"chunk_size": 1, "memory_tokens": 128}})
+    assert (model.config.chunk_size, model.config.memory_tokens, model.config.window) == (1, 128, 32)
+    with pytest.raises(ConfigError, match="side_init, window come from the checkpoint"):
+        build_model({"init_checkpoint": str(tmp_path / "ckpt"), "model": {"window": 64, "side_init": "paper"}})
+    with pytest.raises(ConfigError, match="chunk_size 5 must divide"):
+        build_model({"init_checkpoint": str(tmp_path / "ckpt"), "model": {"chunk_size": 5}})
