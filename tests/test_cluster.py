@@ -104,3 +104,15 @@ def test_job_configs_build_valid_jobs():
     job = load("evaluate.yaml")["job"]
     for task in ("perplexity", "suffix", "icl"):
         EvalJob(**{**job, "task": task}).validate()
+
+
+def test_set_overrides_reach_the_config_and_a_misspelt_path_is_an_error():
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from jobs.common import load_config
+
+    config = load_config("train_sidenet", ["--set", "job.train.steps=40", "--set", "job.model.chunk_size=4"])
+    assert config["job"]["train"]["steps"] == 40 and config["job"]["model"]["chunk_size"] == 4
+    with pytest.raises(SystemExit, match="the config has no 'train'; its top-level keys are job"):
+        load_config("train_sidenet", ["--set", "train.steps=40"])
