@@ -66,9 +66,8 @@ def main():
                                       window=args.window, memory_read=args.memory_read,
                                       memory_temperature_init=args.memory_temperature_init,
                                       memory_confidence=args.memory_confidence, **scale)
-    if args.chunk_size:  # the SideNet has no chunk-sized weights: a checkpoint can change it
-        model.config.chunk_size = args.chunk_size
-        model.config.validate()
+    if args.chunk_size:
+        model.config.override_checkpoint_settings({"chunk_size": args.chunk_size})
     tok = model.tokenizer
     report = {"machine": machine(), "config": model.config.to_dict()}
     t_start = time.time()

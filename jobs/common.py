@@ -41,7 +41,7 @@ def load_config(stage: str, argv: list[str] | None = None) -> dict:
             raise SystemExit(f"error: --set needs KEY=VALUE, got {item!r}")
         node = config
         *parents, leaf = key.split(".")
-        top = key.split(".")[0]
+        top = (parents or [leaf])[0]
         if top not in config:  # a misspelt path would otherwise be ignored without a word
             raise SystemExit(f"error: --set {key}: the config has no {top!r}; its top-level keys are "
                              f"{', '.join(sorted(config)) or 'none'} (e.g. --set job.train.steps=40)")

@@ -16,6 +16,8 @@ SIDE_INITS = ("paper", "zero")
 RETRIEVAL_QUERIES = ("side", "backbone", "backbone_key")
 MEMORY_DTYPES = ("float32", "float16", "bfloat16")
 MEMORY_READS = ("attend", "next")
+# Settings no SideNet weight depends on: a trained checkpoint can be read or continued with others.
+CHECKPOINT_OVERRIDES = ("chunk_size", "retrieve_tokens", "memory_tokens")
 
 
 class ConfigError(ValueError):
@@ -142,6 +144,16 @@ class LongMemConfig:
                     f"{r}*(i+1)-1); choose one of {valid}"
                 )
         return self
+
+    def override_checkpoint_settings(self, settings: dict) -> "LongMemConfig":
+        """Change the settings of CHECKPOINT_OVERRIDES in place (a clear error for any other)."""
+        fixed = sorted(set(settings) - set(CHECKPOINT_OVERRIDES))
+        if fixed:
+            raise ConfigError(f"{', '.join(fixed)} come from the checkpoint and cannot be changed on it; "
+                              f"only {', '.join(CHECKPOINT_OVERRIDES)} can")
+        for name, value in settings.items():
+            setattr(self, name, value)
+        return self.validate()
 
     # --- serialisation ---
     def to_dict(self) -> dict:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from longmem.backbone import cache_dir, resolve_backbone
-from longmem.config import DEFAULT_BACKBONE, ConfigError
+from longmem.config import DEFAULT_BACKBONE
 from longmem.model import CONFIG_NAME, WEIGHTS_NAME, InputError, LongMem
 from longmem.training import Episode, EpisodeSampler, TrainConfig, make_optimizer, train_step
 
@@ -55,20 +55,10 @@ class TrainJob:
         return self.storage_path or str(cache_dir() / "train")
 
 
-# Settings a checkpoint may change: no SideNet weight depends on them.
-CHECKPOINT_OVERRIDES = ("chunk_size", "retrieve_tokens", "memory_tokens")
-
-
 def build_model(job: dict, device="cpu") -> LongMem:
     if job.get("init_checkpoint"):
-        fixed = sorted(set(job.get("model", {})) - set(CHECKPOINT_OVERRIDES))
-        if fixed:
-            raise ConfigError(f"{', '.join(fixed)} come from the checkpoint {job['init_checkpoint']} and cannot be "
-                              f"changed when continuing it; only {', '.join(CHECKPOINT_OVERRIDES)} can")
         model = LongMem.from_pretrained(job["init_checkpoint"], device=device)
-        for name, value in job.get("model", {}).items():
-            setattr(model.config, name, value)
-        model.config.validate()
+        model.config.override_checkpoint_settings(job.get("model", {}))
         return model
     return LongMem.from_backbone(job["backbone"], device=device, **job.get("model", {}))
 
