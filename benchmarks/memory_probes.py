@@ -54,20 +54,21 @@ def main():
     ap.add_argument("--passkey-trials", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--chunk-size", type=int, help="memory chunk size (search granularity); 1 searches single tokens")
+    ap.add_argument("--prev-bonus", type=float, help="memory_prev_bonus_init (two-token match in the next read)")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
 
+    overrides = {k: v for k, v in {"chunk_size": args.chunk_size, "memory_prev_bonus_init": args.prev_bonus}.items()
+                 if v is not None}
     if args.checkpoint:
-        model = LongMem.from_pretrained(args.checkpoint)
+        model = LongMem.from_pretrained(args.checkpoint, overrides=overrides)
     else:
         scale = {} if args.memory_scale_init is None else {"memory_scale_init": args.memory_scale_init}
         model = LongMem.from_backbone(side_init=args.side_init, retrieval_query=args.retrieval_query,
                                       retrieval_metric=args.retrieval_metric, sink_tokens=args.sink_tokens,
                                       window=args.window, memory_read=args.memory_read,
                                       memory_temperature_init=args.memory_temperature_init,
-                                      memory_confidence=args.memory_confidence, **scale)
-    if args.chunk_size:
-        model.config.override_checkpoint_settings({"chunk_size": args.chunk_size})
+                                      memory_confidence=args.memory_confidence, **scale, **overrides)
     tok = model.tokenizer
     report = {"machine": machine(), "config": model.config.to_dict()}
     t_start = time.time()

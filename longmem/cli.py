@@ -138,7 +138,7 @@ def cmd_train(args) -> int:
     model = {k: v for k, v in {
         "window": args.segment, "memory_tokens": args.memory_tokens, "side_init": args.side_init,
         "retrieval_query": args.retrieval_query, "memory_scale_init": args.memory_scale_init,
-        "chunk_size": args.chunk_size,
+        "chunk_size": args.chunk_size, "memory_prev_bonus_init": args.prev_bonus,
     }.items() if v is not None}
     train = {"steps": args.steps, "batch_size": args.batch, "curriculum": args.curriculum, "lr": args.lr,
              "segments_per_episode": args.segments, "grad_accum": args.grad_accum, "seed": args.seed,
@@ -328,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--retrieval-query", choices=["side", "backbone", "backbone_key"])
     t.add_argument("--memory-scale-init", type=float)
     t.add_argument("--chunk-size", type=int, help="memory chunk size; 1 searches memory token by token")
+    t.add_argument("--prev-bonus", type=float,
+                   help="learned bonus (initial value) for a memory token whose predecessor matches the query's")
     t.add_argument("--name", default="longmem-sidenet", help="run name; the same name resumes")
     t.add_argument("--storage", help="where runs and checkpoints live (default: cache folder)")
     t.add_argument("--checkpoint-every", type=int, default=50)

@@ -18,6 +18,8 @@ MEMORY_DTYPES = ("float32", "float16", "bfloat16")
 MEMORY_READS = ("attend", "next")
 # Settings no SideNet weight depends on: a trained checkpoint can be read or continued with others.
 CHECKPOINT_OVERRIDES = ("chunk_size", "retrieve_tokens", "memory_tokens")
+# Settings that add a weight: a checkpoint without it can be continued with one, starting at its init.
+CHECKPOINT_ADDITIONS = {"memory_prev_bonus_init": "memory_prev_bonus"}
 
 
 class ConfigError(ValueError):
@@ -70,6 +72,10 @@ class LongMemConfig:
     # "next" read: scale each head's gate by sigmoid(a_h * (best cosine - b_h)), learned a and b, so a
     # read is trusted when the match is close (a repeat) and muted when it is not (fresh text).
     memory_confidence: bool = False
+    # "next" read: a learned per-head bonus, starting here, added to a retrieved token's read logit
+    # when the token before it is the token before the query (a two-token match). One token's key
+    # cannot tell the two 4s of "60494" apart; the token before each can. None: off.
+    memory_prev_bonus_init: float | None = None
 
     extra: dict = field(default_factory=dict)
 
@@ -106,6 +112,8 @@ class LongMemConfig:
             raise ConfigError(f"retrieval_metric must be 'ip' or 'cosine', got {self.retrieval_metric!r}")
         if self.memory_read not in MEMORY_READS:
             raise ConfigError(f"memory_read must be one of {MEMORY_READS}, got {self.memory_read!r}")
+        if self.memory_prev_bonus_init is not None and self.memory_read != "next":
+            raise ConfigError("memory_prev_bonus_init needs memory_read='next'")
         if not (isinstance(self.memory_temperature_init, (int, float)) and self.memory_temperature_init > 0):
             raise ConfigError(f"memory_temperature_init must be positive, got {self.memory_temperature_init!r}")
         if self.memory_dtype not in MEMORY_DTYPES:
@@ -146,11 +154,15 @@ class LongMemConfig:
         return self
 
     def override_checkpoint_settings(self, settings: dict) -> "LongMemConfig":
-        """Change the settings of CHECKPOINT_OVERRIDES in place (a clear error for any other)."""
-        fixed = sorted(set(settings) - set(CHECKPOINT_OVERRIDES))
+        """Change the settings of CHECKPOINT_OVERRIDES in place (a clear error for any other).
+
+        CHECKPOINT_ADDITIONS are accepted too; they only take effect before the SideNet is built
+        (`LongMem.from_pretrained(..., overrides=)`)."""
+        allowed = CHECKPOINT_OVERRIDES + tuple(CHECKPOINT_ADDITIONS)
+        fixed = sorted(set(settings) - set(allowed))
         if fixed:
             raise ConfigError(f"{', '.join(fixed)} come from the checkpoint and cannot be changed on it; "
-                              f"only {', '.join(CHECKPOINT_OVERRIDES)} can")
+                              f"only {', '.join(allowed)} can")
         for name, value in settings.items():
             setattr(self, name, value)
         return self.validate()

@@ -143,7 +143,8 @@ class ModelScorer:
                 t, span = seg[:, 1:], slice(s + 1, s + seg.shape[1])
                 out["backbone"][span] = self._nll(model.adapter.logits(states.hidden[-1])[:, :-1], t)
                 out["longmem_no_memory"][span] = self._nll(model(seg, states=states).logits[:, :-1], t)
-                mem = model(seg, bank=bank, update_memory=True, states=states).logits
+                mem = model(seg, bank=bank, update_memory=True, states=states,
+                            previous_ids=x[:, s - 1] if s else None).logits
                 out["longmem_memory"][span] = self._nll(mem[:, :-1], t)
             if progress:
                 progress(i + 1, len(starts))
@@ -202,6 +203,7 @@ class ModelScorer:
         far = far[len(far) - min(len(far), L - longest):]
 
         ctx, n_ctx = self._tensor(context), len(context)
+        prev_ctx = self._tensor(memory[-1:]) if len(memory) else None  # the token before the context
         cache = DynamicCache(config=model.backbone.config)
         states = model.backbone_states(ctx, cache=cache)
         sides = {"longmem_no_memory": [LayerCache() for _ in model.sidenet.layers],
@@ -209,7 +211,8 @@ class ModelScorer:
         banks = {"longmem_no_memory": None, "longmem_memory": bank}
         first = {"backbone": model.adapter.logits(states.hidden[-1])[:, -1:]}
         for r, side in sides.items():
-            first[r] = model(ctx, bank=banks[r], states=states, side_caches=side, backbone_cache=cache).logits[:, -1:]
+            first[r] = model(ctx, bank=banks[r], states=states, side_caches=side, backbone_cache=cache,
+                             previous_ids=prev_ctx).logits[:, -1:]
         saved = {r: [(c.keys, c.values) for c in side] for r, side in sides.items()}
         long_cache = DynamicCache(config=model.backbone.config)
         long_states = model.adapter.run(self._tensor(far), [model.adapter.num_layers], model.memory_layer, cache=long_cache)
@@ -223,7 +226,7 @@ class ModelScorer:
             logits = {"backbone": model.adapter.logits(st.hidden[-1])}
             for r, side in sides.items():
                 logits[r] = model(t, bank=banks[r], states=st, side_caches=side, position_offset=n_ctx,
-                                  backbone_cache=cache).logits
+                                  backbone_cache=cache, previous_ids=ctx[:, -1]).logits
             ls = model.adapter.run(t, [model.adapter.num_layers], model.memory_layer, cache=long_cache)
             logits["backbone_long"] = model.adapter.logits(ls.hidden[-1])
             for r in READINGS:

@@ -28,7 +28,7 @@ from .backbone import (
     load_backbone,
     make_adapter,
 )
-from .config import DEFAULT_BACKBONE, ConfigError, LongMemConfig
+from .config import CHECKPOINT_ADDITIONS, DEFAULT_BACKBONE, ConfigError, LongMemConfig
 from .memory import MemoryBank
 from .sidenet import LayerCache, MemoryReadout, SideNet
 
@@ -64,6 +64,7 @@ class _DecodeState:
     values: torch.Tensor
     backbone_cache: object = None
     side_caches: list[LayerCache] = field(default_factory=list)
+    previous: torch.Tensor | None = None  # (B,) the token before ids[:, 0], if any
 
 
 class LongMem(nn.Module):
@@ -176,10 +177,13 @@ class LongMem(nn.Module):
         backbone_cache=None,
         side_caches: list[LayerCache] | None = None,
         states: BackboneStates | None = None,
+        previous_ids: torch.Tensor | None = None,
     ) -> LongMemOutput:
         """One segment (B, T <= window): read memory first, then (optionally) write this segment to it.
 
-        `states` reuses a backbone pass already made for these ids (see `backbone_states`)."""
+        `states` reuses a backbone pass already made for these ids (see `backbone_states`).
+        `previous_ids` (B,) is the token before input_ids[:, 0] where there is one (the next read's
+        two-token match uses it)."""
         self._check_input(input_ids, None if backbone_cache is not None else self.config.window)
         if bank is not None:
             self._check_bank(bank)
@@ -199,9 +203,18 @@ class LongMem(nn.Module):
                 if self.config.retrieval_query == "backbone_key":  # each query head searches with its KV head's key
                     group = self.adapter.num_heads // self.adapter.num_kv_heads
                     frozen_q = states.memory_keys.repeat_interleave(group, dim=2)
-                retrieve = lambda _side_q: bank.search(frozen_q, k, streams, with_next=nxt)  # noqa: E731
+                search = lambda _side_q: bank.search(frozen_q, k, streams, with_next=nxt)  # noqa: E731
             else:
-                retrieve = lambda side_q: bank.search(side_q.transpose(1, 2), k, streams, with_next=nxt)  # noqa: E731
+                search = lambda side_q: bank.search(side_q.transpose(1, 2), k, streams, with_next=nxt)  # noqa: E731
+            first = torch.full((B, 1), -1, dtype=input_ids.dtype, device=input_ids.device)
+            if previous_ids is not None:
+                first = previous_ids.reshape(B, 1).to(first)
+            query_prev = torch.cat([first, input_ids[:, :-1]], dim=1)  # (B, T)
+
+            def retrieve(side_q):
+                retrieval = search(side_q)
+                retrieval.query_prev_ids = query_prev
+                return retrieval
         sidenet = self._side_runner if self._side_runner is not None else self.sidenet
         hidden, readout = sidenet(self.adapter, states, position_ids, side_caches, retrieve)
         logits = self.adapter.lm_head(hidden)
@@ -240,17 +253,20 @@ class LongMem(nn.Module):
         Yields one LongMemOutput per segment (with loss when labels=True).
         """
         self._check_input(input_ids, None)
+        previous = None
         for segment in self.segments(input_ids, window):
-            yield self(segment, bank=bank, streams=streams, labels=segment if labels else None, update_memory=True)
+            yield self(segment, bank=bank, streams=streams, labels=segment if labels else None, update_memory=True,
+                       previous_ids=previous)
+            previous = segment[:, -1]
 
     # ------------------------------------------------------------------ generation
-    def _prefill(self, ids: torch.Tensor, bank, streams, use_cache: bool) -> tuple[_DecodeState, torch.Tensor]:
+    def _prefill(self, ids: torch.Tensor, bank, streams, use_cache: bool, previous=None) -> tuple[_DecodeState, torch.Tensor]:
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.backbone.config) if use_cache else None
         side = [LayerCache() for _ in self.sidenet.layers] if use_cache else None
-        out = self(ids, bank=bank, streams=streams, backbone_cache=cache, side_caches=side)
-        return _DecodeState(ids, out.memory_keys, out.memory_values, cache, side or []), out.logits[:, -1]
+        out = self(ids, bank=bank, streams=streams, backbone_cache=cache, side_caches=side, previous_ids=previous)
+        return _DecodeState(ids, out.memory_keys, out.memory_values, cache, side or [], previous), out.logits[:, -1]
 
     def _append(self, state: _DecodeState, token: torch.Tensor, bank, streams, use_cache: bool):
         window = self.config.window
@@ -260,9 +276,10 @@ class LongMem(nn.Module):
             if bank is not None and not getattr(bank, "read_only", False):
                 bank.add(state.keys[:, :shift], state.values[:, :shift], token_ids=state.ids[:, :shift],
                          streams=streams, skip_first=min(self.config.sink_tokens, shift))
-            return self._prefill(torch.cat([state.ids[:, shift:], token], dim=1), bank, streams, use_cache)
+            return self._prefill(torch.cat([state.ids[:, shift:], token], dim=1), bank, streams, use_cache,
+                                 previous=state.ids[:, shift - 1])
         if not use_cache:
-            return self._prefill(torch.cat([state.ids, token], dim=1), bank, streams, use_cache)
+            return self._prefill(torch.cat([state.ids, token], dim=1), bank, streams, use_cache, state.previous)
         out = self(
             token,
             bank=bank,
@@ -270,6 +287,7 @@ class LongMem(nn.Module):
             position_offset=state.ids.shape[1],
             backbone_cache=state.backbone_cache,
             side_caches=state.side_caches,
+            previous_ids=state.ids[:, -1],
         )
         state.ids = torch.cat([state.ids, token], dim=1)
         state.keys = torch.cat([state.keys, out.memory_keys], dim=1)
@@ -329,7 +347,8 @@ class LongMem(nn.Module):
         if local_start and bank is not None:
             for segment in self.segments(ids[:, :local_start], window):
                 self(segment, bank=bank, streams=streams, update_memory=True)
-        state, logits = self._prefill(ids[:, local_start:], bank, streams, use_cache)
+        previous = ids[:, local_start - 1] if local_start else None
+        state, logits = self._prefill(ids[:, local_start:], bank, streams, use_cache, previous)
 
         generator = torch.Generator(device=self.device)
         if seed is not None:
@@ -426,14 +445,18 @@ class LongMem(nn.Module):
         tokenizer=None,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
+        overrides: dict | None = None,
     ) -> "LongMem":
-        """Load config.json + sidenet.safetensors; the backbone is loaded by its id unless given."""
+        """Load config.json + sidenet.safetensors; the backbone is loaded by its id unless given.
+
+        `overrides` change the settings a checkpoint allows (config.CHECKPOINT_OVERRIDES), or add a
+        weight it lacks (CHECKPOINT_ADDITIONS), which then starts at its init."""
         from safetensors.torch import load_file
 
         directory = Path(directory)
         if not (directory / CONFIG_NAME).exists() or not (directory / WEIGHTS_NAME).exists():
             raise ConfigError(f"{directory} is not a LongMem checkpoint (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-        config = LongMemConfig.load(directory / CONFIG_NAME)
+        config = LongMemConfig.load(directory / CONFIG_NAME).override_checkpoint_settings(overrides or {})
         if backbone is None:
             backbone, tokenizer = load_backbone(
                 config.backbone, config.backbone_revision, config.gguf_file, dtype=dtype, device=device
@@ -448,6 +471,8 @@ class LongMem(nn.Module):
         model = cls(backbone, config, tokenizer)
         state = load_file(str(directory / WEIGHTS_NAME))
         missing, unexpected = model.sidenet.load_state_dict(state, strict=False)
+        added = tuple(CHECKPOINT_ADDITIONS[name] for name in overrides or {} if name in CHECKPOINT_ADDITIONS)
+        missing = [name for name in missing if not name.endswith(added)] if added else missing
         if missing or unexpected:
             raise ConfigError(f"checkpoint weights do not match the SideNet: missing {missing}, unexpected {unexpected}")
         return model.to(device=device, dtype=dtype)

@@ -66,15 +66,20 @@ def memory_attention(q, retrieval: MemoryRetrieval, scale: float):
     return out, weights
 
 
-def next_token_read(retrieval: MemoryRetrieval, temperature: torch.Tensor):
+def next_token_read(retrieval: MemoryRetrieval, temperature: torch.Tensor, prev_bonus: torch.Tensor | None = None):
     """Match each query to the retrieved keys by cosine; read the value of the token after the match.
 
-    temperature (Hq,); returns out (B, Hq, T, D), weights (B, Hq, T, K) over the matched tokens.
+    temperature (Hq,); prev_bonus (Hq,) is added where a retrieved token's predecessor is the query's.
+    Returns out (B, Hq, T, D), weights (B, Hq, T, K) over the matched tokens.
     """
     q = F.normalize(retrieval.queries.float(), dim=-1)  # (B, Hq, T, D)
     keys = F.normalize(retrieval.keys.float(), dim=-1)  # (B, Hq, T, K, D)
     mask = retrieval.token_mask & retrieval.next_mask
     logits = torch.einsum("bhtd,bhtkd->bhtk", q, keys) * temperature.float()[None, :, None, None]
+    if prev_bonus is not None and retrieval.prev_token_ids is not None and retrieval.query_prev_ids is not None:
+        query_prev = retrieval.query_prev_ids[:, None, :, None]  # (B, 1, T, 1)
+        same = (retrieval.prev_token_ids == query_prev) & (query_prev >= 0)  # (B, Hq, T, K)
+        logits = logits + prev_bonus.float()[None, :, None, None] * same
     weights = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
     weights = torch.where(mask, weights, torch.zeros_like(weights))
     values = retrieval.next_values
@@ -109,6 +114,8 @@ class SideLayer(nn.Module):
                 if config.memory_confidence:
                     self.memory_conf_scale = nn.Parameter(torch.full((adapter.num_heads,), 20.0).log())
                     self.memory_conf_bias = nn.Parameter(torch.full((adapter.num_heads,), 0.9))
+                if config.memory_prev_bonus_init is not None:
+                    self.memory_prev_bonus = nn.Parameter(torch.full((adapter.num_heads,), float(config.memory_prev_bonus_init)))
             self.gate = nn.Parameter(torch.full((adapter.num_heads,), float(config.gate_init)))
             if config.memory_scale_init is not None:
                 self.memory_scale = nn.Parameter(torch.tensor(float(config.memory_scale_init)))
@@ -151,7 +158,8 @@ class SideLayer(nn.Module):
         retrieval = retrieve(q_plain) if (self.is_memory_layer and retrieve is not None) else None
         if retrieval is not None:
             if self.memory_read == "next":
-                remembered, weights = next_token_read(retrieval, self.memory_temperature.exp())
+                remembered, weights = next_token_read(retrieval, self.memory_temperature.exp(),
+                                                      getattr(self, "memory_prev_bonus", None))
                 remembered = remembered.to(local.dtype)
                 has = (retrieval.token_mask & retrieval.next_mask).any(-1)  # (B, Hq, T)
             else:

@@ -164,7 +164,8 @@ def make_optimizer(sidenet: torch.nn.Module, cfg: TrainConfig):
     for name, p in sidenet.named_parameters():
         if not p.requires_grad:
             continue
-        if name.endswith((".gate", ".memory_scale", ".memory_temperature", ".memory_conf_scale", ".memory_conf_bias")):
+        if name.endswith((".gate", ".memory_scale", ".memory_temperature", ".memory_conf_scale", ".memory_conf_bias",
+                               ".memory_prev_bonus")):
             memory.append(p)
         elif p.dim() < 2:
             no_decay.append(p)
@@ -204,7 +205,8 @@ def train_step(model: LongMem, episodes: list[list[Episode]], optimizer, schedul
                                       for e in micro]).to(model.device)[:, j * W : (j + 1) * W]
                 weights = 1.0 + (cfg.answer_weight - 1.0) * answer[:, 1:].float()  # (B, W-1), per target
             with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                out = model(seg, bank=bank, labels=lab if weights is None else None, update_memory=True)
+                out = model(seg, bank=bank, labels=lab if weights is None else None, update_memory=True,
+                            previous_ids=ids[:, j * W - 1] if j else None)
             if weights is not None:
                 # Mean over scored tokens, the answer's tokens counted answer_weight times.
                 nll = torch.nn.functional.cross_entropy(out.logits[:, :-1].float().transpose(1, 2), lab[:, 1:],

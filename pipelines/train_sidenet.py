@@ -57,9 +57,7 @@ class TrainJob:
 
 def build_model(job: dict, device="cpu") -> LongMem:
     if job.get("init_checkpoint"):
-        model = LongMem.from_pretrained(job["init_checkpoint"], device=device)
-        model.config.override_checkpoint_settings(job.get("model", {}))
-        return model
+        return LongMem.from_pretrained(job["init_checkpoint"], device=device, overrides=job.get("model", {}))
     return LongMem.from_backbone(job["backbone"], device=device, **job.get("model", {}))
 
 

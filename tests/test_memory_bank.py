@@ -182,8 +182,9 @@ def test_next_values_are_the_values_of_the_following_token(c):
     across chunk and add() boundaries, and masks it where that token is unknown or evicted."""
     bank = MemoryBank(num_streams=1, num_kv_heads=2, head_dim=8, capacity_tokens=32, chunk_size=c, dtype=torch.float32)
     k, v = random_kv(1, 50)
-    bank.add(k[:, :18], v[:, :18], skip_first=2)  # positions 2..17 (with c=4, 16 and 17 wait as a partial chunk)
-    bank.add(k[:, 18:50], v[:, 18:50])  # 48 tokens stored in a 32-token ring: positions 18..49 survive
+    tok = torch.arange(1000, 1050)[None]  # token id = 1000 + position
+    bank.add(k[:, :18], v[:, :18], token_ids=tok[:, :18], skip_first=2)  # positions 2..17 (c=4: 16, 17 wait)
+    bank.add(k[:, 18:50], v[:, 18:50], token_ids=tok[:, 18:50])  # a 32-token ring: positions 18..49 survive
     queries = torch.randn(1, 6, 4, 8, generator=torch.Generator().manual_seed(3))
     hit = bank.search(queries, k=32 // c, with_next=True)
     assert hit.next_values.shape == hit.values.shape
@@ -197,10 +198,13 @@ def test_next_values_are_the_values_of_the_following_token(c):
                     torch.testing.assert_close(hit.values[0, h, t, col], v[0, p, h // 2])
                     known = p + 1 < 50
                     assert bool(hit.next_mask[0, h, t, col]) == known
+                    # the token before: known while still stored (position 17 was overwritten)
+                    assert int(hit.prev_token_ids[0, h, t, col]) == (1000 + p - 1 if p - 1 >= 18 else -1)
                     if known:
                         torch.testing.assert_close(hit.next_values[0, h, t, col], v[0, p + 1, h // 2])
                         checked += 1
     assert checked > 0 and not hit.next_mask.all()  # position 49 has no successor yet
+    assert (hit.prev_token_ids >= 0).any() and (hit.prev_token_ids == -1).any()
     plain = bank.search(queries, k=32 // c)
     assert plain.next_values is None and torch.equal(plain.values, hit.values)
 

@@ -71,6 +71,8 @@ def test_token_level_memory_reads_the_same_from_a_store_as_from_a_bank(tmp_path)
     retrieval = from_bank.readout.retrieval
     assert retrieval.keys.shape[-2] == 16 and bool(retrieval.next_mask.any())
     torch.testing.assert_close(from_store.readout.retrieval.next_values, retrieval.next_values, atol=1e-5, rtol=1e-5)
+    assert torch.equal(from_store.readout.retrieval.prev_token_ids, retrieval.prev_token_ids)
+    assert (retrieval.prev_token_ids >= 0).any()
 
 
 def test_store_errors_are_clear(tmp_path, model_and_docs):

@@ -330,3 +330,60 @@ def test_confidence_gate_keeps_equivalences_and_learns():
     assert (out.readout.gate < 0.5).any()  # random text: weak matches mute the read
     out.loss.backward()
     assert model.sidenet.memory_layer.memory_conf_bias.grad.abs().sum() > 0
+
+
+NEXT_READ = dict(side_init="paper", memory_read="next", retrieval_query="backbone_key", retrieval_metric="cosine",
+                 memory_scale_init=0.0)
+
+
+def test_previous_token_bonus_picks_the_occurrence_whose_predecessor_matches():
+    """Two stored occurrences of token x; the query's x follows c, as the second stored x does:
+    with the bonus the read goes to the successor of that x, without it to both."""
+    model = tiny_longmem("llama", chunk_size=1, retrieve_tokens=64, memory_prev_bonus_init=30.0, **NEXT_READ)
+    a, b, c, d, x = 101, 102, 103, 104, 105
+    memory = torch.randint(0, 100, (1, 64), generator=torch.Generator().manual_seed(5))
+    memory[0, 10:13] = torch.tensor([a, x, b])
+    memory[0, 40:43] = torch.tensor([c, x, d])
+    query = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(6))
+    query[0, -2:] = torch.tensor([c, x])
+    bank = model.new_bank(1)
+    model.write_memory(memory, bank)
+
+    def successor_mass(out):
+        r, w = out.readout.retrieval, out.readout.weights[0, :, -1]  # (Hq, K) at the final x
+        succ = memory[0, (r.positions[0, :, -1] + 1).clamp(max=63)]  # chunk_size 1: one token per chunk
+        return float((w * (succ == d)).sum(-1).min()), float((w * (succ == b)).sum(-1).max())
+
+    on_d, on_b = successor_mass(model(query, bank=bank))
+    assert on_d > 0.99 and on_b < 0.01
+    with torch.no_grad():
+        model.sidenet.memory_layer.memory_prev_bonus.zero_()
+    on_d, on_b = successor_mass(model(query, bank=bank))
+    assert on_b > 0.01  # one token's key alone does not tell the two apart so sharply
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kv_cached_generation_equals_uncached_with_the_previous_token_bonus(family):
+    """The token before each query reaches the read the same way through the KV cache, the
+    prefill and the window shifts."""
+    model = tiny_longmem(family, chunk_size=1, retrieve_tokens=16, memory_prev_bonus_init=3.0, **NEXT_READ)
+    with torch.no_grad():
+        model.sidenet.memory_layer.memory_scale.fill_(1.0)
+    prompt = ids(B=2, T=50, seed=4)
+    outputs = [model.generate(prompt, bank=model.new_bank(2), max_new_tokens=40, use_cache=use_cache,
+                              return_logits=True) for use_cache in (True, False)]
+    (cached, cached_logits), (plain, plain_logits) = outputs
+    assert cached.token_ids == plain.token_ids
+    torch.testing.assert_close(cached_logits, plain_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_a_checkpoint_without_the_previous_token_bonus_can_be_continued_with_it(tmp_path):
+    model = tiny_longmem("llama", **NEXT_READ)
+    model.save_pretrained(tmp_path)
+    loaded = LongMem.from_pretrained(tmp_path, backbone=tiny_backbone("llama", seed=0),
+                                     overrides={"memory_prev_bonus_init": 2.0, "chunk_size": 1})
+    assert loaded.config.chunk_size == 1
+    assert torch.equal(loaded.sidenet.memory_layer.memory_prev_bonus.detach(), torch.full((4,), 2.0))
+    assert torch.equal(loaded.sidenet.memory_layer.memory_temperature, model.sidenet.memory_layer.memory_temperature)
+    with pytest.raises(ConfigError, match="window come from the checkpoint"):
+        LongMem.from_pretrained(tmp_path, backbone=tiny_backbone("llama", seed=0), overrides={"window": 64})

@@ -43,6 +43,10 @@ class MemoryRetrieval:
     next_values: torch.Tensor | None = None  # (B, Hq, T, k * csz, D)
     next_mask: torch.Tensor | None = None  # (B, Hq, T, k * csz)
     token_ids: torch.Tensor | None = None  # (B, Hq, T, k, csz) token ids of each chunk, -1 if unknown
+    # Also with with_next: the id of the token before each retrieved token in its stream (-1 where
+    # not stored), and the id of the token before each query token (set by the model; -1 unknown).
+    prev_token_ids: torch.Tensor | None = None  # (B, Hq, T, k * csz)
+    query_prev_ids: torch.Tensor | None = None  # (B, T)
 
     @property
     def has_memory(self) -> torch.Tensor:
@@ -82,7 +86,7 @@ def merge_retrievals(parts: list[MemoryRetrieval], k: int) -> MemoryRetrieval:
         keys=tokens("keys"), values=tokens("values"), token_mask=tokens("token_mask"),
         scores=scores.gather(-1, order), slots=chunks("slots"), positions=chunks("positions"),
         streams=parts[0].streams, queries=parts[0].queries, next_values=tokens("next_values"),
-        next_mask=tokens("next_mask"), token_ids=ids,
+        next_mask=tokens("next_mask"), token_ids=ids, prev_token_ids=tokens("prev_token_ids"),
     )
 
 
@@ -228,7 +232,8 @@ class MemoryBank:
     def search(self, queries: torch.Tensor, k: int, streams=None, with_next: bool = False) -> MemoryRetrieval:
         """Exact top-k chunks for every query token and head: queries (B, T, Hq, D).
 
-        `with_next` also returns, for each retrieved token, the value of the token after it."""
+        `with_next` also returns, for each retrieved token, the value of the token after it and the
+        id of the token before it."""
         self._check("queries", queries, None)
         B, T, Hq, D = queries.shape
         Hkv = self.num_kv_heads
@@ -282,7 +287,7 @@ class MemoryBank:
         values = self.values[b_idx, h_idx, slots]  # (B, Hq, T, k, c, D)
         positions = self.chunk_positions[b_idx, slots].masked_fill(~hit, -1)
         token_mask = hit.repeat_interleave(c, dim=-1)
-        next_values = next_mask = None
+        next_values = next_mask = prev_ids = None
         if with_next:
             # Tokens of a chunk are consecutive; a chunk's last token is followed by the first token
             # of the next ring slot when that slot holds the stream's next positions.
@@ -294,6 +299,14 @@ class MemoryBank:
             next_mask[..., -1] = joined
             next_mask = next_mask.reshape(B, Hq, T, k * c)
             next_values = next_values.masked_fill(~next_mask[..., None], 0)
+            # A chunk's first token is preceded by the last token of the previous ring slot when
+            # that slot holds the stream's previous positions.
+            preceding = (slots - 1) % C
+            ids = self.token_ids[b_idx, slots]  # (B, Hq, T, k, c)
+            prev_joined = hit & (self.chunk_positions[b_idx, preceding] == positions - c)
+            first_prev = torch.where(prev_joined, self.token_ids[b_idx, preceding][..., -1], -1)
+            prev_ids = torch.cat([first_prev[..., None], ids[..., :-1]], dim=-1).reshape(B, Hq, T, k * c)
+            prev_ids = prev_ids.masked_fill(~token_mask, -1)
         return MemoryRetrieval(
             keys=self.keys[b_idx, h_idx, slots].reshape(B, Hq, T, k * c, D),
             values=values.reshape(B, Hq, T, k * c, D),
@@ -306,6 +319,7 @@ class MemoryBank:
             queries=queries.transpose(1, 2),
             next_values=next_values,
             next_mask=next_mask,
+            prev_token_ids=prev_ids,
         )
 
     def reset(self, streams=None) -> None:

@@ -320,6 +320,8 @@ class MemoryShard:
         self.next_joined = np.zeros(self.num_chunks, dtype=bool)
         if self.num_chunks > 1:
             self.next_joined[:-1] = same_doc & (self.positions[1:] == self.positions[:-1] + spec.chunk_size)
+        self.prev_joined = np.zeros(self.num_chunks, dtype=bool)  # chunk i - 1 precedes chunk i
+        self.prev_joined[1:] = self.next_joined[:-1]
         # Product-quantised scores are coarse (recall@16 ~0.35 on real keys, docs/results.md): fetch
         # rerank x k candidates and score them exactly from the memory-mapped keys.
         self.rerank = rerank if self.meta.get("index") == "ivfpq" else 0
@@ -367,7 +369,8 @@ class MemoryShard:
 
     def gather(self, rows: np.ndarray, with_next: bool = False) -> dict:
         """rows (n, Hq, k) -> keys/values (n, Hq, k, c, D) of each chunk from its query head's KV head,
-        positions, token ids, and (with_next) the values of each token's successor and their mask."""
+        positions, token ids, and (with_next) the values of each token's successor and their mask, and
+        the id of each token's predecessor (-1 where not stored)."""
         G = rows.shape[1] // self.spec.num_kv_heads
         valid = rows >= 0
         r = np.where(valid, rows, 0)
@@ -387,6 +390,11 @@ class MemoryShard:
             mask[..., -1] = joined
             out["next_values"][~mask] = 0  # no successor: a defined zero, never another document's token
             out["next_mask"] = mask
+            ids = self.token_ids[r]  # (n, Hq, k, c)
+            first_prev = np.where(valid & self.prev_joined[r], self.token_ids[np.maximum(r - 1, 0), -1], -1)
+            prev = np.concatenate([first_prev[..., None], ids[..., :-1]], axis=-1)
+            prev[~valid] = -1
+            out["prev_token_ids"] = prev
         return out
 
 
@@ -427,6 +435,8 @@ def shard_retrieval(shard: "MemoryShard", queries: torch.Tensor, k: int, with_ne
         next_mask=(to(got["next_mask"]).reshape(B, Hq, T, kk * c) if "next_mask" in got
                    else torch.zeros(B, Hq, T, kk * c, dtype=torch.bool)) if with_next else None,
         token_ids=to(ids.astype(np.int64)),
+        prev_token_ids=(to(got["prev_token_ids"].astype(np.int64)).reshape(B, Hq, T, kk * c) if "prev_token_ids" in got
+                        else torch.full((B, Hq, T, kk * c), -1, dtype=torch.long)) if with_next else None,
     )
 
 
