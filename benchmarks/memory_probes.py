@@ -55,6 +55,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--chunk-size", type=int, help="memory chunk size (search granularity); 1 searches single tokens")
     ap.add_argument("--prev-bonus", type=float, help="memory_prev_bonus_init (two-token match in the next read)")
+    ap.add_argument("--center-keys", type=int, default=0,
+                    help="set key_center from this many tokens of the first training book (0: leave it)")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
 
@@ -70,6 +72,9 @@ def main():
                                       memory_temperature_init=args.memory_temperature_init,
                                       memory_confidence=args.memory_confidence, **scale, **overrides)
     tok = model.tokenizer
+    if args.center_keys:
+        first_book = tokenize(tok, next(p for p in sorted(AUSTEN.glob("*.txt")) if p.name != HELD_OUT))
+        model.calibrate_key_center(first_book[None, : args.center_keys])
     report = {"machine": machine(), "config": model.config.to_dict()}
     t_start = time.time()
     if not args.eval_only:

@@ -63,6 +63,8 @@ class BackboneAdapter:
     def __init__(self, model: nn.Module):
         self.model = model
         self.config = model.config
+        # (Hkv, D) subtracted from the memory layer's keys (LongMemConfig.key_center), or None
+        self.key_center: torch.Tensor | None = None
 
     # structure
     base: nn.Module
@@ -76,6 +78,17 @@ class BackboneAdapter:
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    def set_key_center(self, center) -> None:
+        """center: (Hkv, D) nested list or tensor (LongMemConfig.key_center), or None for raw keys."""
+        if center is None:
+            self.key_center = None
+            return
+        t = torch.as_tensor(center, dtype=torch.float32)
+        if tuple(t.shape) != (self.num_kv_heads, self.head_dim):
+            raise BackboneError(f"key_center has shape {tuple(t.shape)}; this backbone's memory keys need "
+                                f"({self.num_kv_heads}, {self.head_dim})")
+        self.key_center = t.to(self.lm_head.weight.device)
 
     @property
     def hidden_size(self) -> int:
@@ -165,6 +178,8 @@ class BackboneAdapter:
             for h in handles:
                 h.remove()
         q, k, v = self.split_captured(captured)
+        if self.key_center is not None:
+            k = k - self.key_center.to(k)
         return BackboneStates([hidden[j] for j in keep_layers], k, v, q)
 
 

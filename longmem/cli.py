@@ -150,7 +150,7 @@ def cmd_train(args) -> int:
     job = TrainJob(corpus=args.corpus, out=args.out, backbone=args.backbone, init_checkpoint=args.checkpoint,
                    workers=args.workers, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker, name=args.name,
                    storage_path=args.storage, checkpoint_every=args.checkpoint_every, text_field=args.text_field,
-                   model=model, train=train)
+                   key_center_tokens=args.center_keys, model=model, train=train)
     job.train_config()  # validate before starting Ray
     summary = run_training(job, address=args.address)
     print(json.dumps(summary, indent=2, default=str))
@@ -328,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--retrieval-query", choices=["side", "backbone", "backbone_key"])
     t.add_argument("--memory-scale-init", type=float)
     t.add_argument("--chunk-size", type=int, help="memory chunk size; 1 searches memory token by token")
+    t.add_argument("--center-keys", type=int, default=0, metavar="TOKENS",
+                   help="centre memory keys on their mean over the corpus's first TOKENS tokens (0: raw keys)")
     t.add_argument("--prev-bonus", type=float,
                    help="learned bonus (initial value) for a memory token whose predecessor matches the query's")
     t.add_argument("--name", default="longmem-sidenet", help="run name; the same name resumes")

@@ -7,9 +7,12 @@ SideNet weights, never the backbone's.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 DEFAULT_BACKBONE = "smollm2-135m-instruct"
 SIDE_INITS = ("paper", "zero")
@@ -17,7 +20,7 @@ RETRIEVAL_QUERIES = ("side", "backbone", "backbone_key")
 MEMORY_DTYPES = ("float32", "float16", "bfloat16")
 MEMORY_READS = ("attend", "next")
 # Settings no SideNet weight depends on: a trained checkpoint can be read or continued with others.
-CHECKPOINT_OVERRIDES = ("chunk_size", "retrieve_tokens", "memory_tokens")
+CHECKPOINT_OVERRIDES = ("chunk_size", "retrieve_tokens", "memory_tokens", "key_center")
 # Settings that add a weight: a checkpoint without it can be continued with one, starting at its init.
 CHECKPOINT_ADDITIONS = {"memory_prev_bonus_init": "memory_prev_bonus"}
 
@@ -76,8 +79,21 @@ class LongMemConfig:
     # when the token before it is the token before the query (a two-token match). One token's key
     # cannot tell the two 4s of "60494" apart; the token before each can. None: off.
     memory_prev_bonus_init: float | None = None
+    # The mean memory-layer key per KV head, (Hkv, D), subtracted from every memory key and search
+    # vector (set by LongMem.calibrate_key_center). Raw keys share a large common component (its
+    # norm is ~90% of a key's on SmolLM2), so raw cosines crowd near 1 and rare tokens drown among
+    # frequent ones. The "attend" read is unchanged by it (a softmax over memory alone ignores a
+    # shift shared by all keys); search and the "next" read are not. None: raw keys.
+    key_center: list | None = None
 
     extra: dict = field(default_factory=dict)
+
+    def key_center_digest(self) -> str | None:
+        """A short fingerprint of key_center: a memory built with another centre cannot be searched."""
+        if self.key_center is None:
+            return None
+        data = np.asarray(self.key_center, dtype=np.float32).tobytes()
+        return hashlib.sha256(data).hexdigest()[:16]
 
     @property
     def retrieve_chunks(self) -> int:

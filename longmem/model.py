@@ -71,6 +71,7 @@ class LongMem(nn.Module):
     def __init__(self, backbone: nn.Module, config: LongMemConfig, tokenizer=None):
         super().__init__()
         self.adapter: BackboneAdapter = make_adapter(backbone)
+        self.adapter.set_key_center(config.key_center)
         config.model_type = backbone.config.model_type
         config.num_backbone_layers = self.adapter.num_layers
         if config.backbone_fingerprint is None:
@@ -82,6 +83,24 @@ class LongMem(nn.Module):
         self.memory_layer = config.resolved_memory_layer
         self._keep_layers = [config.reduction_factor * l for l in range(config.num_side_layers + 1)]
         self.__dict__["_side_runner"] = None  # e.g. a DDP wrapper of self.sidenet; not a submodule
+
+    @torch.no_grad()
+    def calibrate_key_center(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Set key_center to the mean raw memory key of (B, N) tokens (window by window, sinks left
+        out, as memory stores them); returns it (Hkv, D). Memories built before no longer match."""
+        self._check_input(input_ids, None)
+        self.adapter.set_key_center(None)
+        total, count = 0.0, 0
+        for segment in self.segments(input_ids):
+            keys = self.adapter.run(segment, [], self.memory_layer, stop_after_memory=True).memory_keys
+            keys = keys[:, self.config.sink_tokens :].float()  # (B, T', Hkv, D)
+            total, count = total + keys.sum(dim=(0, 1)), count + keys.shape[0] * keys.shape[1]
+        if count == 0:
+            raise InputError(f"calibrating key_center needs more than {self.config.sink_tokens} tokens per window")
+        center = (total / count).cpu()
+        self.config.key_center = center.tolist()
+        self.adapter.set_key_center(self.config.key_center)
+        return center
 
     def run_sidenet_through(self, wrapper: nn.Module | None) -> None:
         """Route the SideNet's forward through `wrapper` (DDP) so gradients sync across workers."""

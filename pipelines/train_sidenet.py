@@ -45,6 +45,9 @@ class TrainJob:
     text_field: str = "text"
     log_every: int = 10
     stop_after: int | None = None  # end early after this step (the run stays resumable)
+    # > 0: before training, set key_center to the mean memory key of the corpus's first this many
+    # tokens (LongMem.calibrate_key_center), unless job.model gives one.
+    key_center_tokens: int = 0
     model: dict = field(default_factory=dict)  # LongMemConfig overrides for a fresh SideNet
     train: dict = field(default_factory=dict)  # TrainConfig fields
 
@@ -179,6 +182,11 @@ def run_training(job: TrainJob, address: str | None = None) -> dict:
     docs, summary = load_documents(job)
     if not docs:
         raise InputError(f"no usable documents in {job.corpus}: {summary['skipped']}")
+    if job.key_center_tokens > 0 and "key_center" not in job.model:
+        tokens = torch.as_tensor(np.concatenate(docs)[: job.key_center_tokens], dtype=torch.long)[None]
+        probe.calibrate_key_center(tokens)
+        job.model = {**job.model, "key_center": probe.config.key_center}  # every worker gets the same centre
+        print(f"[train] key_center set from {tokens.shape[1]} corpus tokens", flush=True)
     dataset, too_short = make_episode_dataset(job, docs, window, probe.tokenizer)
     summary.update(too_short_for_an_episode=too_short, episodes=dataset.count())
     print(f"[train] {summary['documents']} documents, {summary['tokens']} tokens, "

@@ -62,6 +62,7 @@ def test_token_level_memory_reads_the_same_from_a_store_as_from_a_bank(tmp_path)
                     retrieval_query="backbone_key", retrieval_metric="cosine")
     model = LongMem(tiny_backbone("llama", 0), LongMemConfig(backbone="tiny-llama", **settings))
     ids = torch.randint(0, 100, (1, 100), generator=torch.Generator().manual_seed(1))
+    model.calibrate_key_center(ids)  # centred keys: the encoder must store what the bank stores
     write_memory_dir(tmp_path / "m", encoder_for(model), [("doc", ids[0].numpy())], shards=2)
     bank = model.new_bank(1)
     model.write_memory(ids, bank)
@@ -73,6 +74,9 @@ def test_token_level_memory_reads_the_same_from_a_store_as_from_a_bank(tmp_path)
     torch.testing.assert_close(from_store.readout.retrieval.next_values, retrieval.next_values, atol=1e-5, rtol=1e-5)
     assert torch.equal(from_store.readout.retrieval.prev_token_ids, retrieval.prev_token_ids)
     assert (retrieval.prev_token_ids >= 0).any()
+    model.calibrate_key_center(ids[:, :50])  # another centre: the built memory no longer matches
+    with pytest.raises(InputError, match="key_center"):
+        model(query, bank=MemoryStore.open(tmp_path / "m"))
 
 
 def test_store_errors_are_clear(tmp_path, model_and_docs):

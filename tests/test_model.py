@@ -387,3 +387,29 @@ def test_a_checkpoint_without_the_previous_token_bonus_can_be_continued_with_it(
     assert torch.equal(loaded.sidenet.memory_layer.memory_temperature, model.sidenet.memory_layer.memory_temperature)
     with pytest.raises(ConfigError, match="window come from the checkpoint"):
         LongMem.from_pretrained(tmp_path, backbone=tiny_backbone("llama", seed=0), overrides={"window": 64})
+
+
+def test_key_center_is_the_mean_key_and_leaves_the_attend_read_unchanged(tmp_path):
+    """Centring shifts every memory key by one vector per KV head: ip search ranks and the paper's
+    softmax over memory do not change; the keys stored become zero-mean on the calibration text."""
+    model = tiny_longmem("llama")  # the paper's recipe: side query, ip, attend read
+    memory, query = ids(B=1, T=96, seed=7), ids(B=1, T=20, seed=8)
+    raw_bank = model.new_bank(1)
+    model.write_memory(memory, raw_bank)
+    before = model(query, bank=raw_bank)
+    raw_keys = model.backbone_states(memory[:, 32:64]).memory_keys
+    center = model.calibrate_key_center(memory)
+    assert center.shape == (2, 16) and len(model.config.key_center) == 2
+    assert torch.allclose(model.backbone_states(memory[:, 32:64]).memory_keys, raw_keys - center, atol=1e-6)
+    stored = torch.cat([model.backbone_states(s).memory_keys[:, 4:] for s in model.segments(memory)], 1)
+    assert stored.mean(dim=(0, 1)).abs().max() < 1e-5
+    bank = model.new_bank(1)
+    model.write_memory(memory, bank)
+    after = model(query, bank=bank)
+    torch.testing.assert_close(after.logits, before.logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(after.readout.retrieval.positions, before.readout.retrieval.positions)
+    model.save_pretrained(tmp_path)
+    loaded = LongMem.from_pretrained(tmp_path, backbone=tiny_backbone("llama", seed=0))
+    assert torch.equal(loaded.backbone_states(query).memory_keys, model.backbone_states(query).memory_keys)
+    with pytest.raises(BackboneError, match="key_center has shape"):
+        tiny_longmem("llama", key_center=[[0.0] * 16])

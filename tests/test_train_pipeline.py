@@ -42,17 +42,19 @@ def test_two_workers_train_resume_and_match_uninterrupted(ray_local, tiny_dir, c
 
     storage = tmp_path / "runs"
     # Interrupted after the checkpoint at step 3, then started again under the same name.
-    first = run_training(job(tiny_dir, corpus, tmp_path / "a", "resumed", storage, stop_after=3))
+    # key_center_tokens: the driver centres memory keys once, and every run gets the same centre.
+    first = run_training(job(tiny_dir, corpus, tmp_path / "a", "resumed", storage, stop_after=3, key_center_tokens=64))
     assert first["steps"] == 3
     assert first["documents"] == 4 and first["skipped"] == {"empty": 1, "binary": 1, "no 'text' field": 1}
-    resumed = run_training(job(tiny_dir, corpus, tmp_path / "b", "resumed", storage))
+    resumed = run_training(job(tiny_dir, corpus, tmp_path / "b", "resumed", storage, key_center_tokens=64))
     assert resumed["steps"] == 6
-    straight = run_training(job(tiny_dir, corpus, tmp_path / "c", "straight", storage))
+    straight = run_training(job(tiny_dir, corpus, tmp_path / "c", "straight", storage, key_center_tokens=64))
 
     a = LongMem.from_pretrained(tmp_path / "b", backbone=LongMem.from_backbone(str(tiny_dir)).backbone)
     b = LongMem.from_pretrained(tmp_path / "c", backbone=LongMem.from_backbone(str(tiny_dir)).backbone)
     for (name, p), (_, q) in zip(a.sidenet.state_dict().items(), b.sidenet.state_dict().items()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
+    assert a.config.key_center is not None and a.config.key_center == b.config.key_center
 
     # Training lowered the loss on its own text, and the backbone is the untouched original.
     fresh = LongMem.from_backbone(str(tiny_dir), window=32, memory_tokens=256, side_init="paper")
@@ -87,6 +89,8 @@ def test_continuing_a_checkpoint_may_change_only_settings_no_weight_depends_on(t
     LongMem.from_backbone(str(tiny_dir), window=32, memory_tokens=256).save_pretrained(tmp_path / "ckpt")
     model = build_model({"init_checkpoint": str(tmp_path / "ckpt"), "model": {"chunk_size": 1, "memory_tokens": 128}})
     assert (model.config.chunk_size, model.config.memory_tokens, model.config.window) == (1, 128, 32)
+    model = build_model({"init_checkpoint": str(tmp_path / "ckpt"), "model": {"memory_prev_bonus_init": 1.5}})
+    assert float(model.sidenet.memory_layer.memory_prev_bonus.mean()) == 1.5  # a new weight at its init
     with pytest.raises(ConfigError, match="side_init, window come from the checkpoint"):
         build_model({"init_checkpoint": str(tmp_path / "ckpt"), "model": {"window": 64, "side_init": "paper"}})
     with pytest.raises(ConfigError, match="chunk_size 5 must divide"):

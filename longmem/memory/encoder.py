@@ -29,6 +29,7 @@ class MemoryEncoder:
             backbone, _ = load_backbone(config.backbone, config.backbone_revision, config.gguf_file, dtype=dtype,
                                         device=device, load_tokenizer=False)
         self.adapter = make_adapter(freeze(backbone))
+        self.adapter.set_key_center(config.key_center)
         found = fingerprint(backbone)
         if config.backbone_fingerprint not in (None, found):
             raise BackboneError(

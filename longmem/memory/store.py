@@ -62,6 +62,7 @@ class MemorySpec:
     dtype: str
     metric: str
     backbone_revision: str | None = None
+    key_center: str | None = None  # digest of LongMemConfig.key_center (None: raw keys)
 
     @classmethod
     def from_config(cls, config, num_kv_heads: int, head_dim: int) -> "MemorySpec":
@@ -72,6 +73,7 @@ class MemorySpec:
             window=config.window, sink_tokens=config.sink_tokens,
             dtype="float32" if config.memory_dtype == "bfloat16" else config.memory_dtype,
             metric=config.retrieval_metric, backbone_revision=config.backbone_revision,
+            key_center=config.key_center_digest(),
         )
 
     @classmethod
