@@ -55,12 +55,14 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--chunk-size", type=int, help="memory chunk size (search granularity); 1 searches single tokens")
     ap.add_argument("--prev-bonus", type=float, help="memory_prev_bonus_init (two-token match in the next read)")
+    ap.add_argument("--copy-gate", type=float, help="memory_copy_init (copy distribution mixed into the output)")
     ap.add_argument("--center-keys", type=int, default=0,
                     help="set key_center from this many tokens of the first training book (0: leave it)")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
 
-    overrides = {k: v for k, v in {"chunk_size": args.chunk_size, "memory_prev_bonus_init": args.prev_bonus}.items()
+    overrides = {k: v for k, v in {"chunk_size": args.chunk_size, "memory_prev_bonus_init": args.prev_bonus,
+                                 "memory_copy_init": args.copy_gate}.items()
                  if v is not None}
     if args.checkpoint:
         model = LongMem.from_pretrained(args.checkpoint, overrides=overrides)

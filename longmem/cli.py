@@ -139,6 +139,7 @@ def cmd_train(args) -> int:
         "window": args.segment, "memory_tokens": args.memory_tokens, "side_init": args.side_init,
         "retrieval_query": args.retrieval_query, "memory_scale_init": args.memory_scale_init,
         "chunk_size": args.chunk_size, "memory_prev_bonus_init": args.prev_bonus,
+        "memory_copy_init": args.copy_gate,
     }.items() if v is not None}
     train = {"steps": args.steps, "batch_size": args.batch, "curriculum": args.curriculum, "lr": args.lr,
              "segments_per_episode": args.segments, "grad_accum": args.grad_accum, "seed": args.seed,
@@ -330,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--chunk-size", type=int, help="memory chunk size; 1 searches memory token by token")
     t.add_argument("--center-keys", type=int, default=0, metavar="TOKENS",
                    help="centre memory keys on their mean over the corpus's first TOKENS tokens (0: raw keys)")
+    t.add_argument("--copy-gate", type=float, metavar="BIAS",
+                   help="also copy the token that followed each memory match, gate logit starting at BIAS")
     t.add_argument("--prev-bonus", type=float,
                    help="learned bonus (initial value) for a memory token whose predecessor matches the query's")
     t.add_argument("--name", default="longmem-sidenet", help="run name; the same name resumes")

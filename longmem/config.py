@@ -22,7 +22,7 @@ MEMORY_READS = ("attend", "next")
 # Settings no SideNet weight depends on: a trained checkpoint can be read or continued with others.
 CHECKPOINT_OVERRIDES = ("chunk_size", "retrieve_tokens", "memory_tokens", "key_center")
 # Settings that add a weight: a checkpoint without it can be continued with one, starting at its init.
-CHECKPOINT_ADDITIONS = {"memory_prev_bonus_init": "memory_prev_bonus"}
+CHECKPOINT_ADDITIONS = {"memory_prev_bonus_init": "memory_prev_bonus", "memory_copy_init": "memory_copy"}
 
 
 class ConfigError(ValueError):
@@ -79,6 +79,12 @@ class LongMemConfig:
     # when the token before it is the token before the query (a two-token match). One token's key
     # cannot tell the two 4s of "60494" apart; the token before each can. None: off.
     memory_prev_bonus_init: float | None = None
+    # "next" read: also copy. The read's weights, put on the token id that followed each retrieved
+    # token and mixed over heads by learned weights, give a copy distribution; the output is
+    # (1 - g) * p_model + g * p_copy with g = sigmoid(w . h + b) per position, b starting here (a
+    # pointer-generator / kNN-LM step). The read reaches the hidden state only as a value vector,
+    # which a small model can decode into the wrong digit even when the read is exact. None: off.
+    memory_copy_init: float | None = None
     # The mean memory-layer key per KV head, (Hkv, D), subtracted from every memory key and search
     # vector (set by LongMem.calibrate_key_center). Raw keys share a large common component (its
     # norm is ~90% of a key's on SmolLM2), so raw cosines crowd near 1 and rare tokens drown among
@@ -128,8 +134,9 @@ class LongMemConfig:
             raise ConfigError(f"retrieval_metric must be 'ip' or 'cosine', got {self.retrieval_metric!r}")
         if self.memory_read not in MEMORY_READS:
             raise ConfigError(f"memory_read must be one of {MEMORY_READS}, got {self.memory_read!r}")
-        if self.memory_prev_bonus_init is not None and self.memory_read != "next":
-            raise ConfigError("memory_prev_bonus_init needs memory_read='next'")
+        for name in ("memory_prev_bonus_init", "memory_copy_init"):
+            if getattr(self, name) is not None and self.memory_read != "next":
+                raise ConfigError(f"{name} needs memory_read='next'")
         if not (isinstance(self.memory_temperature_init, (int, float)) and self.memory_temperature_init > 0):
             raise ConfigError(f"memory_temperature_init must be positive, got {self.memory_temperature_init!r}")
         if self.memory_dtype not in MEMORY_DTYPES:

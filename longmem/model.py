@@ -235,8 +235,7 @@ class LongMem(nn.Module):
                 retrieval.query_prev_ids = query_prev
                 return retrieval
         sidenet = self._side_runner if self._side_runner is not None else self.sidenet
-        hidden, readout = sidenet(self.adapter, states, position_ids, side_caches, retrieve)
-        logits = self.adapter.lm_head(hidden)
+        logits, readout = sidenet(self.adapter, states, position_ids, side_caches, retrieve)
 
         loss = None
         if labels is not None:
@@ -491,7 +490,7 @@ class LongMem(nn.Module):
         state = load_file(str(directory / WEIGHTS_NAME))
         missing, unexpected = model.sidenet.load_state_dict(state, strict=False)
         added = tuple(CHECKPOINT_ADDITIONS[name] for name in overrides or {} if name in CHECKPOINT_ADDITIONS)
-        missing = [name for name in missing if not name.endswith(added)] if added else missing
+        missing = [name for name in missing if not set(name.split(".")) & set(added)]
         if missing or unexpected:
             raise ConfigError(f"checkpoint weights do not match the SideNet: missing {missing}, unexpected {unexpected}")
         return model.to(device=device, dtype=dtype)

@@ -96,6 +96,42 @@ def match_confidence(retrieval: MemoryRetrieval, scale: torch.Tensor, bias: torc
     return torch.sigmoid(scale.float()[None, :, None] * (best - bias.float()[None, :, None]))
 
 
+class MemoryCopy(nn.Module):
+    """Mix the LM's next-token distribution with a copy of what memory says comes next.
+
+    p_copy(v) = sum_h a_h sum_k w_hk [next id_hk = v] (a = softmax of learned head weights over the
+    heads that read something); out = log((1 - g) p_model + g p_copy), g = sigmoid(u . h + b).
+    Where nothing was read the output is exactly log_softmax(logits), as without memory.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, gate_init: float):
+        super().__init__()
+        self.head_logits = nn.Parameter(torch.zeros(num_heads))
+        self.gate = nn.Linear(hidden_size, 1)
+        with torch.no_grad():
+            self.gate.weight.zero_()
+            self.gate.bias.fill_(gate_init)
+
+    def forward(self, hidden: torch.Tensor, logits: torch.Tensor, readout: MemoryReadout | None) -> torch.Tensor:
+        """hidden (B, T, C), logits (B, T, V) -> log-probabilities (B, T, V)."""
+        log_model = torch.log_softmax(logits.float(), dim=-1)
+        if readout is None or readout.retrieval.next_token_ids is None:
+            return log_model.to(logits.dtype)
+        ids = readout.retrieval.next_token_ids  # (B, Hq, T, K)
+        weights = torch.where(ids >= 0, readout.weights.float(), torch.zeros((), device=ids.device))
+        read = weights.sum(-1) > 0  # (B, Hq, T)
+        heads = torch.softmax(self.head_logits.float(), 0)[None, :, None] * read
+        heads = heads / heads.sum(1, keepdim=True).clamp_min(1e-12)  # (B, Hq, T), sums to 1 where read
+        B, Hq, T, K = weights.shape
+        mass = (weights * heads[..., None]).permute(0, 2, 1, 3).reshape(B, T, Hq * K)
+        p_copy = torch.zeros(B, T, logits.shape[-1], device=logits.device).scatter_add_(
+            -1, ids.clamp_min(0).permute(0, 2, 1, 3).reshape(B, T, Hq * K), mass)
+        z = self.gate(hidden.float())  # (B, T, 1) gate logit
+        # log((1 - g) p + g c) in log space: stable where p or c is tiny and where g saturates
+        mixed = torch.logaddexp(F.logsigmoid(-z) + log_model, F.logsigmoid(z) + p_copy.clamp_min(1e-30).log())
+        return torch.where(read.any(1)[..., None], mixed, log_model).to(logits.dtype)
+
+
 class SideLayer(nn.Module):
     def __init__(self, adapter: BackboneAdapter, backbone_layer: int, config: LongMemConfig, memory_layer: bool):
         super().__init__()
@@ -194,6 +230,9 @@ class SideNet(nn.Module):
         self.final_norm = copy.deepcopy(adapter.final_norm)
         for p in self.final_norm.parameters():
             p.requires_grad_(True)
+        self.memory_copy = None
+        if config.memory_copy_init is not None:
+            self.memory_copy = MemoryCopy(adapter.hidden_size, adapter.num_heads, config.memory_copy_init)
 
     @property
     def memory_layer(self) -> SideLayer:
@@ -207,7 +246,8 @@ class SideNet(nn.Module):
         caches: list[LayerCache] | None = None,
         retrieve: Callable[[torch.Tensor], MemoryRetrieval | None] | None = None,
     ) -> tuple[torch.Tensor, MemoryReadout | None]:
-        """Backbone states -> normed side output (B, T, C) ready for the shared LM head."""
+        """Backbone states -> logits (B, T, V) from the shared LM head (log-probabilities with
+        memory_copy), and what the memory layer read."""
         H = states.hidden  # H^{r*l}, l = 0..L_s
         deviation = None  # D^l = S^l - H^{r*l}
         readout = None
@@ -222,4 +262,8 @@ class SideNet(nn.Module):
             if memory_update is not None:
                 update = update + memory_update
             deviation = update if deviation is None else deviation + update
-        return self.final_norm(H[-1] + deviation), readout
+        hidden = self.final_norm(H[-1] + deviation)
+        logits = adapter.lm_head(hidden)
+        if self.memory_copy is not None:
+            logits = self.memory_copy(hidden, logits, readout)
+        return logits, readout

@@ -165,7 +165,7 @@ def make_optimizer(sidenet: torch.nn.Module, cfg: TrainConfig):
         if not p.requires_grad:
             continue
         if name.endswith((".gate", ".memory_scale", ".memory_temperature", ".memory_conf_scale", ".memory_conf_bias",
-                               ".memory_prev_bonus")):
+                          ".memory_prev_bonus")) or name.startswith("memory_copy."):
             memory.append(p)
         elif p.dim() < 2:
             no_decay.append(p)

@@ -200,6 +200,7 @@ def test_next_values_are_the_values_of_the_following_token(c):
                     assert bool(hit.next_mask[0, h, t, col]) == known
                     # the token before: known while still stored (position 17 was overwritten)
                     assert int(hit.prev_token_ids[0, h, t, col]) == (1000 + p - 1 if p - 1 >= 18 else -1)
+                    assert int(hit.next_token_ids[0, h, t, col]) == (1000 + p + 1 if known else -1)
                     if known:
                         torch.testing.assert_close(hit.next_values[0, h, t, col], v[0, p + 1, h // 2])
                         checked += 1

@@ -73,6 +73,7 @@ def test_token_level_memory_reads_the_same_from_a_store_as_from_a_bank(tmp_path)
     assert retrieval.keys.shape[-2] == 16 and bool(retrieval.next_mask.any())
     torch.testing.assert_close(from_store.readout.retrieval.next_values, retrieval.next_values, atol=1e-5, rtol=1e-5)
     assert torch.equal(from_store.readout.retrieval.prev_token_ids, retrieval.prev_token_ids)
+    assert torch.equal(from_store.readout.retrieval.next_token_ids, retrieval.next_token_ids)
     assert (retrieval.prev_token_ids >= 0).any()
     model.calibrate_key_center(ids[:, :50])  # another centre: the built memory no longer matches
     with pytest.raises(InputError, match="key_center"):

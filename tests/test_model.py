@@ -363,10 +363,11 @@ def test_previous_token_bonus_picks_the_occurrence_whose_predecessor_matches():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_kv_cached_generation_equals_uncached_with_the_previous_token_bonus(family):
+def test_kv_cached_generation_equals_uncached_with_the_previous_token_bonus_and_copy(family):
     """The token before each query reaches the read the same way through the KV cache, the
-    prefill and the window shifts."""
-    model = tiny_longmem(family, chunk_size=1, retrieve_tokens=16, memory_prev_bonus_init=3.0, **NEXT_READ)
+    prefill and the window shifts; so does the copy distribution."""
+    model = tiny_longmem(family, chunk_size=1, retrieve_tokens=16, memory_prev_bonus_init=3.0, memory_copy_init=0.0,
+                         **NEXT_READ)
     with torch.no_grad():
         model.sidenet.memory_layer.memory_scale.fill_(1.0)
     prompt = ids(B=2, T=50, seed=4)
@@ -413,3 +414,35 @@ def test_key_center_is_the_mean_key_and_leaves_the_attend_read_unchanged(tmp_pat
     assert torch.equal(loaded.backbone_states(query).memory_keys, model.backbone_states(query).memory_keys)
     with pytest.raises(BackboneError, match="key_center has shape"):
         tiny_longmem("llama", key_center=[[0.0] * 16])
+
+
+def test_memory_copy_mixes_a_normalised_copy_of_the_next_tokens_and_learns():
+    model = tiny_longmem("llama", chunk_size=1, retrieve_tokens=16, memory_copy_init=0.0, **NEXT_READ)
+    query = ids(B=1, T=12, seed=3)
+    off = model(query).logits
+    torch.testing.assert_close(off.exp().sum(-1), torch.ones(1, 12))  # log-probabilities
+    assert torch.equal(model(query, bank=model.new_bank(1)).logits, off)  # empty memory == memory off
+    memory = ids(B=1, T=64, seed=9)
+    bank = model.new_bank(1)
+    model.write_memory(memory, bank)
+    repeat = memory[:, 20:40]
+    with torch.no_grad():
+        model.sidenet.memory_copy.gate.bias.fill_(30.0)  # g = 1: the output is the copy distribution
+    out = model(repeat, bank=bank, labels=repeat)
+    probs = out.logits.exp()[0]  # (T, V)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(20))
+    # reference: per position, each head that read something spreads its read weights over the
+    # ids that followed what it retrieved; heads count equally (head_logits start at 0)
+    w, nxt = out.readout.weights[0], out.readout.retrieval.next_token_ids[0]  # (Hq, T, K)
+    for t in range(20):
+        expected = torch.zeros(probs.shape[-1])
+        heads = [h for h in range(w.shape[0]) if float(w[h, t][nxt[h, t] >= 0].sum()) > 0]
+        for h in heads:
+            for k in range(w.shape[-1]):
+                if nxt[h, t, k] >= 0:
+                    expected[nxt[h, t, k]] += float(w[h, t, k]) / len(heads)
+        torch.testing.assert_close(probs[t], expected, atol=1e-5, rtol=1e-4)
+    assert (probs.max(-1).values > 0.3).any()
+    out.loss.backward()
+    copy = model.sidenet.memory_copy
+    assert copy.gate.weight.grad.abs().sum() > 0 and copy.head_logits.grad.abs().sum() > 0

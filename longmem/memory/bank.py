@@ -46,6 +46,7 @@ class MemoryRetrieval:
     # Also with with_next: the id of the token before each retrieved token in its stream (-1 where
     # not stored), and the id of the token before each query token (set by the model; -1 unknown).
     prev_token_ids: torch.Tensor | None = None  # (B, Hq, T, k * csz)
+    next_token_ids: torch.Tensor | None = None  # (B, Hq, T, k * csz) id of the token after, -1 unknown
     query_prev_ids: torch.Tensor | None = None  # (B, T)
 
     @property
@@ -87,6 +88,7 @@ def merge_retrievals(parts: list[MemoryRetrieval], k: int) -> MemoryRetrieval:
         scores=scores.gather(-1, order), slots=chunks("slots"), positions=chunks("positions"),
         streams=parts[0].streams, queries=parts[0].queries, next_values=tokens("next_values"),
         next_mask=tokens("next_mask"), token_ids=ids, prev_token_ids=tokens("prev_token_ids"),
+        next_token_ids=tokens("next_token_ids"),
     )
 
 
@@ -287,7 +289,7 @@ class MemoryBank:
         values = self.values[b_idx, h_idx, slots]  # (B, Hq, T, k, c, D)
         positions = self.chunk_positions[b_idx, slots].masked_fill(~hit, -1)
         token_mask = hit.repeat_interleave(c, dim=-1)
-        next_values = next_mask = prev_ids = None
+        next_values = next_mask = prev_ids = next_ids = None
         if with_next:
             # Tokens of a chunk are consecutive; a chunk's last token is followed by the first token
             # of the next ring slot when that slot holds the stream's next positions.
@@ -307,6 +309,8 @@ class MemoryBank:
             first_prev = torch.where(prev_joined, self.token_ids[b_idx, preceding][..., -1], -1)
             prev_ids = torch.cat([first_prev[..., None], ids[..., :-1]], dim=-1).reshape(B, Hq, T, k * c)
             prev_ids = prev_ids.masked_fill(~token_mask, -1)
+            next_ids = torch.cat([ids[..., 1:], self.token_ids[b_idx, following][..., :1]], dim=-1)
+            next_ids = next_ids.reshape(B, Hq, T, k * c).masked_fill(~next_mask, -1)
         return MemoryRetrieval(
             keys=self.keys[b_idx, h_idx, slots].reshape(B, Hq, T, k * c, D),
             values=values.reshape(B, Hq, T, k * c, D),
@@ -320,6 +324,7 @@ class MemoryBank:
             next_values=next_values,
             next_mask=next_mask,
             prev_token_ids=prev_ids,
+            next_token_ids=next_ids,
         )
 
     def reset(self, streams=None) -> None:

@@ -397,6 +397,9 @@ class MemoryShard:
             prev = np.concatenate([first_prev[..., None], ids[..., :-1]], axis=-1)
             prev[~valid] = -1
             out["prev_token_ids"] = prev
+            nxt = np.concatenate([ids[..., 1:], self.token_ids[following][..., :1]], axis=-1)
+            nxt[~mask] = -1
+            out["next_token_ids"] = nxt
         return out
 
 
@@ -419,6 +422,11 @@ def shard_retrieval(shard: "MemoryShard", queries: torch.Tensor, k: int, with_ne
             x = np.zeros((B * T, Hq, kk, c, D), np.float32)
         return to(x, dtype).reshape(B, Hq, T, kk * c, D)
 
+    def token_ids_or_unknown(name):  # (B*T, Hq, k, c) ids -> (B, Hq, T, k*c), -1 when the shard is empty
+        if name not in got:
+            return torch.full((B, Hq, T, kk * c), -1, dtype=torch.long, device=queries.device)
+        return to(got[name].astype(np.int64)).reshape(B, Hq, T, kk * c)
+
     dtype = queries.dtype
     if shard.num_chunks:
         ids = np.where(hit[..., None], shard.token_ids[np.where(rows >= 0, rows, 0)], -1)
@@ -437,8 +445,8 @@ def shard_retrieval(shard: "MemoryShard", queries: torch.Tensor, k: int, with_ne
         next_mask=(to(got["next_mask"]).reshape(B, Hq, T, kk * c) if "next_mask" in got
                    else torch.zeros(B, Hq, T, kk * c, dtype=torch.bool)) if with_next else None,
         token_ids=to(ids.astype(np.int64)),
-        prev_token_ids=(to(got["prev_token_ids"].astype(np.int64)).reshape(B, Hq, T, kk * c) if "prev_token_ids" in got
-                        else torch.full((B, Hq, T, kk * c), -1, dtype=torch.long)) if with_next else None,
+        prev_token_ids=token_ids_or_unknown("prev_token_ids") if with_next else None,
+        next_token_ids=token_ids_or_unknown("next_token_ids") if with_next else None,
     )
 
 
