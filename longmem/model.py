@@ -359,12 +359,11 @@ class LongMem(nn.Module):
 
     def _generate(self, ids, bank, streams, max_new_tokens, temperature, top_p, stop, on_token, use_cache, seed,
                   return_logits):
-        window = self.config.window
         B, P = ids.shape
         local_start = self.local_start(P)
         if local_start and bank is not None:
-            for segment in self.segments(ids[:, :local_start], window):
-                self(segment, bank=bank, streams=streams, update_memory=True)
+            # What memory stores is the backbone's alone: no SideNet pass is needed to write it.
+            self.write_memory(ids[:, :local_start], bank, streams)
         previous = ids[:, local_start - 1] if local_start else None
         state, logits = self._prefill(ids[:, local_start:], bank, streams, use_cache, previous)
 
