@@ -1,7 +1,7 @@
 """Retrieval trace: which memory chunks each head read for one token, with what weight, and how
 much of the layer's attention went to memory (the gate). The tool that says why memory did or
 did not help. With memory_read="next" a chunk's weight is on its tokens as matches, and the value
-read is that of the token after each match."""
+read is that of the token after each match ("followed_by")."""
 
 from __future__ import annotations
 
@@ -35,12 +35,16 @@ def retrieval_trace(model: LongMem, bank: MemoryBank, ids: torch.Tensor, positio
         for j in order.tolist():
             if read.retrieval.positions[0, h, position, j] < 0:
                 continue
-            chunks.append({
+            chunk = {
                 "text": decode([t for t in read.retrieval.token_ids[0, h, position, j].tolist() if t >= 0]),
                 "stream_position": int(read.retrieval.positions[0, h, position, j]),
                 "score": round(float(read.retrieval.scores[0, h, position, j]), 4),
                 "weight": round(float(mass[j]), 4),
-            })
+            }
+            if read.retrieval.next_token_ids is not None:  # the next read takes what followed each token
+                following = read.retrieval.next_token_ids[0, h, position, j * c : (j + 1) * c].tolist()
+                chunk["followed_by"] = decode([t for t in following if t >= 0])
+            chunks.append(chunk)
         heads.append({"head": h, "gate": round(float(read.gate[0, h, position]), 4), "chunks": chunks})
     probs = torch.softmax(out.logits[0, position].float(), -1)
     next_id = int(probs.argmax())

@@ -446,3 +446,23 @@ def test_memory_copy_mixes_a_normalised_copy_of_the_next_tokens_and_learns():
     out.loss.backward()
     copy = model.sidenet.memory_copy
     assert copy.gate.weight.grad.abs().sum() > 0 and copy.head_logits.grad.abs().sum() > 0
+
+
+def test_retrieval_trace_shows_the_original_occurrence_and_what_followed_it():
+    from longmem.trace import retrieval_trace
+
+    model = tiny_longmem("llama", chunk_size=1, retrieve_tokens=8, **NEXT_READ)
+    memory = ids(B=1, T=64, seed=11)
+    bank = model.new_bank(1)
+    model.write_memory(memory, bank)
+    trace = retrieval_trace(model, bank, memory[:, 10:20], position=-1, top=2)  # a verbatim repeat
+    assert trace["memory_tokens"] == 56 and 0 < trace["predicted_probability"] <= 1
+    assert len(trace["heads"]) == 4 and all(0 <= h["gate"] <= 1 for h in trace["heads"])
+    found = [c for h in trace["heads"] for c in h["chunks"] if c["stream_position"] == 19]
+    assert found, "no head retrieved the token's own earlier occurrence"
+    assert found[0]["text"] == str([int(memory[0, 19])]) and found[0]["followed_by"] == str([int(memory[0, 20])])
+    for h in trace["heads"]:
+        weights = [c["weight"] for c in h["chunks"]]
+        assert weights == sorted(weights, reverse=True)
+    with pytest.raises(InputError, match="outside the 10 local tokens"):
+        retrieval_trace(model, bank, memory[:, 10:20], position=10)
