@@ -92,6 +92,7 @@ def test_entrypoints_and_import_paths_exist():
 
 
 def test_job_configs_build_valid_jobs():
+    from longmem.config import LongMemConfig
     from pipelines.build_memory import BuildJob
     from pipelines.evaluate import EvalJob
     from pipelines.serve import ServeArgs
@@ -99,7 +100,9 @@ def test_job_configs_build_valid_jobs():
 
     load = lambda name: yaml.safe_load((ROOT / "jobs" / "configs" / name).read_text())  # noqa: E731
     BuildJob(**load("build_memory.yaml")["job"]).validate()
-    TrainJob(**load("train_sidenet.yaml")["job"]).train_config()
+    train = TrainJob(**load("train_sidenet.yaml")["job"])
+    train.train_config()
+    LongMemConfig(**train.model).validate()  # the recipe's model settings exist and fit together
     ServeArgs(**load("serve.yaml")["args"])
     job = load("evaluate.yaml")["job"]
     for task in ("perplexity", "suffix", "icl"):
