@@ -177,10 +177,9 @@ class LongMemConfig:
         return self
 
     def override_checkpoint_settings(self, settings: dict) -> "LongMemConfig":
-        """Change the settings of CHECKPOINT_OVERRIDES in place (a clear error for any other).
-
-        CHECKPOINT_ADDITIONS are accepted too; they only take effect before the SideNet is built
-        (`LongMem.from_pretrained(..., overrides=)`)."""
+        """Change CHECKPOINT_OVERRIDES and CHECKPOINT_ADDITIONS settings in place (a clear error for any
+        other). `LongMem.from_pretrained(..., overrides=)` calls it before building the SideNet, so an
+        addition's weight exists."""
         allowed = CHECKPOINT_OVERRIDES + tuple(CHECKPOINT_ADDITIONS)
         fixed = sorted(set(settings) - set(allowed))
         if fixed:

@@ -43,11 +43,11 @@ class MemoryRetrieval:
     next_values: torch.Tensor | None = None  # (B, Hq, T, k * csz, D)
     next_mask: torch.Tensor | None = None  # (B, Hq, T, k * csz)
     token_ids: torch.Tensor | None = None  # (B, Hq, T, k, csz) token ids of each chunk, -1 if unknown
-    # Also with with_next: the id of the token before each retrieved token in its stream (-1 where
-    # not stored), and the id of the token before each query token (set by the model; -1 unknown).
+    # Also with with_next: the ids of the tokens before and after each retrieved token in its stream
+    # (-1 where not stored), and the id of the token before each query token (set by the model).
     prev_token_ids: torch.Tensor | None = None  # (B, Hq, T, k * csz)
-    next_token_ids: torch.Tensor | None = None  # (B, Hq, T, k * csz) id of the token after, -1 unknown
-    query_prev_ids: torch.Tensor | None = None  # (B, T)
+    next_token_ids: torch.Tensor | None = None  # (B, Hq, T, k * csz)
+    query_prev_ids: torch.Tensor | None = None  # (B, T), -1 unknown
 
     @property
     def has_memory(self) -> torch.Tensor:
@@ -234,8 +234,8 @@ class MemoryBank:
     def search(self, queries: torch.Tensor, k: int, streams=None, with_next: bool = False) -> MemoryRetrieval:
         """Exact top-k chunks for every query token and head: queries (B, T, Hq, D).
 
-        `with_next` also returns, for each retrieved token, the value of the token after it and the
-        id of the token before it."""
+        `with_next` also returns, for each retrieved token, the value and id of the token after it
+        and the id of the token before it."""
         self._check("queries", queries, None)
         B, T, Hq, D = queries.shape
         Hkv = self.num_kv_heads

@@ -371,8 +371,8 @@ class MemoryShard:
 
     def gather(self, rows: np.ndarray, with_next: bool = False) -> dict:
         """rows (n, Hq, k) -> keys/values (n, Hq, k, c, D) of each chunk from its query head's KV head,
-        positions, token ids, and (with_next) the values of each token's successor and their mask, and
-        the id of each token's predecessor (-1 where not stored)."""
+        positions, token ids, and (with_next) the values and ids of each token's successor, their
+        mask, and the id of each token's predecessor (ids -1 where not stored)."""
         G = rows.shape[1] // self.spec.num_kv_heads
         valid = rows >= 0
         r = np.where(valid, rows, 0)
