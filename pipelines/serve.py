@@ -62,18 +62,17 @@ class ServeArgs(BaseModel):
 
 # ------------------------------------------------------------------------------ memory shards
 def split_retrieval(r, sizes: list[int]):
-    """A MemoryRetrieval of concatenated queries (along T) -> one per request."""
-    from longmem.memory import MemoryRetrieval
+    """A MemoryRetrieval of concatenated queries (along T) -> one per request.
+
+    Every per-query field, whatever it holds, has T as dim 2 (B, Hq, T, ...); `streams` has no T,
+    and `query_prev_ids` is set later by the model."""
+    import dataclasses
 
     out, start = [], 0
     for n in sizes:
-        def cut(x, dim=2, s=start, e=start + n):
-            return None if x is None else x.narrow(dim, s, e - s)
-
-        out.append(MemoryRetrieval(
-            keys=cut(r.keys), values=cut(r.values), token_mask=cut(r.token_mask), scores=cut(r.scores),
-            slots=cut(r.slots), positions=cut(r.positions), streams=r.streams, queries=cut(r.queries),
-            next_values=cut(r.next_values), next_mask=cut(r.next_mask), token_ids=cut(r.token_ids)))
+        cuts = {f.name: getattr(r, f.name).narrow(2, start, n) for f in dataclasses.fields(r)
+                if f.name not in ("streams", "query_prev_ids") and getattr(r, f.name) is not None}
+        out.append(dataclasses.replace(r, **cuts))
         start += n
     return out
 
