@@ -183,7 +183,13 @@ def run_training(job: TrainJob, address: str | None = None) -> dict:
     if not docs:
         raise InputError(f"no usable documents in {job.corpus}: {summary['skipped']}")
     if job.key_center_tokens > 0 and "key_center" not in job.model:
-        tokens = torch.as_tensor(np.concatenate(docs)[: job.key_center_tokens], dtype=torch.long)[None]
+        head, need = [], job.key_center_tokens  # the corpus's first tokens, without copying all of it
+        for doc in docs:
+            if need <= 0:
+                break
+            head.append(doc[:need])
+            need -= len(head[-1])
+        tokens = torch.as_tensor(np.concatenate(head), dtype=torch.long)[None]
         probe.calibrate_key_center(tokens)
         job.model = {**job.model, "key_center": probe.config.key_center}  # every worker gets the same centre
         print(f"[train] key_center set from {tokens.shape[1]} corpus tokens", flush=True)
