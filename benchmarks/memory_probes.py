@@ -19,7 +19,9 @@ import torch
 from common import AUSTEN, machine
 from longmem.model import LongMem
 from longmem.probes import copy_probe, passkey_probe
-from longmem.training import EpisodeSampler, TrainConfig, make_optimizer, train_step
+from longmem.sidenet import MemoryCopy
+from longmem.training import (DistractorMemory, EpisodeSampler, TrainConfig, distractor_segments, make_optimizer,
+                              train_step)
 
 HELD_OUT = "persuasion.txt"
 
@@ -46,6 +48,8 @@ def main():
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--memory-lr", type=float, default=3e-3)
     ap.add_argument("--answer-weight", type=float, default=1.0)
+    ap.add_argument("--distractor-tokens", type=int, default=0,
+                    help="tokens of other corpus text in every training episode's memory")
     ap.add_argument("--segments", type=int, default=3)
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--log-every", type=int, default=10)
@@ -56,13 +60,16 @@ def main():
     ap.add_argument("--chunk-size", type=int, help="memory chunk size (search granularity); 1 searches single tokens")
     ap.add_argument("--prev-bonus", type=float, help="memory_prev_bonus_init (two-token match in the next read)")
     ap.add_argument("--copy-gate", type=float, help="memory_copy_init (copy distribution mixed into the output)")
+    ap.add_argument("--copy-match", type=float, help="memory_copy_match_init (the copy gate opens on exact reads)")
+    ap.add_argument("--fresh-copy", action="store_true",
+                    help="continue a checkpoint with its copy head (gate, head weights) back at init")
     ap.add_argument("--center-keys", type=int, default=0,
                     help="set key_center from this many tokens of the first training book (0: leave it)")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
 
     overrides = {k: v for k, v in {"chunk_size": args.chunk_size, "memory_prev_bonus_init": args.prev_bonus,
-                                 "memory_copy_init": args.copy_gate}.items()
+                                 "memory_copy_init": args.copy_gate, "memory_copy_match_init": args.copy_match}.items()
                  if v is not None}
     if args.checkpoint:
         model = LongMem.from_pretrained(args.checkpoint, overrides=overrides)
@@ -73,6 +80,11 @@ def main():
                                       window=args.window, memory_read=args.memory_read,
                                       memory_temperature_init=args.memory_temperature_init,
                                       memory_confidence=args.memory_confidence, **scale, **overrides)
+    if args.fresh_copy:
+        if model.config.memory_copy_init is None:
+            sys.exit("--fresh-copy needs a copy head (--copy-gate)")
+        model.sidenet.memory_copy = MemoryCopy(model.adapter.hidden_size, model.adapter.num_heads,
+                                               model.config.memory_copy_init, model.config.memory_copy_match_init)
     tok = model.tokenizer
     if args.center_keys:
         first_book = tokenize(tok, next(p for p in sorted(AUSTEN.glob("*.txt")) if p.name != HELD_OUT))
@@ -81,14 +93,20 @@ def main():
     t_start = time.time()
     if not args.eval_only:
         cfg = TrainConfig(steps=args.steps, lr=args.lr, memory_lr=args.memory_lr, curriculum=args.curriculum,
-                          answer_weight=args.answer_weight,
+                          answer_weight=args.answer_weight, distractor_tokens=args.distractor_tokens,
                           segments_per_episode=args.segments, seed=args.seed).validate()
         books = [tokenize(tok, p) for p in sorted(AUSTEN.glob("*.txt")) if p.name != HELD_OUT]
         sampler = EpisodeSampler(books, args.window, cfg.segments_per_episode, cfg.curriculum, cfg.seed, tok)
+        distractors = None
+        if cfg.distractor_tokens:
+            distractors = DistractorMemory(model, distractor_segments(books, args.window, cfg), cfg.distractor_tokens)
+            print(json.dumps({"distractor_pool_segments": len(distractors.ids),
+                              "elapsed_s": round(time.time() - t_start)}), flush=True)
         optimizer, scheduler = make_optimizer(model.sidenet, cfg)
         seen = 0
         for step in range(cfg.steps):
-            metrics = train_step(model, [[sampler.sample() for _ in range(cfg.batch_size)]], optimizer, scheduler, cfg)
+            metrics = train_step(model, [[sampler.sample() for _ in range(cfg.batch_size)]], optimizer, scheduler, cfg,
+                                 distractors=distractors)
             seen += metrics["tokens"]
             if step % args.log_every == 0 or step == cfg.steps - 1:
                 print(json.dumps({"step": step, "elapsed_s": round(time.time() - t_start), **{

@@ -139,7 +139,7 @@ def cmd_train(args) -> int:
         "window": args.segment, "memory_tokens": args.memory_tokens, "side_init": args.side_init,
         "retrieval_query": args.retrieval_query, "memory_scale_init": args.memory_scale_init,
         "chunk_size": args.chunk_size, "memory_prev_bonus_init": args.prev_bonus,
-        "memory_copy_init": args.copy_gate,
+        "memory_copy_init": args.copy_gate, "memory_copy_match_init": args.copy_match,
     }.items() if v is not None}
     train = {"steps": args.steps, "batch_size": args.batch, "curriculum": args.curriculum, "lr": args.lr,
              "segments_per_episode": args.segments, "grad_accum": args.grad_accum, "seed": args.seed,
@@ -148,6 +148,8 @@ def cmd_train(args) -> int:
         train["memory_lr"] = args.memory_lr
     if args.answer_weight is not None:
         train["answer_weight"] = args.answer_weight
+    if args.distractor_tokens:
+        train["distractor_tokens"] = args.distractor_tokens
     job = TrainJob(corpus=args.corpus, out=args.out, backbone=args.backbone, init_checkpoint=args.checkpoint,
                    workers=args.workers, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker, name=args.name,
                    storage_path=args.storage, checkpoint_every=args.checkpoint_every, text_field=args.text_field,
@@ -178,7 +180,12 @@ def cmd_trace(args) -> int:
     for head in trace["heads"]:
         print(f"  head {head['head']}: gate {head['gate']:.3f}")
         for ch in head["chunks"]:
-            print(f"    weight {ch['weight']:.3f} score {ch['score']:8.3f} @ {ch['stream_position']:>6}: {ch['text']!r}")
+            followed = f" -> {ch['followed_by']!r}" if "followed_by" in ch else ""
+            print(f"    weight {ch['weight']:.3f} score {ch['score']:8.3f} @ {ch['stream_position']:>6}: {ch['text']!r}{followed}")
+    if trace.get("copy"):
+        show = lambda top: ", ".join(f"{t['token']!r} {t['p']:.3f}" for t in top)  # noqa: E731
+        print(f"  copy gate {trace['copy']['gate']:.3f}; model alone: {show(trace['copy']['model_top'])}; "
+              f"copy: {show(trace['copy']['copy_top'])}")
     return 0
 
 
@@ -323,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=3e-4)
     t.add_argument("--memory-lr", type=float, help="learning rate of the gates and memory scale (default 3e-3)")
     t.add_argument("--answer-weight", type=float, help="loss weight of passkey answer tokens (default 1)")
+    t.add_argument("--distractor-tokens", type=int, default=0, metavar="TOKENS",
+                   help="put TOKENS of other corpus text in every episode's memory first (reads learnt "
+                        "among as many unrelated tokens as at a long test distance)")
     t.add_argument("--warmup", type=int, default=20)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--side-init", choices=["zero", "paper"])
@@ -333,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="centre memory keys on their mean over the corpus's first TOKENS tokens (0: raw keys)")
     t.add_argument("--copy-gate", type=float, metavar="BIAS",
                    help="also copy the token that followed each memory match, gate logit starting at BIAS")
+    t.add_argument("--copy-match", type=float, metavar="LOGIT",
+                   help="the copy gate also opens on an exact read: LOGIT added at cosine 1 (learned)")
     t.add_argument("--prev-bonus", type=float,
                    help="learned bonus (initial value) for a memory token whose predecessor matches the query's")
     t.add_argument("--name", default="longmem-sidenet", help="run name; the same name resumes")

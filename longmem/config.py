@@ -22,7 +22,8 @@ MEMORY_READS = ("attend", "next")
 # Settings no SideNet weight depends on: a trained checkpoint can be read or continued with others.
 CHECKPOINT_OVERRIDES = ("chunk_size", "retrieve_tokens", "memory_tokens", "key_center")
 # Settings that add a weight: a checkpoint without it can be continued with one, starting at its init.
-CHECKPOINT_ADDITIONS = {"memory_prev_bonus_init": "memory_prev_bonus", "memory_copy_init": "memory_copy"}
+CHECKPOINT_ADDITIONS = {"memory_prev_bonus_init": "memory_prev_bonus", "memory_copy_init": "memory_copy",
+                        "memory_copy_match_init": "match_gate"}
 
 
 class ConfigError(ValueError):
@@ -85,6 +86,12 @@ class LongMemConfig:
     # pointer-generator / kNN-LM step). The read reaches the hidden state only as a value vector,
     # which a small model can decode into the wrong digit even when the read is exact. None: off.
     memory_copy_init: float | None = None
+    # The copy gate also sees the read's evidence: g = sigmoid(u . h + b + sum_h m_h c_h + m_0 peak),
+    # c_h the read-weighted cosine of head h, peak = max_v p_copy(v) (do the reads agree on one next
+    # token); sum_h m_h and m_0 start here. Without it the gate sees the hidden state alone and learns
+    # to stay shut (on prose a copy is usually wrong): a read that lands on the right digit 32k tokens
+    # back then still loses to the model's own guess. None: off.
+    memory_copy_match_init: float | None = None
     # The mean memory-layer key per KV head, (Hkv, D), subtracted from every memory key and search
     # vector (set by LongMem.calibrate_key_center). Raw keys share a large common component (its
     # norm is ~90% of a key's on SmolLM2), so raw cosines crowd near 1 and rare tokens drown among
@@ -134,9 +141,11 @@ class LongMemConfig:
             raise ConfigError(f"retrieval_metric must be 'ip' or 'cosine', got {self.retrieval_metric!r}")
         if self.memory_read not in MEMORY_READS:
             raise ConfigError(f"memory_read must be one of {MEMORY_READS}, got {self.memory_read!r}")
-        for name in ("memory_prev_bonus_init", "memory_copy_init"):
+        for name in ("memory_prev_bonus_init", "memory_copy_init", "memory_copy_match_init"):
             if getattr(self, name) is not None and self.memory_read != "next":
                 raise ConfigError(f"{name} needs memory_read='next'")
+        if self.memory_copy_match_init is not None and self.memory_copy_init is None:
+            raise ConfigError("memory_copy_match_init needs memory_copy_init (it is a term of the copy gate)")
         if not (isinstance(self.memory_temperature_init, (int, float)) and self.memory_temperature_init > 0):
             raise ConfigError(f"memory_temperature_init must be positive, got {self.memory_temperature_init!r}")
         if self.memory_dtype not in MEMORY_DTYPES:

@@ -49,6 +49,10 @@ class MemoryReadout:
     retrieval: MemoryRetrieval
     weights: torch.Tensor  # (B, Hq, T, K) attention over retrieved tokens (0 where empty)
     gate: torch.Tensor  # (B, Hq, T) effective mix weight on memory (0 where nothing retrieved)
+    # "next" read: how exactly what was read matches the query, the read-weighted cosine in [-1, 1]
+    # (0 where a head read nothing). The copy head's gate can open on it.
+    match: torch.Tensor | None = None  # (B, Hq, T)
+    copy_gate: torch.Tensor | None = None  # (B, T) the copy head's g (set by it; 0 where nothing was read)
 
 
 def memory_attention(q, retrieval: MemoryRetrieval, scale: float):
@@ -70,12 +74,14 @@ def next_token_read(retrieval: MemoryRetrieval, temperature: torch.Tensor, prev_
     """Match each query to the retrieved keys by cosine; read the value of the token after the match.
 
     temperature (Hq,); prev_bonus (Hq,) is added where a retrieved token's predecessor is the query's.
-    Returns out (B, Hq, T, D), weights (B, Hq, T, K) over the matched tokens.
+    Returns out (B, Hq, T, D), weights (B, Hq, T, K) over the matched tokens, and the read-weighted
+    cosine (B, Hq, T): near 1 where the read lands on tokens whose keys equal the query's.
     """
     q = F.normalize(retrieval.queries.float(), dim=-1)  # (B, Hq, T, D)
     keys = F.normalize(retrieval.keys.float(), dim=-1)  # (B, Hq, T, K, D)
     mask = retrieval.token_mask & retrieval.next_mask
-    logits = torch.einsum("bhtd,bhtkd->bhtk", q, keys) * temperature.float()[None, :, None, None]
+    cos = torch.einsum("bhtd,bhtkd->bhtk", q, keys)
+    logits = cos * temperature.float()[None, :, None, None]
     if prev_bonus is not None and retrieval.prev_token_ids is not None and retrieval.query_prev_ids is not None:
         query_prev = retrieval.query_prev_ids[:, None, :, None]  # (B, 1, T, 1)
         same = (retrieval.prev_token_ids == query_prev) & (query_prev >= 0)  # (B, Hq, T, K)
@@ -84,7 +90,7 @@ def next_token_read(retrieval: MemoryRetrieval, temperature: torch.Tensor, prev_
     weights = torch.where(mask, weights, torch.zeros_like(weights))
     values = retrieval.next_values
     out = torch.einsum("bhtk,bhtkd->bhtd", weights.to(values.dtype), values)
-    return out, weights
+    return out, weights, (weights * cos.masked_fill(~mask, 0.0)).sum(-1)
 
 
 def match_confidence(retrieval: MemoryRetrieval, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -101,22 +107,40 @@ class MemoryCopy(nn.Module):
 
     p_copy(v) = sum_h a_h sum_k w_hk [next id_hk = v] (a = softmax of learned head weights over the
     heads that read something); out = log((1 - g) p_model + g p_copy), g = sigmoid(u . h + b).
+    With a match gate the logit also adds sum_h m_h c_h + m_0 max_v p_copy(v): how exactly each head's
+    read matches its query (c_h, the read-weighted cosine) and how much the reads agree on one next
+    token, evidence the hidden state lacks about a read made 32k tokens away.
     Where nothing was read the output is exactly log_softmax(logits), as without memory.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, gate_init: float):
+    def __init__(self, hidden_size: int, num_heads: int, gate_init: float, match_init: float | None = None):
         super().__init__()
         self.head_logits = nn.Parameter(torch.zeros(num_heads))
         self.gate = nn.Linear(hidden_size, 1)
         with torch.no_grad():
             self.gate.weight.zero_()
             self.gate.bias.fill_(gate_init)
+        # (Hq + 1,): per-head cosine weights summing to match_init, then the copy peak's weight match_init:
+        # an exact read that all heads agree on adds 2 * match_init to the gate logit
+        self.match_gate = None
+        if match_init is not None:
+            init = torch.full((num_heads + 1,), float(match_init) / num_heads)
+            init[-1] = float(match_init)
+            self.match_gate = nn.Parameter(init)
 
-    def forward(self, hidden: torch.Tensor, logits: torch.Tensor, readout: MemoryReadout | None) -> torch.Tensor:
-        """hidden (B, T, C), logits (B, T, V) -> log-probabilities (B, T, V)."""
+    def gate_logit(self, hidden: torch.Tensor, readout: MemoryReadout, copy_peak: torch.Tensor) -> torch.Tensor:
+        """(B, T, 1) logit of g. copy_peak (B, T): max_v p_copy(v). The read's evidence enters as a
+        feature only (detached): the gate learns when to trust a read, not to change it."""
+        z = self.gate(hidden.float())
+        if self.match_gate is not None and readout.match is not None:
+            m = self.match_gate.float()
+            z = z + ((readout.match.detach().float() * m[None, :-1, None]).sum(1) + m[-1] * copy_peak.detach())[..., None]
+        return z
+
+    def parts(self, hidden: torch.Tensor, logits: torch.Tensor, readout: MemoryReadout):
+        """The mix's parts: log p_model (B, T, V), p_copy (B, T, V), gate logit z (B, T, 1), and
+        whether any head read something (B, T)."""
         log_model = torch.log_softmax(logits.float(), dim=-1)
-        if readout is None or readout.retrieval.next_token_ids is None:
-            return log_model.to(logits.dtype)
         ids = readout.retrieval.next_token_ids  # (B, Hq, T, K)
         weights = torch.where(ids >= 0, readout.weights.float(), torch.zeros((), device=ids.device))
         read = weights.sum(-1) > 0  # (B, Hq, T)
@@ -126,10 +150,18 @@ class MemoryCopy(nn.Module):
         mass = (weights * heads[..., None]).permute(0, 2, 1, 3).reshape(B, T, Hq * K)
         p_copy = torch.zeros(B, T, logits.shape[-1], device=logits.device).scatter_add_(
             -1, ids.clamp_min(0).permute(0, 2, 1, 3).reshape(B, T, Hq * K), mass)
-        z = self.gate(hidden.float())  # (B, T, 1) gate logit
+        z = self.gate_logit(hidden, readout, p_copy.max(-1).values)
+        return log_model, p_copy, z, read.any(1)
+
+    def forward(self, hidden: torch.Tensor, logits: torch.Tensor, readout: MemoryReadout | None) -> torch.Tensor:
+        """hidden (B, T, C), logits (B, T, V) -> log-probabilities (B, T, V)."""
+        if readout is None or readout.retrieval.next_token_ids is None:
+            return torch.log_softmax(logits.float(), dim=-1).to(logits.dtype)
+        log_model, p_copy, z, read = self.parts(hidden, logits, readout)
+        readout.copy_gate = torch.where(read, torch.sigmoid(z[..., 0]), torch.zeros((), device=z.device)).detach()
         # log((1 - g) p + g c) in log space: stable where p or c is tiny and where g saturates
         mixed = torch.logaddexp(F.logsigmoid(-z) + log_model, F.logsigmoid(z) + p_copy.clamp_min(1e-30).log())
-        return torch.where(read.any(1)[..., None], mixed, log_model).to(logits.dtype)
+        return torch.where(read[..., None], mixed, log_model).to(logits.dtype)
 
 
 class SideLayer(nn.Module):
@@ -190,12 +222,12 @@ class SideLayer(nn.Module):
             local = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
         # local: (B, Hq, T, D)
 
-        readout, memory_update = None, None
+        readout, memory_update, match = None, None, None
         retrieval = retrieve(q_plain) if (self.is_memory_layer and retrieve is not None) else None
         if retrieval is not None:
             if self.memory_read == "next":
-                remembered, weights = next_token_read(retrieval, self.memory_temperature.exp(),
-                                                      getattr(self, "memory_prev_bonus", None))
+                remembered, weights, match = next_token_read(retrieval, self.memory_temperature.exp(),
+                                                             getattr(self, "memory_prev_bonus", None))
                 remembered = remembered.to(local.dtype)
                 has = (retrieval.token_mask & retrieval.next_mask).any(-1)  # (B, Hq, T)
             else:
@@ -205,7 +237,7 @@ class SideLayer(nn.Module):
             if getattr(self, "memory_conf_scale", None) is not None:
                 gate = gate * match_confidence(retrieval, self.memory_conf_scale.exp(), self.memory_conf_bias).to(gate.dtype)
             gate = torch.where(has, gate, torch.zeros_like(gate))  # nothing retrieved: exactly the local layer
-            readout = MemoryReadout(retrieval, weights, gate)
+            readout = MemoryReadout(retrieval, weights, gate, match)
             memory_part = gate[..., None] * (remembered - local)  # (B, Hq, T, D)
             if self.memory_scale is None:
                 local = local + memory_part
@@ -232,7 +264,8 @@ class SideNet(nn.Module):
             p.requires_grad_(True)
         self.memory_copy = None
         if config.memory_copy_init is not None:
-            self.memory_copy = MemoryCopy(adapter.hidden_size, adapter.num_heads, config.memory_copy_init)
+            self.memory_copy = MemoryCopy(adapter.hidden_size, adapter.num_heads, config.memory_copy_init,
+                                          config.memory_copy_match_init)
 
     @property
     def memory_layer(self) -> SideLayer:

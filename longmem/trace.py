@@ -1,7 +1,8 @@
 """Retrieval trace: which memory chunks each head read for one token, with what weight, and how
 much of the layer's attention went to memory (the gate). The tool that says why memory did or
 did not help. With memory_read="next" a chunk's weight is on its tokens as matches, and the value
-read is that of the token after each match ("followed_by")."""
+read is that of the token after each match ("followed_by"). With a copy head the trace also shows
+its gate and what the model alone and the copy each predicted."""
 
 from __future__ import annotations
 
@@ -23,7 +24,13 @@ def retrieval_trace(model: LongMem, bank: MemoryBank, ids: torch.Tensor, positio
         raise InputError(f"position {position} is outside the {T} local tokens")
     position %= T
     model.eval()
-    out = model(ids, bank=bank, streams=[stream])
+    copy_head, copy_inputs = model.sidenet.memory_copy, []
+    hook = copy_head.register_forward_hook(lambda m, args, out: copy_inputs.append(args)) if copy_head else None
+    try:
+        out = model(ids, bank=bank, streams=[stream])
+    finally:
+        if hook is not None:
+            hook.remove()
     read = out.readout
     c = model.config.chunk_size
     decode = (lambda t: model.tokenizer.decode(t)) if model.tokenizer is not None else (lambda t: str(t))
@@ -48,6 +55,13 @@ def retrieval_trace(model: LongMem, bank: MemoryBank, ids: torch.Tensor, positio
         heads.append({"head": h, "gate": round(float(read.gate[0, h, position]), 4), "chunks": chunks})
     probs = torch.softmax(out.logits[0, position].float(), -1)
     next_id = int(probs.argmax())
+    copy = None
+    if copy_inputs and copy_inputs[0][2] is not None:  # what the model alone and the copy each said
+        log_model, p_copy, z, _ = copy_head.parts(*copy_inputs[0])
+        p_model = log_model[0, position].exp()
+        top = lambda p: [{"token": decode([int(i)]), "p": round(float(p[i]), 4)} for i in p.topk(3).indices]  # noqa: E731
+        copy = {"gate": round(float(torch.sigmoid(z[0, position, 0])), 4),
+                "model_top": top(p_model), "copy_top": top(p_copy[0, position])}
     return {
         "token": decode([int(ids[0, position])]),
         "position": position,
@@ -55,4 +69,5 @@ def retrieval_trace(model: LongMem, bank: MemoryBank, ids: torch.Tensor, positio
         "predicted_next": decode([next_id]),
         "predicted_probability": round(float(probs[next_id]), 4),
         "heads": heads,
+        "copy": copy,  # with a copy head: its gate g and the two distributions it mixes
     }

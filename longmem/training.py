@@ -11,6 +11,11 @@ Curriculum kinds (mixed by ratio, e.g. "plain:0.5,repeat:0.3,passkey:0.2"):
 - repeat:  the last segment carries a span (1/4 to all of a segment) copied from >= 2 segments
            back, beyond the local window: only memory can predict it.
 - passkey: a 5-digit key planted in the first segment's prose and asked for at the end of the last.
+
+Distractors (`distractor_tokens`): an episode's memory holds ~1k tokens, a passkey 32k tokens back
+sits among 32k. Reads learnt among 1k do not carry over (measured: the read lands on the right
+digit, the SideNet writes another). Each episode's memory can start with this many tokens of other
+text from the corpus, encoded once by the backbone (DistractorMemory).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import zlib
 from dataclasses import asdict, dataclass
 
 import torch
@@ -47,6 +53,8 @@ class TrainConfig:
     seed: int = 0
     curriculum: str = "plain:0.5,repeat:0.5"
     answer_weight: float = 1.0  # loss weight of a passkey answer's tokens (1 = like any other token)
+    distractor_tokens: int = 0  # other text put in each episode's memory first (whole segments)
+    distractor_pool: int = 4  # the encoded pool holds this many episodes' worth of distractors
 
     def validate(self) -> "TrainConfig":
         if self.steps <= 0 or self.batch_size <= 0 or self.grad_accum <= 0:
@@ -58,6 +66,8 @@ class TrainConfig:
         parse_curriculum(self.curriculum)
         if self.answer_weight <= 0:
             raise InputError(f"answer_weight must be positive, got {self.answer_weight}")
+        if self.distractor_tokens < 0 or self.distractor_pool < 1:
+            raise InputError("distractor_tokens must be >= 0 and distractor_pool >= 1")
         if "repeat" in parse_curriculum(self.curriculum) and self.segments_per_episode < 3:
             raise InputError("repeat episodes need segments_per_episode >= 3 (a span from >= 2 segments back)")
         return self
@@ -150,6 +160,59 @@ class EpisodeSampler:
         return ids, answer
 
 
+def distractor_segments(documents, window: int, cfg: TrainConfig) -> list[torch.Tensor]:
+    """The token segments (window each) of the distractor pool, drawn from the corpus by cfg.seed."""
+    if cfg.distractor_tokens <= 0:
+        return []
+    usable = [d for d in documents if len(d) >= window]
+    if not usable:
+        raise InputError(f"no document holds one {window}-token segment for distractors")
+    rng = random.Random(f"distractors:{cfg.seed}")
+    weights = [len(d) - window + 1 for d in usable]
+    count = math.ceil(cfg.distractor_tokens / window) * cfg.distractor_pool
+    segments = []
+    for _ in range(count):
+        doc = rng.choices(usable, weights=weights)[0]
+        start = rng.randrange(len(doc) - window + 1)
+        segments.append(torch.as_tensor(doc[start : start + window], dtype=torch.long))
+    return segments
+
+
+class DistractorMemory:
+    """Backbone keys/values of a pool of corpus segments, encoded once. `fill` writes
+    ceil(distractor_tokens / window) of them into a freshly reset bank, exactly as write_memory
+    would write that text; which ones follows from the episode's own tokens, so a resumed run
+    draws the same."""
+
+    def __init__(self, model: LongMem, segments: list[torch.Tensor], tokens: int):
+        W = model.config.window
+        self.per_episode = math.ceil(tokens / W)
+        if len(segments) < self.per_episode:
+            raise InputError(f"the distractor pool has {len(segments)} segments, an episode needs {self.per_episode}")
+        self.sink = model.config.sink_tokens
+        self.ids, self.keys, self.values = [], [], []
+        with torch.no_grad():
+            for seg in segments:
+                if seg.numel() != W:
+                    raise InputError(f"distractor segments must be {W} tokens, got {seg.numel()}")
+                seg = seg.to(model.device)[None]
+                states = model.adapter.run(seg, [], model.memory_layer, stop_after_memory=True)
+                self.ids.append(seg[0])
+                self.keys.append(states.memory_keys[0])  # (W, Hkv, D)
+                self.values.append(states.memory_values[0])
+
+    def choose(self, episode_ids: torch.Tensor) -> list[int]:
+        seed = zlib.crc32(episode_ids.to(torch.int64).cpu().numpy().tobytes())
+        return random.Random(seed).sample(range(len(self.ids)), self.per_episode)
+
+    def fill(self, bank, episode_ids: torch.Tensor) -> None:
+        """episode_ids (B, N): every row's stream gets the distractors its first row chooses."""
+        B = episode_ids.shape[0]
+        for i in self.choose(episode_ids[0]):
+            bank.add(self.keys[i][None].expand(B, -1, -1, -1), self.values[i][None].expand(B, -1, -1, -1),
+                     token_ids=self.ids[i][None].expand(B, -1), skip_first=self.sink)
+
+
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
@@ -182,12 +245,15 @@ def make_optimizer(sidenet: torch.nn.Module, cfg: TrainConfig):
 
 
 def train_step(model: LongMem, episodes: list[list[Episode]], optimizer, scheduler, cfg: TrainConfig,
-               sidenet: torch.nn.Module | None = None) -> dict:
-    """One optimiser step over `grad_accum` micro-batches of episodes. `sidenet` may be a DDP wrapper."""
+               sidenet: torch.nn.Module | None = None, distractors: DistractorMemory | None = None) -> dict:
+    """One optimiser step over `grad_accum` micro-batches of episodes. `sidenet` may be a DDP wrapper;
+    `distractors` (cfg.distractor_tokens > 0) start every episode's memory."""
+    if cfg.distractor_tokens > 0 and distractors is None:
+        raise InputError("distractor_tokens is set: pass train_step the DistractorMemory built from the corpus")
     t0 = time.perf_counter()
     W, n, k = model.config.window, cfg.segments_per_episode, cfg.train_segments
     model.train()
-    total, tokens, gates, shares = 0.0, 0, [], []
+    total, tokens, gates, shares, copy_gates = 0.0, 0, [], [], []
     bank = None
     for micro in episodes:
         ids = torch.stack([e.ids for e in micro]).to(model.device)  # (B, n*W)
@@ -195,6 +261,8 @@ def train_step(model: LongMem, episodes: list[list[Episode]], optimizer, schedul
         if bank is None or bank.num_streams != ids.shape[0]:
             bank = model.new_bank(ids.shape[0])
         bank.reset()
+        if distractors is not None:
+            distractors.fill(bank, ids)
         if n > k:
             model.write_memory(ids[:, : (n - k) * W], bank)
         for j in range(n - k, n):
@@ -220,6 +288,8 @@ def train_step(model: LongMem, episodes: list[list[Episode]], optimizer, schedul
                 has = out.readout.retrieval.has_memory
                 if has.any():
                     shares.append(out.readout.gate[has].float().mean().item())
+                if out.readout.copy_gate is not None and has.any(1).any():
+                    copy_gates.append(out.readout.copy_gate[has.any(1)].float().mean().item())
     params = [p for p in (sidenet or model.sidenet).parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
     optimizer.step()
@@ -227,7 +297,7 @@ def train_step(model: LongMem, episodes: list[list[Episode]], optimizer, schedul
     optimizer.zero_grad(set_to_none=True)
     layer = model.sidenet.memory_layer
     gates = torch.sigmoid(layer.gate.detach()).tolist()
-    return {
+    metrics = {
         "loss": total / (k * len(episodes)),
         "tokens": tokens,
         "tokens_per_s": tokens / (time.perf_counter() - t0),
@@ -238,3 +308,6 @@ def train_step(model: LongMem, episodes: list[list[Episode]], optimizer, schedul
         "memory_share": sum(shares) / len(shares) if shares else 0.0,
         "memory_scale": None if layer.memory_scale is None else layer.memory_scale.item(),
     }
+    if copy_gates:  # the copy head's mean g where memory was read
+        metrics["copy_gate"] = sum(copy_gates) / len(copy_gates)
+    return metrics

@@ -22,7 +22,8 @@ import torch
 from longmem.backbone import cache_dir, resolve_backbone
 from longmem.config import DEFAULT_BACKBONE
 from longmem.model import CONFIG_NAME, WEIGHTS_NAME, InputError, LongMem
-from longmem.training import Episode, EpisodeSampler, TrainConfig, make_optimizer, train_step
+from longmem.training import (DistractorMemory, Episode, EpisodeSampler, TrainConfig, distractor_segments,
+                              make_optimizer, train_step)
 
 STATE_NAME = "trainer_state.pt"
 MODEL_DIR = "model"
@@ -138,18 +139,25 @@ def train_loop_per_worker(job: dict) -> None:
                        torch.as_tensor(r["answer"], dtype=torch.bool)) for r in taken]
         return [eps[i : i + cfg.batch_size] for i in range(0, per_step, cfg.batch_size)]
 
+    distractors = None
+    if cfg.distractor_tokens:
+        segments = [torch.as_tensor(s, dtype=torch.long) for s in job["distractor_segments"]]
+        distractors = DistractorMemory(model, segments, cfg.distractor_tokens)
     for _ in range(start * per_step):
         next(rows)
     t0 = time.time()
     for step in range(start, cfg.steps):
         torch.manual_seed(cfg.seed * 100_003 + step)
-        metrics = train_step(model, next_step_batches(), optimizer, scheduler, cfg, sidenet=wrapper)
+        metrics = train_step(model, next_step_batches(), optimizer, scheduler, cfg, sidenet=wrapper,
+                             distractors=distractors)
         metrics["step"] = done = step + 1
         stop = job.get("stop_after") and done >= job["stop_after"]
         if rank == 0 and (done % job["log_every"] == 0 or done == cfg.steps or step == start):
             print(f"[train] step {done}/{cfg.steps} loss {metrics['loss']:.4f} "
                   f"tok/s {metrics['tokens_per_s'] * world:.0f} gate {metrics['gate_mean']:.3f} "
-                  f"memory share {metrics['memory_share']:.3f} ({time.time() - t0:.0f}s)", flush=True)
+                  f"memory share {metrics['memory_share']:.3f}"
+                  + (f" copy gate {metrics['copy_gate']:.3f}" if "copy_gate" in metrics else "")
+                  + f" ({time.time() - t0:.0f}s)", flush=True)
         if done % job["checkpoint_every"] == 0 or done == cfg.steps or stop:
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt = None
@@ -194,6 +202,8 @@ def run_training(job: TrainJob, address: str | None = None) -> dict:
         job.model = {**job.model, "key_center": probe.config.key_center}  # every worker gets the same centre
         print(f"[train] key_center set from {tokens.shape[1]} corpus tokens", flush=True)
     dataset, too_short = make_episode_dataset(job, docs, window, probe.tokenizer)
+    # Every worker encodes the same distractor pool (the driver draws it once, by the run's seed).
+    distractors = [s.tolist() for s in distractor_segments(docs, window, job.train_config())]
     summary.update(too_short_for_an_episode=too_short, episodes=dataset.count())
     print(f"[train] {summary['documents']} documents, {summary['tokens']} tokens, "
           f"{summary['episodes']} episodes; skipped {summary['skipped'] or 'none'}", flush=True)
@@ -201,7 +211,7 @@ def run_training(job: TrainJob, address: str | None = None) -> dict:
 
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=asdict(job),
+        train_loop_config={**asdict(job), "distractor_segments": distractors},
         scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=job.use_gpu,
                                      resources_per_worker={"CPU": job.cpus_per_worker}),
         run_config=RunConfig(

@@ -66,3 +66,23 @@ def test_bad_input_gets_one_clear_line(tmp_path):
         assert code == 2, (args, stderr)
         assert message in stderr, (args, stderr)
         assert "Traceback" not in stderr, (args, stderr)
+
+
+def test_trace_command_shows_reads_what_followed_them_and_the_copy_gate(tiny_dir, excerpt, tmp_path):
+    from longmem.model import LongMem
+
+    checkpoint = tmp_path / "ckpt"
+    LongMem.from_backbone(str(tiny_dir), window=64, chunk_size=1, retrieve_tokens=8, side_init="paper",
+                          memory_read="next", retrieval_query="backbone_key", retrieval_metric="cosine",
+                          memory_scale_init=0.0, memory_copy_init=-2.0, memory_copy_match_init=4.0,
+                          memory_dtype="float32").save_pretrained(checkpoint)
+    text = excerpt.read_text()
+    code, stdout, stderr = longmem("trace", "--checkpoint", str(checkpoint), "--memory-file", str(excerpt),
+                                   "--text", text[1000:1300], "--top", "2")
+    assert code == 0, stderr
+    assert "head 0: gate" in stdout and " -> " in stdout  # what followed each retrieved token
+    assert "copy gate" in stdout and "model alone:" in stdout and "copy:" in stdout
+    code, stdout, _ = longmem("trace", "--checkpoint", str(checkpoint), "--memory-file", str(excerpt),
+                              "--text", text[1000:1300], "--json")
+    trace = json.loads(stdout)
+    assert 0 < trace["copy"]["gate"] < 1 and trace["memory_tokens"] > 1000

@@ -448,6 +448,43 @@ def test_memory_copy_mixes_a_normalised_copy_of_the_next_tokens_and_learns():
     assert copy.gate.weight.grad.abs().sum() > 0 and copy.head_logits.grad.abs().sum() > 0
 
 
+def test_copy_gate_opens_on_an_exact_read_through_the_match_gate():
+    model = tiny_longmem("llama", chunk_size=1, retrieve_tokens=16, memory_copy_init=-4.0,
+                         memory_copy_match_init=4.0, **NEXT_READ)
+    copy = model.sidenet.memory_copy
+    query = ids(B=1, T=12, seed=3)
+    assert torch.equal(model(query, bank=model.new_bank(1)).logits, model(query).logits)  # empty == off
+    memory = ids(B=1, T=64, seed=9)
+    bank = model.new_bank(1)
+    model.write_memory(memory, bank)
+    gates = {}
+    for name, x in (("repeat", memory[:, 20:40]), ("fresh", ids(B=1, T=20, seed=5))):
+        out = model(x, bank=bank, labels=x)
+        read = out.readout
+        # reference: the read-weighted cosine per head ...
+        q = torch.nn.functional.normalize(read.retrieval.queries.float(), dim=-1)
+        k = torch.nn.functional.normalize(read.retrieval.keys.float(), dim=-1)
+        cos = torch.einsum("bhtd,bhtkd->bhtk", q, k)
+        torch.testing.assert_close(read.match, (read.weights * cos).sum(-1), atol=1e-5, rtol=1e-5)
+        # ... and the copy distribution's peak (heads count equally at init)
+        nxt, Hq = read.retrieval.next_token_ids[0], read.weights.shape[1]
+        p_copy = torch.zeros(x.shape[1], out.logits.shape[-1])
+        for h in range(Hq):
+            p_copy.scatter_add_(-1, nxt[h].clamp_min(0), (read.weights[0, h] * (nxt[h] >= 0)).detach() / Hq)
+        peak = p_copy.max(-1).values
+        hidden = torch.zeros(1, x.shape[1], model.adapter.hidden_size)  # u starts at 0: b and the evidence count
+        z = copy.gate_logit(hidden, read, peak[None])[0, :, 0]
+        torch.testing.assert_close(z, -4.0 + 4.0 * read.match[0].mean(0) + 4.0 * peak, atol=1e-5, rtol=1e-5)
+        gates[name] = torch.sigmoid(z)
+        if name == "repeat":
+            out.loss.backward()
+    # the repeat's first token has no earlier occurrence in its context; from the second on it has
+    assert gates["repeat"][1:].mean() > gates["fresh"][1:].mean() + 0.1
+    assert copy.match_gate.grad is not None and copy.match_gate.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="needs memory_copy_init"):
+        tiny_longmem("llama", chunk_size=1, memory_copy_match_init=8.0, **NEXT_READ)
+
+
 def test_retrieval_trace_shows_the_original_occurrence_and_what_followed_it():
     from longmem.trace import retrieval_trace
 
@@ -464,5 +501,14 @@ def test_retrieval_trace_shows_the_original_occurrence_and_what_followed_it():
     for h in trace["heads"]:
         weights = [c["weight"] for c in h["chunks"]]
         assert weights == sorted(weights, reverse=True)
+    assert trace["copy"] is None  # no copy head
     with pytest.raises(InputError, match="outside the 10 local tokens"):
         retrieval_trace(model, bank, memory[:, 10:20], position=10)
+    # with a copy head the trace shows its gate and both distributions; the copy names what followed
+    model = tiny_longmem("llama", chunk_size=1, retrieve_tokens=8, memory_copy_init=-2.0, memory_copy_match_init=4.0,
+                         **NEXT_READ)
+    bank = model.new_bank(1)
+    model.write_memory(memory, bank)
+    copy = retrieval_trace(model, bank, memory[:, 10:20], position=-1)["copy"]
+    assert 0 < copy["gate"] < 1 and len(copy["model_top"]) == len(copy["copy_top"]) == 3
+    assert copy["copy_top"][0]["token"] == str([int(memory[0, 20])])

@@ -42,13 +42,15 @@ def test_two_workers_train_resume_and_match_uninterrupted(ray_local, tiny_dir, c
 
     storage = tmp_path / "runs"
     # Interrupted after the checkpoint at step 3, then started again under the same name.
-    # key_center_tokens: the driver centres memory keys once, and every run gets the same centre.
-    first = run_training(job(tiny_dir, corpus, tmp_path / "a", "resumed", storage, stop_after=3, key_center_tokens=64))
+    # key_center_tokens: the driver centres memory keys once, and every run gets the same centre;
+    # distractor_tokens: every worker encodes the same distractor pool, drawn by the driver.
+    extra = dict(key_center_tokens=64, train={"distractor_tokens": 64})
+    first = run_training(job(tiny_dir, corpus, tmp_path / "a", "resumed", storage, stop_after=3, **extra))
     assert first["steps"] == 3
     assert first["documents"] == 4 and first["skipped"] == {"empty": 1, "binary": 1, "no 'text' field": 1}
-    resumed = run_training(job(tiny_dir, corpus, tmp_path / "b", "resumed", storage, key_center_tokens=64))
+    resumed = run_training(job(tiny_dir, corpus, tmp_path / "b", "resumed", storage, **extra))
     assert resumed["steps"] == 6
-    straight = run_training(job(tiny_dir, corpus, tmp_path / "c", "straight", storage, key_center_tokens=64))
+    straight = run_training(job(tiny_dir, corpus, tmp_path / "c", "straight", storage, **extra))
 
     a = LongMem.from_pretrained(tmp_path / "b", backbone=LongMem.from_backbone(str(tiny_dir)).backbone)
     b = LongMem.from_pretrained(tmp_path / "c", backbone=LongMem.from_backbone(str(tiny_dir)).backbone)

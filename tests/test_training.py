@@ -3,7 +3,8 @@ import torch
 
 from conftest import tiny_longmem
 from longmem.model import InputError
-from longmem.training import EpisodeSampler, TrainConfig, lr_factor, make_optimizer, parse_curriculum, train_step
+from longmem.training import (DistractorMemory, EpisodeSampler, TrainConfig, distractor_segments, lr_factor,
+                              make_optimizer, parse_curriculum, train_step)
 
 
 def docs(n=3, length=400, seed=0):
@@ -99,3 +100,53 @@ def test_passkey_answer_tokens_can_weigh_more_in_the_loss(tiny_dir):
         loss = train_step(m, [[ep]], optimizer, scheduler, cfg)["loss"]
         weights = 1 + (w - 1) * in_answer
         assert loss == pytest.approx(((nll * weights).sum() / weights.sum()).item(), rel=1e-4)
+
+
+def test_distractors_start_each_episode_memory_as_write_memory_would_write_them():
+    torch.manual_seed(0)
+    model = tiny_longmem("llama", chunk_size=1, retrieve_tokens=8)
+    cfg = TrainConfig(steps=2, curriculum="plain:1", distractor_tokens=64, distractor_pool=3, warmup_steps=1)
+    books = docs(n=2, length=200)
+    segments = distractor_segments(books, 32, cfg)
+    assert len(segments) == 6 and all(s.shape == (32,) for s in segments)  # 2 segments x pool 3
+    assert all(torch.equal(a, b) for a, b in zip(segments, distractor_segments(books, 32, cfg)))  # by seed
+    distractors = DistractorMemory(model, segments, cfg.distractor_tokens)
+    sampler = EpisodeSampler(books, window=32, segments=3, curriculum="plain:1", seed=0)
+    episodes = [sampler.sample() for _ in range(6)]
+    choices = [distractors.choose(e.ids) for e in episodes]
+    assert choices[0] == distractors.choose(episodes[0].ids.clone())  # the same episode, the same distractors
+    assert len({tuple(c) for c in choices}) > 1 and all(len(c) == 2 == len(set(c)) for c in choices)
+
+    ep = torch.stack([episodes[0].ids, episodes[1].ids])  # (2, 96): both rows get the first row's choice
+    filled, written = model.new_bank(2), model.new_bank(2)
+    distractors.fill(filled, ep)
+    text = torch.cat([segments[i] for i in choices[0]])[None].expand(2, -1)
+    model.write_memory(text, written)
+    query = ep[:, 64:]
+    a, b = model(query, bank=filled), model(query, bank=written)
+    assert filled.num_tokens(0) == filled.num_tokens(1) == written.num_tokens(0) == 2 * (32 - model.config.sink_tokens)
+    assert torch.equal(a.readout.retrieval.positions, b.readout.retrieval.positions)
+    torch.testing.assert_close(a.logits, b.logits)
+
+    optimizer, scheduler = make_optimizer(model.sidenet, cfg)
+    with pytest.raises(InputError, match="pass train_step the DistractorMemory"):
+        train_step(model, [[episodes[0]]], optimizer, scheduler, cfg)
+    metrics = train_step(model, [[episodes[0]]], optimizer, scheduler, cfg, distractors=distractors)
+    # memory ends holding the 2 distractor segments and the episode's 3 (the trained one is written after its read)
+    assert metrics["memory_fill"] * model.config.memory_tokens == 5 * (32 - model.config.sink_tokens)
+    with pytest.raises(InputError, match="distractor_tokens must be >= 0"):
+        TrainConfig(distractor_tokens=-1).validate()
+
+
+def test_train_step_reports_the_copy_gate_where_memory_was_read():
+    torch.manual_seed(0)
+    model = tiny_longmem("llama", chunk_size=1, retrieve_tokens=8, memory_read="next", retrieval_query="backbone_key",
+                         retrieval_metric="cosine", memory_scale_init=0.0, memory_copy_init=-3.0)
+    cfg = TrainConfig(steps=1, curriculum="plain:1", warmup_steps=1, lr=0.0, memory_lr=0.0)
+    episode = EpisodeSampler(docs(n=1, length=200), window=32, segments=3, curriculum="plain:1").sample()
+    optimizer, scheduler = make_optimizer(model.sidenet, cfg)
+    metrics = train_step(model, [[episode]], optimizer, scheduler, cfg)
+    assert metrics["copy_gate"] == pytest.approx(torch.sigmoid(torch.tensor(-3.0)).item(), rel=1e-5)  # u starts at 0
+    plain = tiny_longmem("llama")
+    optimizer, scheduler = make_optimizer(plain.sidenet, cfg)
+    assert "copy_gate" not in train_step(plain, [[episode]], optimizer, scheduler, cfg)
