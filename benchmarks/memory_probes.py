@@ -56,6 +56,7 @@ def main():
     ap.add_argument("--probe-episodes", type=int, default=4)
     ap.add_argument("--passkey-distances", type=int, nargs="*", default=[4096])
     ap.add_argument("--passkey-trials", type=int, default=4)
+    ap.add_argument("--passkey-seed", type=int, default=0, help="draws keys and places (another seed: other trials)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--chunk-size", type=int, help="memory chunk size (search granularity); 1 searches single tokens")
     ap.add_argument("--prev-bonus", type=float, help="memory_prev_bonus_init (two-token match in the next read)")
@@ -116,7 +117,8 @@ def main():
             model.save_pretrained(args.out)
     held = tokenize(tok, AUSTEN / HELD_OUT)[None]
     report["copy_probe"] = copy_probe(model, held[:, : (3 * args.window) * args.probe_episodes], episodes=args.probe_episodes)
-    report["passkey"] = [passkey_probe(model, held, d, trials=args.passkey_trials) for d in args.passkey_distances]
+    report["passkey"] = [passkey_probe(model, held, d, trials=args.passkey_trials, seed=args.passkey_seed)
+                         for d in args.passkey_distances]
     print(json.dumps(report, indent=2), flush=True)
     out_dir = args.out or args.checkpoint
     if out_dir:

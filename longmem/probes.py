@@ -97,5 +97,5 @@ def passkey_probe(model: LongMem, filler_ids: torch.Tensor, distance: int, trial
             digits = re.findall(r"\d{5}", text.replace(" ", ""))
             correct[name] += bool(digits) and digits[0] == key
         examples.append({"key": key, **answers})
-    return {"distance": distance, "trials": trials, "local_tokens": W // 2,
+    return {"distance": distance, "trials": trials, "seed": seed, "local_tokens": W // 2,
             **{f"accuracy_{k}": v / trials for k, v in correct.items()}, "answers": examples}
