@@ -20,7 +20,7 @@ RETRIEVAL_QUERIES = ("side", "backbone", "backbone_key")
 MEMORY_DTYPES = ("float32", "float16", "bfloat16")
 MEMORY_READS = ("attend", "next")
 # Settings no SideNet weight depends on: a trained checkpoint can be read or continued with others.
-CHECKPOINT_OVERRIDES = ("chunk_size", "retrieve_tokens", "memory_tokens", "key_center")
+CHECKPOINT_OVERRIDES = ("chunk_size", "retrieve_tokens", "memory_tokens", "key_center", "memory_copy_gate_hidden")
 # Settings that add a weight: a checkpoint without it can be continued with one, starting at its init.
 CHECKPOINT_ADDITIONS = {"memory_prev_bonus_init": "memory_prev_bonus", "memory_copy_init": "memory_copy",
                         "memory_copy_match_init": "match_gate"}
@@ -92,6 +92,11 @@ class LongMemConfig:
     # to stay shut (on prose a copy is usually wrong): a read that lands on the right digit 32k tokens
     # back then still loses to the model's own guess. None: off.
     memory_copy_match_init: float | None = None
+    # False: the copy gate is b + the read's evidence alone, without u . h. Measured (run 13): with the
+    # hidden state the gate learns to shut in every passkey-answer context (u . h -7 to -11 at the
+    # digits), because at training distances the value path already writes the digit; it cannot
+    # foresee the rare test positions where the value path fails and the read does not.
+    memory_copy_gate_hidden: bool = True
     # The mean memory-layer key per KV head, (Hkv, D), subtracted from every memory key and search
     # vector (set by LongMem.calibrate_key_center). Raw keys share a large common component (its
     # norm is ~90% of a key's on SmolLM2), so raw cosines crowd near 1 and rare tokens drown among
@@ -146,6 +151,8 @@ class LongMemConfig:
                 raise ConfigError(f"{name} needs memory_read='next'")
         if self.memory_copy_match_init is not None and self.memory_copy_init is None:
             raise ConfigError("memory_copy_match_init needs memory_copy_init (it is a term of the copy gate)")
+        if not self.memory_copy_gate_hidden and self.memory_copy_match_init is None:
+            raise ConfigError("memory_copy_gate_hidden=False needs memory_copy_match_init (the gate would be a constant)")
         if not (isinstance(self.memory_temperature_init, (int, float)) and self.memory_temperature_init > 0):
             raise ConfigError(f"memory_temperature_init must be positive, got {self.memory_temperature_init!r}")
         if self.memory_dtype not in MEMORY_DTYPES:

@@ -63,19 +63,16 @@ def copy_probe(model: LongMem, text_ids: torch.Tensor, gap_segments: int = 2, ep
     }
 
 
-@torch.no_grad()
-def passkey_probe(model: LongMem, filler_ids: torch.Tensor, distance: int, trials: int = 4, seed: int = 0) -> dict:
-    """Plant a key `distance` tokens before the question in filler prose; greedy-decode the answer."""
-    model.eval()
+def passkey_prompts(model: LongMem, filler_ids: torch.Tensor, distance: int, trials: int = 4, seed: int = 0):
+    """Yield (key, prompt (1, P)) per trial: a 5-digit key planted in filler prose `distance` tokens
+    before the question. Key and place are drawn together from `seed`."""
     tok = model.tokenizer
     rng = random.Random(seed)
     encode = lambda s: tok(s, add_special_tokens=False, return_tensors="pt").input_ids  # noqa: E731
-    correct = {"memory": 0, "no_memory": 0, "backbone": 0}
-    examples = []
     W = model.config.window
     if distance < W:
         raise ValueError(f"passkey distance {distance} must be at least the window ({W}) to test memory")
-    for t in range(trials):
+    for _ in range(trials):
         key = f"{rng.randrange(10_000, 100_000)}"
         start = rng.randrange(max(1, filler_ids.shape[1] - distance - 64))
         before = filler_ids[:, start : start + 64]
@@ -85,7 +82,18 @@ def passkey_probe(model: LongMem, filler_ids: torch.Tensor, distance: int, trial
         fixed = before.shape[1] + fact.shape[1] + question.shape[1]
         n_after = distance - ((fixed + distance) % W - W // 2) % W
         after = filler_ids[:, start + 64 : start + 64 + n_after]
-        prompt = torch.cat([before, fact, after, question], 1).to(model.device)
+        yield key, torch.cat([before, fact, after, question], 1).to(model.device)
+
+
+@torch.no_grad()
+def passkey_probe(model: LongMem, filler_ids: torch.Tensor, distance: int, trials: int = 4, seed: int = 0) -> dict:
+    """Plant a key `distance` tokens before the question in filler prose; greedy-decode the answer."""
+    model.eval()
+    tok = model.tokenizer
+    correct = {"memory": 0, "no_memory": 0, "backbone": 0}
+    examples = []
+    W = model.config.window
+    for key, prompt in passkey_prompts(model, filler_ids, distance, trials, seed):
         local = prompt[:, model.local_start(prompt.shape[1]) :]
         answers = {
             "memory": model.generate(prompt, bank=model.new_bank(1), max_new_tokens=8).texts[0],

@@ -107,14 +107,17 @@ class MemoryCopy(nn.Module):
 
     p_copy(v) = sum_h a_h sum_k w_hk [next id_hk = v] (a = softmax of learned head weights over the
     heads that read something); out = log((1 - g) p_model + g p_copy), g = sigmoid(u . h + b).
-    With a match gate the logit also adds sum_h m_h c_h + m_0 max_v p_copy(v): how exactly each head's
+    With a match gate the logit also adds sum_h m_h c_h + m_0 max_v p_copy(v) (and drops u . h when
+    gate_from_hidden is False): how exactly each head's
     read matches its query (c_h, the read-weighted cosine) and how much the reads agree on one next
     token, evidence the hidden state lacks about a read made 32k tokens away.
     Where nothing was read the output is exactly log_softmax(logits), as without memory.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, gate_init: float, match_init: float | None = None):
+    def __init__(self, hidden_size: int, num_heads: int, gate_init: float, match_init: float | None = None,
+                 gate_from_hidden: bool = True):
         super().__init__()
+        self.gate_from_hidden = gate_from_hidden
         self.head_logits = nn.Parameter(torch.zeros(num_heads))
         self.gate = nn.Linear(hidden_size, 1)
         with torch.no_grad():
@@ -131,7 +134,7 @@ class MemoryCopy(nn.Module):
     def gate_logit(self, hidden: torch.Tensor, readout: MemoryReadout, copy_peak: torch.Tensor) -> torch.Tensor:
         """(B, T, 1) logit of g. copy_peak (B, T): max_v p_copy(v). The read's evidence enters as a
         feature only (detached): the gate learns when to trust a read, not to change it."""
-        z = self.gate(hidden.float())
+        z = self.gate(hidden.float()) if self.gate_from_hidden else self.gate.bias.float().expand(*hidden.shape[:-1], 1)
         if self.match_gate is not None and readout.match is not None:
             m = self.match_gate.float()
             z = z + ((readout.match.detach().float() * m[None, :-1, None]).sum(1) + m[-1] * copy_peak.detach())[..., None]
@@ -265,7 +268,7 @@ class SideNet(nn.Module):
         self.memory_copy = None
         if config.memory_copy_init is not None:
             self.memory_copy = MemoryCopy(adapter.hidden_size, adapter.num_heads, config.memory_copy_init,
-                                          config.memory_copy_match_init)
+                                          config.memory_copy_match_init, config.memory_copy_gate_hidden)
 
     @property
     def memory_layer(self) -> SideLayer:

@@ -484,6 +484,24 @@ def test_copy_gate_opens_on_an_exact_read_through_the_match_gate():
     with pytest.raises(ConfigError, match="needs memory_copy_init"):
         tiny_longmem("llama", chunk_size=1, memory_copy_match_init=8.0, **NEXT_READ)
 
+    # evidence only: the gate no longer reads the hidden state, and its weight on it gets no gradient
+    model = tiny_longmem("llama", chunk_size=1, retrieve_tokens=16, memory_copy_init=-4.0,
+                         memory_copy_match_init=4.0, memory_copy_gate_hidden=False, **NEXT_READ)
+    copy = model.sidenet.memory_copy
+    with torch.no_grad():
+        copy.gate.weight.normal_()
+    bank = model.new_bank(1)
+    model.write_memory(memory, bank)
+    out = model(memory[:, 20:40], bank=bank, labels=memory[:, 20:40])
+    peak = torch.rand(1, 20)
+    z1 = copy.gate_logit(torch.randn(1, 20, model.adapter.hidden_size), out.readout, peak)
+    z2 = copy.gate_logit(torch.randn(1, 20, model.adapter.hidden_size), out.readout, peak)
+    assert torch.equal(z1, z2)
+    out.loss.backward()
+    assert copy.gate.weight.grad is None and copy.gate.bias.grad is not None and copy.match_gate.grad is not None
+    with pytest.raises(ConfigError, match="the gate would be a constant"):
+        tiny_longmem("llama", chunk_size=1, memory_copy_init=-4.0, memory_copy_gate_hidden=False, **NEXT_READ)
+
 
 def test_retrieval_trace_shows_the_original_occurrence_and_what_followed_it():
     from longmem.trace import retrieval_trace

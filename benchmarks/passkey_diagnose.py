@@ -1,0 +1,85 @@
+"""Why a passkey was missed: feed the true answer (teacher forcing) and show, per answer digit,
+how many heads retrieved the planted digit's predecessor-match, how much of the best head's read
+lands on it, the copy head's gate, and the probability the model alone and the output give it.
+
+    python benchmarks/passkey_diagnose.py --checkpoint ~/.cache/longmem/runs/balanced --distance 32768
+
+The same trials as `memory_probes.py --passkey-distances D --passkey-trials N --passkey-seed S`.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from common import AUSTEN
+from longmem.model import LongMem
+from longmem.probes import passkey_prompts
+from longmem.training import PASSKEY_FACT
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--checkpoint", type=Path, required=True)
+    ap.add_argument("--distance", type=int, default=16384)
+    ap.add_argument("--trials", type=int, default=12)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--keys", nargs="*", help="only these keys (default: every trial)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    model = LongMem.from_pretrained(args.checkpoint).eval()
+    if model.config.chunk_size != 1:
+        sys.exit("the diagnosis follows single memory tokens: it needs a checkpoint with chunk_size 1")
+    tok = model.tokenizer
+    encode = lambda s: tok(s, add_special_tokens=False, return_tensors="pt").input_ids[0]  # noqa: E731
+    held = encode((AUSTEN / "persuasion.txt").read_text())[None]
+    copy_head, copy_inputs = model.sidenet.memory_copy, []
+    if copy_head is not None:
+        copy_head.register_forward_hook(lambda m, a, out: copy_inputs.append(a))
+    rows = []
+    for key, prompt in passkey_prompts(model, held, args.distance, args.trials, args.seed):
+        if args.keys and key not in args.keys:
+            continue
+        answer = encode(" " + key).to(model.device)
+        full = torch.cat([prompt, answer[None]], 1)
+        start = model.local_start(prompt.shape[1])
+        bank = model.new_bank(1)
+        copy_inputs.clear()
+        with torch.no_grad():
+            model.write_memory(full[:, :start], bank)
+            out = model(full[:, start:], bank=bank, previous_ids=full[:, start - 1])
+            if copy_inputs:
+                log_model, _, _, _ = copy_head.parts(*copy_inputs[-1])
+            else:
+                log_model = torch.log_softmax(out.logits.float(), -1)
+        read, ids = out.readout, full[0]
+        fact = (64, 64 + len(encode(PASSKEY_FACT.format(key=key))))  # the prompt opens with 64 tokens of prose
+        T = full.shape[1] - start
+        digits = []
+        for j in range(1, len(answer)):  # answer[0] is the space the question is followed by
+            t = T - len(answer) - 1 + j  # the position that predicts answer[j]
+            target = int(answer[j])
+            planted = torch.tensor([p for p in range(*fact) if int(ids[p + 1]) == target], device=model.device)
+            hits = (read.retrieval.positions[0, :, t, :, None] == planted).any(-1)  # (Hq, k)
+            share = max(float(read.weights[0, h, t][hits[h]].sum()) for h in range(hits.shape[0]))
+            digits.append({
+                "digit": tok.decode([target]), "predicted": tok.decode([int(out.logits[0, t].argmax())]),
+                "heads_retrieving": int(hits.any(-1).sum()), "best_head_share": round(share, 3),
+                "copy_gate": None if read.copy_gate is None else round(float(read.copy_gate[0, t]), 3),
+                "p_model": round(float(log_model[0, t, target].exp()), 3),
+                "p_output": round(float(torch.softmax(out.logits[0, t].float(), -1)[target]), 3),
+            })
+        rows.append({"key": key, "digits": digits})
+        if not args.json:
+            print(key, " | ".join(f"{d['digit']}->{d['predicted']} heads {d['heads_retrieving']}/{hits.shape[0]} "
+                                  f"read {d['best_head_share']:.2f} g {d['copy_gate']} p_model {d['p_model']:.2f} "
+                                  f"p {d['p_output']:.2f}" for d in digits), flush=True)
+    if args.json:
+        print(json.dumps({"checkpoint": str(args.checkpoint), "distance": args.distance, "trials": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
