@@ -344,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--copy-gate", type=float, metavar="BIAS",
                    help="also copy the token that followed each memory match, gate logit starting at BIAS")
     t.add_argument("--copy-match", type=float, metavar="LOGIT",
-                   help="the copy gate also opens on an exact read: LOGIT added at cosine 1 (learned)")
+                   help="the copy gate also reads how exact and how unanimous the memory read is; LOGIT "
+                        "starts the weight of each (learned)")
     t.add_argument("--prev-bonus", type=float,
                    help="learned bonus (initial value) for a memory token whose predecessor matches the query's")
     t.add_argument("--name", default="longmem-sidenet", help="run name; the same name resumes")

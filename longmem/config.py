@@ -19,7 +19,8 @@ SIDE_INITS = ("paper", "zero")
 RETRIEVAL_QUERIES = ("side", "backbone", "backbone_key")
 MEMORY_DTYPES = ("float32", "float16", "bfloat16")
 MEMORY_READS = ("attend", "next")
-# Settings no SideNet weight depends on: a trained checkpoint can be read or continued with others.
+# Settings no SideNet weight's shape depends on: a trained checkpoint can be read or continued with
+# others (with memory_copy_gate_hidden=False the copy gate's hidden-state weights stay but go unused).
 CHECKPOINT_OVERRIDES = ("chunk_size", "retrieve_tokens", "memory_tokens", "key_center", "memory_copy_gate_hidden")
 # Settings that add a weight: a checkpoint without it can be continued with one, starting at its init.
 CHECKPOINT_ADDITIONS = {"memory_prev_bonus_init": "memory_prev_bonus", "memory_copy_init": "memory_copy",

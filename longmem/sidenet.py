@@ -107,10 +107,10 @@ class MemoryCopy(nn.Module):
 
     p_copy(v) = sum_h a_h sum_k w_hk [next id_hk = v] (a = softmax of learned head weights over the
     heads that read something); out = log((1 - g) p_model + g p_copy), g = sigmoid(u . h + b).
-    With a match gate the logit also adds sum_h m_h c_h + m_0 max_v p_copy(v) (and drops u . h when
-    gate_from_hidden is False): how exactly each head's
-    read matches its query (c_h, the read-weighted cosine) and how much the reads agree on one next
-    token, evidence the hidden state lacks about a read made 32k tokens away.
+    With a match gate the logit also adds sum_h m_h c_h + m_0 max_v p_copy(v): how exactly each
+    head's read matches its query (c_h, the read-weighted cosine) and how much the reads agree on one
+    next token, evidence the hidden state lacks about a read made 32k tokens away. With
+    gate_from_hidden False the logit drops u . h and is b plus that evidence alone.
     Where nothing was read the output is exactly log_softmax(logits), as without memory.
     """
 

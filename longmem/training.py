@@ -12,10 +12,10 @@ Curriculum kinds (mixed by ratio, e.g. "plain:0.5,repeat:0.3,passkey:0.2"):
            back, beyond the local window: only memory can predict it.
 - passkey: a 5-digit key planted in the first segment's prose and asked for at the end of the last.
 
-Distractors (`distractor_tokens`): an episode's memory holds ~1k tokens, a passkey 32k tokens back
-sits among 32k. Reads learnt among 1k do not carry over (measured: the read lands on the right
-digit, the SideNet writes another). Each episode's memory can start with this many tokens of other
-text from the corpus, encoded once by the backbone (DistractorMemory).
+Distractors (`distractor_tokens`): an episode's memory holds ~1k tokens, while a passkey 32k tokens
+back sits among 32k, where the read is learnt on far fewer competitors than it meets (docs/results.md,
+run 13). Each episode's memory can start with this many tokens of other text from the corpus,
+encoded once by the backbone (DistractorMemory).
 """
 
 from __future__ import annotations
