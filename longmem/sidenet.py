@@ -131,9 +131,9 @@ class MemoryCopy(nn.Module):
             init[-1] = float(match_init)
             self.match_gate = nn.Parameter(init)
 
-    def gate_logit(self, hidden: torch.Tensor, readout: MemoryReadout, copy_peak: torch.Tensor) -> torch.Tensor:
-        """(B, T, 1) logit of g. copy_peak (B, T): max_v p_copy(v). The read's evidence enters as a
-        feature only (detached): the gate learns when to trust a read, not to change it."""
+    def gate_logit(self, hidden: torch.Tensor, readout: MemoryReadout, copy_peak: torch.Tensor | None) -> torch.Tensor:
+        """(B, T, 1) logit of g. copy_peak (B, T): max_v p_copy(v), needed with a match gate. The read's
+        evidence enters as a feature only (detached): the gate learns when to trust a read, not to change it."""
         z = self.gate(hidden.float()) if self.gate_from_hidden else self.gate.bias.float().expand(*hidden.shape[:-1], 1)
         if self.match_gate is not None and readout.match is not None:
             m = self.match_gate.float()
@@ -153,7 +153,8 @@ class MemoryCopy(nn.Module):
         mass = (weights * heads[..., None]).permute(0, 2, 1, 3).reshape(B, T, Hq * K)
         p_copy = torch.zeros(B, T, logits.shape[-1], device=logits.device).scatter_add_(
             -1, ids.clamp_min(0).permute(0, 2, 1, 3).reshape(B, T, Hq * K), mass)
-        z = self.gate_logit(hidden, readout, p_copy.max(-1).values)
+        peak = p_copy.max(-1).values if self.match_gate is not None else None  # a full-vocabulary pass: only if used
+        z = self.gate_logit(hidden, readout, peak)
         return log_model, p_copy, z, read.any(1)
 
     def forward(self, hidden: torch.Tensor, logits: torch.Tensor, readout: MemoryReadout | None) -> torch.Tensor:
