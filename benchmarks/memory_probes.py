@@ -62,6 +62,8 @@ def main():
     ap.add_argument("--prev-bonus", type=float, help="memory_prev_bonus_init (two-token match in the next read)")
     ap.add_argument("--copy-gate", type=float, help="memory_copy_init (copy distribution mixed into the output)")
     ap.add_argument("--copy-match", type=float, help="memory_copy_match_init (the copy gate opens on exact reads)")
+    ap.add_argument("--copy-confidence", type=float,
+                    help="memory_copy_confidence_init (the copy gate sees the model's own peak probability)")
     ap.add_argument("--copy-gate-evidence-only", action="store_true",
                     help="memory_copy_gate_hidden=False: the copy gate sees the read's evidence, not the hidden state")
     ap.add_argument("--fresh-copy", action="store_true",
@@ -73,6 +75,7 @@ def main():
 
     overrides = {k: v for k, v in {"chunk_size": args.chunk_size, "memory_prev_bonus_init": args.prev_bonus,
                                  "memory_copy_init": args.copy_gate, "memory_copy_match_init": args.copy_match,
+                                 "memory_copy_confidence_init": args.copy_confidence,
                                  "memory_copy_gate_hidden": False if args.copy_gate_evidence_only else None}.items()
                  if v is not None}
     if args.checkpoint:
@@ -89,7 +92,8 @@ def main():
             sys.exit("--fresh-copy needs a copy head (--copy-gate)")
         model.sidenet.memory_copy = MemoryCopy(model.adapter.hidden_size, model.adapter.num_heads,
                                                model.config.memory_copy_init, model.config.memory_copy_match_init,
-                                               model.config.memory_copy_gate_hidden)
+                                               model.config.memory_copy_gate_hidden,
+                                               model.config.memory_copy_confidence_init)
     tok = model.tokenizer
     if args.center_keys:
         first_book = tokenize(tok, next(p for p in sorted(AUSTEN.glob("*.txt")) if p.name != HELD_OUT))

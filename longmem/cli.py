@@ -140,6 +140,7 @@ def cmd_train(args) -> int:
         "retrieval_query": args.retrieval_query, "memory_scale_init": args.memory_scale_init,
         "chunk_size": args.chunk_size, "memory_prev_bonus_init": args.prev_bonus,
         "memory_copy_init": args.copy_gate, "memory_copy_match_init": args.copy_match,
+        "memory_copy_confidence_init": args.copy_confidence,
     }.items() if v is not None}
     train = {"steps": args.steps, "batch_size": args.batch, "curriculum": args.curriculum, "lr": args.lr,
              "segments_per_episode": args.segments, "grad_accum": args.grad_accum, "seed": args.seed,
@@ -346,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--copy-match", type=float, metavar="LOGIT",
                    help="the copy gate also reads how exact and how unanimous the memory read is; LOGIT "
                         "starts the weight of each (learned)")
+    t.add_argument("--copy-confidence", type=float, metavar="WEIGHT",
+                   help="the copy gate also reads the model's own peak probability, weight starting at WEIGHT "
+                        "(negative: copy where the model is unsure)")
     t.add_argument("--prev-bonus", type=float,
                    help="learned bonus (initial value) for a memory token whose predecessor matches the query's")
     t.add_argument("--name", default="longmem-sidenet", help="run name; the same name resumes")

@@ -24,7 +24,7 @@ MEMORY_READS = ("attend", "next")
 CHECKPOINT_OVERRIDES = ("chunk_size", "retrieve_tokens", "memory_tokens", "key_center", "memory_copy_gate_hidden")
 # Settings that add a weight: a checkpoint without it can be continued with one, starting at its init.
 CHECKPOINT_ADDITIONS = {"memory_prev_bonus_init": "memory_prev_bonus", "memory_copy_init": "memory_copy",
-                        "memory_copy_match_init": "match_gate"}
+                        "memory_copy_match_init": "match_gate", "memory_copy_confidence_init": "confidence_gate"}
 
 
 class ConfigError(ValueError):
@@ -98,6 +98,11 @@ class LongMemConfig:
     # digits), because at training distances the value path already writes the digit; it cannot
     # foresee the rare test positions where the value path fails and the read does not.
     memory_copy_gate_hidden: bool = True
+    # The copy gate also sees how sure the model itself is: its logit adds w * max_v p_model(v), w
+    # starting here (negative: the gate opens where the model is unsure). The hidden state cannot
+    # tell whether the value path decoded the read (at training distances it nearly always does, so
+    # u . h learns to shut the gate on every answer digit); the model's own peak can. None: off.
+    memory_copy_confidence_init: float | None = None
     # The mean memory-layer key per KV head, (Hkv, D), subtracted from every memory key and search
     # vector (set by LongMem.calibrate_key_center). Raw keys share a large common component (its
     # norm is ~90% of a key's on SmolLM2), so raw cosines crowd near 1 and rare tokens drown among
@@ -147,11 +152,13 @@ class LongMemConfig:
             raise ConfigError(f"retrieval_metric must be 'ip' or 'cosine', got {self.retrieval_metric!r}")
         if self.memory_read not in MEMORY_READS:
             raise ConfigError(f"memory_read must be one of {MEMORY_READS}, got {self.memory_read!r}")
-        for name in ("memory_prev_bonus_init", "memory_copy_init", "memory_copy_match_init"):
+        for name in ("memory_prev_bonus_init", "memory_copy_init", "memory_copy_match_init",
+                     "memory_copy_confidence_init"):
             if getattr(self, name) is not None and self.memory_read != "next":
                 raise ConfigError(f"{name} needs memory_read='next'")
-        if self.memory_copy_match_init is not None and self.memory_copy_init is None:
-            raise ConfigError("memory_copy_match_init needs memory_copy_init (it is a term of the copy gate)")
+        for name in ("memory_copy_match_init", "memory_copy_confidence_init"):
+            if getattr(self, name) is not None and self.memory_copy_init is None:
+                raise ConfigError(f"{name} needs memory_copy_init (it is a term of the copy gate)")
         if not self.memory_copy_gate_hidden and self.memory_copy_match_init is None:
             raise ConfigError("memory_copy_gate_hidden=False needs memory_copy_match_init (the gate would be a constant)")
         if not (isinstance(self.memory_temperature_init, (int, float)) and self.memory_temperature_init > 0):

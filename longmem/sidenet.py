@@ -109,13 +109,14 @@ class MemoryCopy(nn.Module):
     heads that read something); out = log((1 - g) p_model + g p_copy), g = sigmoid(u . h + b).
     With a match gate the logit also adds sum_h m_h c_h + m_0 max_v p_copy(v): how exactly each
     head's read matches its query (c_h, the read-weighted cosine) and how much the reads agree on one
-    next token, evidence the hidden state lacks about a read made 32k tokens away. With
+    next token, evidence the hidden state lacks about a read made 32k tokens away. With a confidence
+    gate it also adds w * max_v p_model(v): how sure the model is without the copy. With
     gate_from_hidden False the logit drops u . h and is b plus that evidence alone.
     Where nothing was read the output is exactly log_softmax(logits), as without memory.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, gate_init: float, match_init: float | None = None,
-                 gate_from_hidden: bool = True):
+                 gate_from_hidden: bool = True, confidence_init: float | None = None):
         super().__init__()
         self.gate_from_hidden = gate_from_hidden
         self.head_logits = nn.Parameter(torch.zeros(num_heads))
@@ -130,14 +131,19 @@ class MemoryCopy(nn.Module):
             init = torch.full((num_heads + 1,), float(match_init) / num_heads)
             init[-1] = float(match_init)
             self.match_gate = nn.Parameter(init)
+        self.confidence_gate = None if confidence_init is None else nn.Parameter(torch.tensor(float(confidence_init)))
 
-    def gate_logit(self, hidden: torch.Tensor, readout: MemoryReadout, copy_peak: torch.Tensor | None) -> torch.Tensor:
-        """(B, T, 1) logit of g. copy_peak (B, T): max_v p_copy(v), needed with a match gate. The read's
-        evidence enters as a feature only (detached): the gate learns when to trust a read, not to change it."""
+    def gate_logit(self, hidden: torch.Tensor, readout: MemoryReadout, copy_peak: torch.Tensor | None,
+                   model_peak: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, 1) logit of g. copy_peak (B, T): max_v p_copy(v), needed with a match gate; model_peak
+        (B, T): max_v p_model(v), needed with a confidence gate. Both enter as features only (detached):
+        the gate learns when to trust a read, not to change the read or the model."""
         z = self.gate(hidden.float()) if self.gate_from_hidden else self.gate.bias.float().expand(*hidden.shape[:-1], 1)
         if self.match_gate is not None and readout.match is not None:
             m = self.match_gate.float()
             z = z + ((readout.match.detach().float() * m[None, :-1, None]).sum(1) + m[-1] * copy_peak.detach())[..., None]
+        if self.confidence_gate is not None:
+            z = z + self.confidence_gate.float() * model_peak.detach().float()[..., None]
         return z
 
     def parts(self, hidden: torch.Tensor, logits: torch.Tensor, readout: MemoryReadout):
@@ -154,7 +160,8 @@ class MemoryCopy(nn.Module):
         p_copy = torch.zeros(B, T, logits.shape[-1], device=logits.device).scatter_add_(
             -1, ids.clamp_min(0).permute(0, 2, 1, 3).reshape(B, T, Hq * K), mass)
         peak = p_copy.max(-1).values if self.match_gate is not None else None  # a full-vocabulary pass: only if used
-        z = self.gate_logit(hidden, readout, peak)
+        model_peak = log_model.max(-1).values.exp() if self.confidence_gate is not None else None
+        z = self.gate_logit(hidden, readout, peak, model_peak)
         return log_model, p_copy, z, read.any(1)
 
     def forward(self, hidden: torch.Tensor, logits: torch.Tensor, readout: MemoryReadout | None) -> torch.Tensor:
@@ -269,7 +276,8 @@ class SideNet(nn.Module):
         self.memory_copy = None
         if config.memory_copy_init is not None:
             self.memory_copy = MemoryCopy(adapter.hidden_size, adapter.num_heads, config.memory_copy_init,
-                                          config.memory_copy_match_init, config.memory_copy_gate_hidden)
+                                          config.memory_copy_match_init, config.memory_copy_gate_hidden,
+                                          config.memory_copy_confidence_init)
 
     @property
     def memory_layer(self) -> SideLayer:

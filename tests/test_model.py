@@ -503,6 +503,35 @@ def test_copy_gate_opens_on_an_exact_read_through_the_match_gate():
         tiny_longmem("llama", chunk_size=1, memory_copy_init=-4.0, memory_copy_gate_hidden=False, **NEXT_READ)
 
 
+def test_copy_gate_confidence_term_reads_the_models_own_peak():
+    model = tiny_longmem("llama", chunk_size=1, retrieve_tokens=16, memory_copy_init=-4.0,
+                         memory_copy_confidence_init=-3.0, **NEXT_READ)
+    copy = model.sidenet.memory_copy
+    query = ids(B=1, T=12, seed=3)
+    assert torch.equal(model(query, bank=model.new_bank(1)).logits, model(query).logits)  # empty == off
+    memory = ids(B=1, T=64, seed=9)
+    bank = model.new_bank(1)
+    model.write_memory(memory, bank)
+    x = memory[:, 20:40]
+    captured = {}
+    copy.register_forward_hook(lambda mod, inputs, output: captured.update(inputs=inputs))
+    out = model(x, bank=bank, labels=x)
+    hidden, logits, readout = captured["inputs"]
+    log_model, _, z, _ = copy.parts(hidden, logits, readout)
+    # reference: b + u . h - 3 * max_v softmax(logits)
+    expected = copy.gate(hidden.float())[..., 0] - 3.0 * torch.softmax(logits.float(), -1).max(-1).values
+    torch.testing.assert_close(z[..., 0], expected, atol=1e-5, rtol=1e-5)
+    # a sure model shuts the gate further than an unsure one, by the weight times the peak's difference
+    sure, unsure = torch.zeros(1, 20), torch.ones(1, 20) * 0.25
+    zh = torch.zeros(1, 20, model.adapter.hidden_size)
+    gap = copy.gate_logit(zh, readout, None, unsure) - copy.gate_logit(zh, readout, None, sure + 1.0)
+    torch.testing.assert_close(gap, torch.full_like(gap, 3.0 * 0.75))
+    out.loss.backward()
+    assert copy.confidence_gate.grad is not None and copy.confidence_gate.grad.abs() > 0
+    with pytest.raises(ConfigError, match="needs memory_copy_init"):
+        tiny_longmem("llama", chunk_size=1, memory_copy_confidence_init=-3.0, **NEXT_READ)
+
+
 def test_retrieval_trace_shows_the_original_occurrence_and_what_followed_it():
     from longmem.trace import retrieval_trace
 
