@@ -100,8 +100,9 @@ class LongMemConfig:
     memory_copy_gate_hidden: bool = True
     # The copy gate also sees how sure the model itself is: its logit adds w * max_v p_model(v), w
     # starting here (negative: the gate opens where the model is unsure). The hidden state cannot
-    # tell whether the value path decoded the read (at training distances it nearly always does, so
-    # u . h learns to shut the gate on every answer digit); the model's own peak can. None: off.
+    # tell whether the value path decoded the read; the model's own peak can. Measured (run 16): it
+    # did not open the gate at the passkey digits the model misses (g 0.000 with p_model 0.11),
+    # because u . h still learns to shut it wherever, in training, the model writes the digit. None: off.
     memory_copy_confidence_init: float | None = None
     # The mean memory-layer key per KV head, (Hkv, D), subtracted from every memory key and search
     # vector (set by LongMem.calibrate_key_center). Raw keys share a large common component (its
