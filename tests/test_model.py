@@ -448,15 +448,20 @@ def test_memory_copy_mixes_a_normalised_copy_of_the_next_tokens_and_learns():
     assert copy.gate.weight.grad.abs().sum() > 0 and copy.head_logits.grad.abs().sum() > 0
 
 
-def test_copy_gate_opens_on_an_exact_read_through_the_match_gate():
-    model = tiny_longmem("llama", chunk_size=1, retrieve_tokens=16, memory_copy_init=-4.0,
-                         memory_copy_match_init=4.0, **NEXT_READ)
-    copy = model.sidenet.memory_copy
+def copy_head_over_memory(**copy_settings):
+    """A tiny model with a copy head (gate bias -4) whose bank holds 64 random tokens; checks first
+    that an empty memory gives exactly the output of memory off."""
+    model = tiny_longmem("llama", chunk_size=1, retrieve_tokens=16, memory_copy_init=-4.0, **copy_settings, **NEXT_READ)
     query = ids(B=1, T=12, seed=3)
     assert torch.equal(model(query, bank=model.new_bank(1)).logits, model(query).logits)  # empty == off
     memory = ids(B=1, T=64, seed=9)
     bank = model.new_bank(1)
     model.write_memory(memory, bank)
+    return model, model.sidenet.memory_copy, memory, bank
+
+
+def test_copy_gate_opens_on_an_exact_read_through_the_match_gate():
+    model, copy, memory, bank = copy_head_over_memory(memory_copy_match_init=4.0)
     gates = {}
     for name, x in (("repeat", memory[:, 20:40]), ("fresh", ids(B=1, T=20, seed=5))):
         out = model(x, bank=bank, labels=x)
@@ -504,14 +509,7 @@ def test_copy_gate_opens_on_an_exact_read_through_the_match_gate():
 
 
 def test_copy_gate_confidence_term_reads_the_models_own_peak():
-    model = tiny_longmem("llama", chunk_size=1, retrieve_tokens=16, memory_copy_init=-4.0,
-                         memory_copy_confidence_init=-3.0, **NEXT_READ)
-    copy = model.sidenet.memory_copy
-    query = ids(B=1, T=12, seed=3)
-    assert torch.equal(model(query, bank=model.new_bank(1)).logits, model(query).logits)  # empty == off
-    memory = ids(B=1, T=64, seed=9)
-    bank = model.new_bank(1)
-    model.write_memory(memory, bank)
+    model, copy, memory, bank = copy_head_over_memory(memory_copy_confidence_init=-3.0)
     x = memory[:, 20:40]
     captured = {}
     copy.register_forward_hook(lambda mod, inputs, output: captured.update(inputs=inputs))
