@@ -68,6 +68,8 @@ def main():
                     help="memory_copy_gate_hidden=False: the copy gate sees the read's evidence, not the hidden state")
     ap.add_argument("--fresh-copy", action="store_true",
                     help="continue a checkpoint with its copy head (gate, head weights) back at init")
+    ap.add_argument("--copy-head-only", action="store_true",
+                    help="train only the copy head, with the memory read's values kept out of the hidden state")
     ap.add_argument("--center-keys", type=int, default=0,
                     help="set key_center from this many tokens of the first training book (0: leave it)")
     args = ap.parse_args()
@@ -103,7 +105,8 @@ def main():
     if not args.eval_only:
         cfg = TrainConfig(steps=args.steps, lr=args.lr, memory_lr=args.memory_lr, curriculum=args.curriculum,
                           answer_weight=args.answer_weight, distractor_tokens=args.distractor_tokens,
-                          segments_per_episode=args.segments, seed=args.seed).validate()
+                          segments_per_episode=args.segments, seed=args.seed,
+                          copy_head_only=args.copy_head_only).validate()
         books = [tokenize(tok, p) for p in sorted(AUSTEN.glob("*.txt")) if p.name != HELD_OUT]
         sampler = EpisodeSampler(books, args.window, cfg.segments_per_episode, cfg.curriculum, cfg.seed, tok)
         distractors = None

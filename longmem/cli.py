@@ -151,6 +151,8 @@ def cmd_train(args) -> int:
         train["answer_weight"] = args.answer_weight
     if args.distractor_tokens:
         train["distractor_tokens"] = args.distractor_tokens
+    if args.copy_head_only:
+        train["copy_head_only"] = True
     job = TrainJob(corpus=args.corpus, out=args.out, backbone=args.backbone, init_checkpoint=args.checkpoint,
                    workers=args.workers, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker, name=args.name,
                    storage_path=args.storage, checkpoint_every=args.checkpoint_every, text_field=args.text_field,
@@ -350,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--copy-confidence", type=float, metavar="WEIGHT",
                    help="the copy gate also reads the model's own peak probability, weight starting at WEIGHT "
                         "(negative: copy where the model is unsure)")
+    t.add_argument("--copy-head-only", action="store_true",
+                   help="train only the copy head of --checkpoint, against the model without its memory "
+                        "values, so the copy learns to stand in where the value read fails")
     t.add_argument("--prev-bonus", type=float,
                    help="learned bonus (initial value) for a memory token whose predecessor matches the query's")
     t.add_argument("--name", default="longmem-sidenet", help="run name; the same name resumes")

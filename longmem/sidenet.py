@@ -17,6 +17,7 @@ and to the chunks retrieved from memory: two softmaxes per head mixed by sigmoid
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from typing import Callable
@@ -186,6 +187,7 @@ class SideLayer(nn.Module):
         self.alpha = nn.Parameter(torch.zeros(())) if config.side_init == "zero" else None
         self.memory_scale = None
         self.memory_read = config.memory_read
+        self.value_read = True  # False: the read still happens (the copy head sees it) but adds nothing to the stream
         if memory_layer:
             if config.memory_read == "next":  # log-parametrised: stays positive
                 init = torch.full((adapter.num_heads,), float(config.memory_temperature_init))
@@ -250,9 +252,9 @@ class SideLayer(nn.Module):
             gate = torch.where(has, gate, torch.zeros_like(gate))  # nothing retrieved: exactly the local layer
             readout = MemoryReadout(retrieval, weights, gate, match)
             memory_part = gate[..., None] * (remembered - local)  # (B, Hq, T, D)
-            if self.memory_scale is None:
+            if self.value_read and self.memory_scale is None:
                 local = local + memory_part
-            else:  # the read goes straight to the side stream on its own scale (SideNet adds it)
+            elif self.value_read:  # the read goes straight to the side stream on its own scale (SideNet adds it)
                 memory_update = self.memory_scale.to(local.dtype) * out_proj(memory_part.transpose(1, 2).reshape(B, T, -1))
 
         attn_out = out_proj(local.transpose(1, 2).reshape(B, T, -1))
@@ -282,6 +284,17 @@ class SideNet(nn.Module):
     @property
     def memory_layer(self) -> SideLayer:
         return self.layers[self.memory_side_layer]
+
+    @contextlib.contextmanager
+    def value_read_off(self):
+        """Within: memory is searched and read, so the copy head sees the read, but the read's values
+        do not reach the hidden state; the hidden state and p_model are those of memory off."""
+        layer = self.memory_layer
+        layer.value_read = False
+        try:
+            yield
+        finally:
+            layer.value_read = True
 
     def forward(
         self,

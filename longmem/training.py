@@ -20,6 +20,7 @@ encoded once by the backbone (DistractorMemory).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -55,6 +56,11 @@ class TrainConfig:
     answer_weight: float = 1.0  # loss weight of a passkey answer's tokens (1 = like any other token)
     distractor_tokens: int = 0  # other text put in each episode's memory first (whole segments)
     distractor_pool: int = 4  # the encoded pool holds this many episodes' worth of distractors
+    # Train the copy head alone (everything else frozen), with the memory read's values kept out of
+    # the hidden state: the copy then learns to stand in where the value path fails. Trained with
+    # the value path on, the gate learns to stay shut at passkey digits, because in training the
+    # value path already writes them; at 32k it sometimes does not (docs/results.md, run 17).
+    copy_head_only: bool = False
 
     def validate(self) -> "TrainConfig":
         if self.steps <= 0 or self.batch_size <= 0 or self.grad_accum <= 0:
@@ -222,7 +228,13 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def make_optimizer(sidenet: torch.nn.Module, cfg: TrainConfig):
-    """AdamW over the SideNet; gates, memory scale and temperature get their own learning rate, no decay."""
+    """AdamW over the SideNet; gates, memory scale and temperature get their own learning rate, no decay.
+    With cfg.copy_head_only every parameter outside the copy head is frozen here (before any DDP wrap)."""
+    if cfg.copy_head_only:
+        if getattr(sidenet, "memory_copy", None) is None:
+            raise InputError("copy_head_only needs a model with a copy head (memory_copy_init)")
+        for name, p in sidenet.named_parameters():
+            p.requires_grad_(name.startswith("memory_copy."))
     memory, decay, no_decay = [], [], []
     for name, p in sidenet.named_parameters():
         if not p.requires_grad:
@@ -272,7 +284,8 @@ def train_step(model: LongMem, episodes: list[list[Episode]], optimizer, schedul
                 answer = torch.stack([e.answer if e.answer is not None else torch.zeros_like(e.labels, dtype=torch.bool)
                                       for e in micro]).to(model.device)[:, j * W : (j + 1) * W]
                 weights = 1.0 + (cfg.answer_weight - 1.0) * answer[:, 1:].float()  # (B, W-1), per target
-            with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            value_read = model.sidenet.value_read_off() if cfg.copy_head_only else contextlib.nullcontext()
+            with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=cfg.bf16), value_read:
                 out = model(seg, bank=bank, labels=lab if weights is None else None, update_memory=True,
                             previous_ids=ids[:, j * W - 1] if j else None)
             if weights is not None:

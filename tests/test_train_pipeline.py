@@ -97,3 +97,21 @@ def test_continuing_a_checkpoint_may_change_only_settings_no_weight_depends_on(t
         build_model({"init_checkpoint": str(tmp_path / "ckpt"), "model": {"window": 64, "side_init": "paper"}})
     with pytest.raises(ConfigError, match="chunk_size 5 must divide"):
         build_model({"init_checkpoint": str(tmp_path / "ckpt"), "model": {"chunk_size": 5}})
+
+
+def test_two_workers_train_the_copy_head_alone(ray_local, tiny_dir, corpus, tmp_path):
+    from longmem.model import LongMem
+    from pipelines.train_sidenet import TrainJob, run_training
+
+    start = LongMem.from_backbone(str(tiny_dir), window=32, memory_tokens=256, chunk_size=1, memory_read="next",
+                                  retrieval_query="backbone_key", retrieval_metric="cosine", memory_scale_init=1.0,
+                                  memory_copy_init=-1.0)
+    start.save_pretrained(tmp_path / "start")
+    run_training(TrainJob(corpus=[str(corpus)], out=str(tmp_path / "out"), init_checkpoint=str(tmp_path / "start"),
+                          workers=2, cpus_per_worker=0.5, name="copy-only", storage_path=str(tmp_path / "runs"),
+                          train=dict(steps=2, segments_per_episode=3, lr=1e-2, memory_lr=3e-2, warmup_steps=1,
+                                     curriculum="plain:0.5,repeat:0.5", seed=7, copy_head_only=True)))
+    trained = LongMem.from_pretrained(tmp_path / "out", backbone=start.backbone)
+    before = start.sidenet.state_dict()
+    for name, p in trained.sidenet.state_dict().items():
+        assert torch.equal(p, before[name]) != name.startswith("memory_copy."), name  # only the copy head moved

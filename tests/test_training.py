@@ -150,3 +150,34 @@ def test_train_step_reports_the_copy_gate_where_memory_was_read():
     plain = tiny_longmem("llama")
     optimizer, scheduler = make_optimizer(plain.sidenet, cfg)
     assert "copy_gate" not in train_step(plain, [[episode]], optimizer, scheduler, cfg)
+
+
+def test_copy_head_only_trains_the_copy_head_against_the_model_without_its_value_read():
+    torch.manual_seed(0)
+    model = tiny_longmem("llama", chunk_size=1, retrieve_tokens=8, memory_read="next", retrieval_query="backbone_key",
+                         retrieval_metric="cosine", memory_scale_init=1.0, memory_copy_init=-1.0)
+    episode = EpisodeSampler(docs(n=1, length=200), window=32, segments=3, curriculum="plain:1").sample()
+    bank = model.new_bank(1)
+    model.write_memory(episode.ids[None, :64], bank)
+    seg = episode.ids[None, 64:96]
+    mixed = []
+    model.sidenet.memory_copy.register_forward_hook(lambda m, args, out: mixed.append(args[1]))  # the model's logits
+    with torch.no_grad():
+        model(seg, bank=bank)
+        with model.sidenet.value_read_off():
+            out = model(seg, bank=bank)
+        off = model(seg).logits  # memory off: the copy head returns log_softmax of the model's logits
+    assert out.readout is not None and bool(out.readout.retrieval.has_memory.any())  # memory is still read ...
+    torch.testing.assert_close(torch.log_softmax(mixed[1].float(), -1), off.float())  # ... its values kept out
+    assert not torch.allclose(mixed[0], mixed[1])  # with the value read on they reach the logits
+    assert model.sidenet.memory_layer.value_read  # restored on leaving
+
+    cfg = TrainConfig(steps=2, curriculum="plain:1", warmup_steps=1, lr=1e-2, memory_lr=1e-2, copy_head_only=True)
+    before = {n: p.detach().clone() for n, p in model.sidenet.named_parameters()}
+    optimizer, scheduler = make_optimizer(model.sidenet, cfg)
+    train_step(model, [[episode]], optimizer, scheduler, cfg)
+    for name, p in model.sidenet.named_parameters():
+        moved = not torch.equal(p, before[name])
+        assert moved == (name in ("memory_copy.gate.weight", "memory_copy.gate.bias", "memory_copy.head_logits")), name
+    with pytest.raises(InputError, match="copy head"):
+        make_optimizer(tiny_longmem("llama").sidenet, cfg)
