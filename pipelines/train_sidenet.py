@@ -190,6 +190,9 @@ def run_training(job: TrainJob, address: str | None = None) -> dict:
 
     t0 = time.time()
     probe = build_model(asdict(job))
+    if job.train_config().copy_head_only and probe.sidenet.memory_copy is None:
+        raise InputError("copy_head_only trains a copy head, and this model has none: continue a checkpoint "
+                         "with one, or give the model memory_copy_init (--copy-gate)")
     window = probe.config.window
     docs, summary = load_documents(job)
     if not docs:

@@ -103,6 +103,8 @@ def test_job_configs_build_valid_jobs():
     train = TrainJob(**load("train_sidenet.yaml")["job"])
     train.train_config()
     LongMemConfig(**train.model).validate()  # the recipe's model settings exist and fit together
+    copy_stage = TrainJob(**load("train_copy_head.yaml")["job"])  # the second stage continues the first
+    assert copy_stage.train_config().copy_head_only and copy_stage.init_checkpoint == train.out
     ServeArgs(**load("serve.yaml")["args"])
     job = load("evaluate.yaml")["job"]
     for task in ("perplexity", "suffix", "icl"):
