@@ -27,10 +27,14 @@ def main():
     ap.add_argument("--trials", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keys", nargs="*", help="only these keys (default: every trial)")
+    ap.add_argument("--retrieve-tokens", type=int, help="tokens read per query and head (default: the checkpoint's)")
+    ap.add_argument("--show-read", type=int, default=0, metavar="N",
+                    help="also show, per digit, every planted token each head retrieved and the best head's top N reads")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    model = LongMem.from_pretrained(args.checkpoint).eval()
+    overrides = {"retrieve_tokens": args.retrieve_tokens} if args.retrieve_tokens else None
+    model = LongMem.from_pretrained(args.checkpoint, overrides=overrides).eval()
     if model.config.chunk_size != 1:
         sys.exit("the diagnosis follows single memory tokens: it needs a checkpoint with chunk_size 1")
     tok = model.tokenizer
@@ -64,7 +68,8 @@ def main():
             target = int(answer[j])
             planted = torch.tensor([p for p in range(*fact) if int(ids[p + 1]) == target], device=model.device)
             hits = (read.retrieval.positions[0, :, t, :, None] == planted).any(-1)  # (Hq, k)
-            share = max(float(read.weights[0, h, t][hits[h]].sum()) for h in range(hits.shape[0]))
+            shares = [float(read.weights[0, h, t][hits[h]].sum()) for h in range(hits.shape[0])]
+            share = max(shares)
             digits.append({
                 "digit": tok.decode([target]), "predicted": tok.decode([int(out.logits[0, t].argmax())]),
                 "heads_retrieving": int(hits.any(-1).sum()), "best_head_share": round(share, 3),
@@ -72,13 +77,39 @@ def main():
                 "p_model": round(float(log_model[0, t, target].exp()), 3),
                 "p_output": round(float(torch.softmax(out.logits[0, t].float(), -1)[target]), 3),
             })
+            if args.show_read:
+                digits[-1]["reads"] = show_read(read, t, shares.index(share), planted, tok, args.show_read)
         rows.append({"key": key, "digits": digits})
-        if not args.json:
+        if not args.json and args.show_read:
+            print(json.dumps({"key": key, "digits": digits}, indent=1))
+        elif not args.json:
             print(key, " | ".join(f"{d['digit']}->{d['predicted']} heads {d['heads_retrieving']}/{hits.shape[0]} "
                                   f"read {d['best_head_share']:.2f} g {d['copy_gate']} p_model {d['p_model']:.2f} "
                                   f"p {d['p_output']:.2f}" for d in digits), flush=True)
     if args.json:
         print(json.dumps({"checkpoint": str(args.checkpoint), "distance": args.distance, "trials": rows}, indent=2))
+
+
+def show_read(read, t: int, best: int, planted: torch.Tensor, tok, top: int) -> dict:
+    """At position t: per head, the planted tokens it retrieved (stream position, cosine to the
+    query, read weight); and the best head's top reads as "prev|token|next"."""
+    r = read.retrieval
+    q = torch.nn.functional.normalize(r.queries[0, :, t].float(), dim=-1)  # (Hq, D)
+    k = torch.nn.functional.normalize(r.keys[0, :, t].float(), dim=-1)  # (Hq, K, D)
+    cos = torch.einsum("hd,hkd->hk", q, k)
+    word = lambda i: tok.decode([int(i)]) if int(i) >= 0 else "?"  # noqa: E731
+    planted_reads = {}
+    for h in range(cos.shape[0]):
+        found = (r.positions[0, h, t, :, None] == planted).any(-1).nonzero().flatten().tolist()
+        planted_reads[h] = [[int(r.positions[0, h, t, i]), round(float(cos[h, i]), 3), round(float(read.weights[0, h, t, i]), 3)]
+                            for i in found]
+    weights = read.weights[0, best, t]
+    tops = [{"at": int(r.positions[0, best, t, i]), "cosine": round(float(cos[best, i]), 3),
+             "weight": round(float(weights[i]), 3),
+             "text": f"{word(r.prev_token_ids[0, best, t, i])}|{word(r.token_ids[0, best, t, i, 0])}|"
+                     f"{word(r.next_token_ids[0, best, t, i])}"}
+            for i in weights.topk(min(top, weights.numel())).indices.tolist()]
+    return {"planted_by_head": planted_reads, "best_head": best, "best_head_top": tops}
 
 
 if __name__ == "__main__":
