@@ -81,7 +81,7 @@ def main():
                 digits[-1]["reads"] = show_read(read, t, shares.index(share), planted, tok, args.show_read)
         rows.append({"key": key, "digits": digits})
         if not args.json and args.show_read:
-            print(json.dumps({"key": key, "digits": digits}, indent=1))
+            print(key, *(json.dumps(d) for d in digits), sep="\n", flush=True)
         elif not args.json:
             print(key, " | ".join(f"{d['digit']}->{d['predicted']} heads {d['heads_retrieving']}/{hits.shape[0]} "
                                   f"read {d['best_head_share']:.2f} g {d['copy_gate']} p_model {d['p_model']:.2f} "
