@@ -17,6 +17,7 @@ import torch
 from common import AUSTEN
 from longmem.model import LongMem
 from longmem.probes import passkey_prompts
+from longmem.sidenet import retrieval_cosine
 from longmem.training import PASSKEY_FACT
 
 
@@ -94,9 +95,7 @@ def show_read(read, t: int, best: int, planted: torch.Tensor, tok, top: int) -> 
     """At position t: per head, the planted tokens it retrieved (stream position, cosine to the
     query, read weight); and the best head's top reads as "prev|token|next"."""
     r = read.retrieval
-    q = torch.nn.functional.normalize(r.queries[0, :, t].float(), dim=-1)  # (Hq, D)
-    k = torch.nn.functional.normalize(r.keys[0, :, t].float(), dim=-1)  # (Hq, K, D)
-    cos = torch.einsum("hd,hkd->hk", q, k)
+    cos = retrieval_cosine(r)[0, :, t]  # (Hq, K)
     word = lambda i: tok.decode([int(i)]) if int(i) >= 0 else "?"  # noqa: E731
     planted_reads = {}
     for h in range(cos.shape[0]):

@@ -71,6 +71,13 @@ def memory_attention(q, retrieval: MemoryRetrieval, scale: float):
     return out, weights
 
 
+def retrieval_cosine(retrieval: MemoryRetrieval) -> torch.Tensor:
+    """(B, Hq, T, K): cosine of each query with each token it retrieved."""
+    q = F.normalize(retrieval.queries.float(), dim=-1)  # (B, Hq, T, D)
+    keys = F.normalize(retrieval.keys.float(), dim=-1)  # (B, Hq, T, K, D)
+    return torch.einsum("bhtd,bhtkd->bhtk", q, keys)
+
+
 def next_token_read(retrieval: MemoryRetrieval, temperature: torch.Tensor, prev_bonus: torch.Tensor | None = None):
     """Match each query to the retrieved keys by cosine; read the value of the token after the match.
 
@@ -78,10 +85,8 @@ def next_token_read(retrieval: MemoryRetrieval, temperature: torch.Tensor, prev_
     Returns out (B, Hq, T, D), weights (B, Hq, T, K) over the matched tokens, and the read-weighted
     cosine (B, Hq, T): near 1 where the read lands on tokens whose keys equal the query's.
     """
-    q = F.normalize(retrieval.queries.float(), dim=-1)  # (B, Hq, T, D)
-    keys = F.normalize(retrieval.keys.float(), dim=-1)  # (B, Hq, T, K, D)
     mask = retrieval.token_mask & retrieval.next_mask
-    cos = torch.einsum("bhtd,bhtkd->bhtk", q, keys)
+    cos = retrieval_cosine(retrieval)
     logits = cos * temperature.float()[None, :, None, None]
     if prev_bonus is not None and retrieval.prev_token_ids is not None and retrieval.query_prev_ids is not None:
         query_prev = retrieval.query_prev_ids[:, None, :, None]  # (B, 1, T, 1)
@@ -96,9 +101,7 @@ def next_token_read(retrieval: MemoryRetrieval, temperature: torch.Tensor, prev_
 
 def match_confidence(retrieval: MemoryRetrieval, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """sigmoid(scale_h * (best cosine - bias_h)) per (B, Hq, T): how close the best match is."""
-    q = F.normalize(retrieval.queries.float(), dim=-1)
-    keys = F.normalize(retrieval.keys.float(), dim=-1)
-    cos = torch.einsum("bhtd,bhtkd->bhtk", q, keys).masked_fill(~(retrieval.token_mask & retrieval.next_mask), -1.0)
+    cos = retrieval_cosine(retrieval).masked_fill(~(retrieval.token_mask & retrieval.next_mask), -1.0)
     best = cos.max(dim=-1).values  # (B, Hq, T)
     return torch.sigmoid(scale.float()[None, :, None] * (best - bias.float()[None, :, None]))
 
@@ -251,11 +254,12 @@ class SideLayer(nn.Module):
                 gate = gate * match_confidence(retrieval, self.memory_conf_scale.exp(), self.memory_conf_bias).to(gate.dtype)
             gate = torch.where(has, gate, torch.zeros_like(gate))  # nothing retrieved: exactly the local layer
             readout = MemoryReadout(retrieval, weights, gate, match)
-            memory_part = gate[..., None] * (remembered - local)  # (B, Hq, T, D)
-            if self.value_read and self.memory_scale is None:
-                local = local + memory_part
-            elif self.value_read:  # the read goes straight to the side stream on its own scale (SideNet adds it)
-                memory_update = self.memory_scale.to(local.dtype) * out_proj(memory_part.transpose(1, 2).reshape(B, T, -1))
+            if self.value_read:
+                memory_part = gate[..., None] * (remembered - local)  # (B, Hq, T, D)
+                if self.memory_scale is None:
+                    local = local + memory_part
+                else:  # the read goes straight to the side stream on its own scale (SideNet adds it)
+                    memory_update = self.memory_scale.to(local.dtype) * out_proj(memory_part.transpose(1, 2).reshape(B, T, -1))
 
         attn_out = out_proj(local.transpose(1, 2).reshape(B, T, -1))
         mlp_out = mlp(norm_post(x + attn_out))

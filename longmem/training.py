@@ -227,12 +227,18 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
 
 
+def require_copy_head(sidenet: torch.nn.Module) -> None:
+    """copy_head_only trains the copy head: refuse a SideNet without one."""
+    if getattr(sidenet, "memory_copy", None) is None:
+        raise InputError("copy_head_only trains the copy head, and this model has none: continue a checkpoint "
+                         "with one, or give the model memory_copy_init (--copy-gate)")
+
+
 def make_optimizer(sidenet: torch.nn.Module, cfg: TrainConfig):
     """AdamW over the SideNet; gates, memory scale and temperature get their own learning rate, no decay.
     With cfg.copy_head_only every parameter outside the copy head is frozen here (before any DDP wrap)."""
     if cfg.copy_head_only:
-        if getattr(sidenet, "memory_copy", None) is None:
-            raise InputError("copy_head_only needs a model with a copy head (memory_copy_init)")
+        require_copy_head(sidenet)
         for name, p in sidenet.named_parameters():
             p.requires_grad_(name.startswith("memory_copy."))
     memory, decay, no_decay = [], [], []

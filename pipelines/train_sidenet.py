@@ -23,7 +23,7 @@ from longmem.backbone import cache_dir, resolve_backbone
 from longmem.config import DEFAULT_BACKBONE
 from longmem.model import CONFIG_NAME, WEIGHTS_NAME, InputError, LongMem
 from longmem.training import (DistractorMemory, Episode, EpisodeSampler, TrainConfig, distractor_segments,
-                              make_optimizer, train_step)
+                              make_optimizer, require_copy_head, train_step)
 
 STATE_NAME = "trainer_state.pt"
 MODEL_DIR = "model"
@@ -181,7 +181,7 @@ def run_training(job: TrainJob, address: str | None = None) -> dict:
     """Train (or resume) and write the final SideNet to job.out as a save_pretrained folder."""
     from pipelines.ray_env import init_ray
 
-    job.train_config()  # validate before starting anything
+    cfg = job.train_config()  # validate before starting anything
     if job.workers <= 0:
         raise InputError(f"workers must be positive, got {job.workers}")
     init_ray(address)
@@ -190,9 +190,8 @@ def run_training(job: TrainJob, address: str | None = None) -> dict:
 
     t0 = time.time()
     probe = build_model(asdict(job))
-    if job.train_config().copy_head_only and probe.sidenet.memory_copy is None:
-        raise InputError("copy_head_only trains a copy head, and this model has none: continue a checkpoint "
-                         "with one, or give the model memory_copy_init (--copy-gate)")
+    if cfg.copy_head_only:
+        require_copy_head(probe.sidenet)  # here, not first in every worker
     window = probe.config.window
     docs, summary = load_documents(job)
     if not docs:
@@ -210,7 +209,7 @@ def run_training(job: TrainJob, address: str | None = None) -> dict:
         print(f"[train] key_center set from {tokens.shape[1]} corpus tokens", flush=True)
     dataset, too_short = make_episode_dataset(job, docs, window, probe.tokenizer)
     # Every worker encodes the same distractor pool (the driver draws it once, by the run's seed).
-    distractors = [s.tolist() for s in distractor_segments(docs, window, job.train_config())]
+    distractors = [s.tolist() for s in distractor_segments(docs, window, cfg)]
     summary.update(too_short_for_an_episode=too_short, episodes=dataset.count())
     print(f"[train] {summary['documents']} documents, {summary['tokens']} tokens, "
           f"{summary['episodes']} episodes; skipped {summary['skipped'] or 'none'}", flush=True)
