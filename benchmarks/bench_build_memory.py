@@ -21,14 +21,14 @@ import numpy as np
 import torch
 
 from common import AUSTEN, machine
-from longmem.config import LongMemConfig
+from longmem.loading import load_model
 from longmem.memory.encoder import MemoryEncoder
 
 
-def plain_loop(config, ids: np.ndarray, batch: int, threads: int) -> float:
+def plain_loop(model, ids: np.ndarray, batch: int, threads: int) -> float:
     torch.set_num_threads(threads)
-    enc = MemoryEncoder(LongMemConfig.from_dict(config.to_dict()))
-    W = config.window
+    enc = MemoryEncoder(model)
+    W = model.config.memory.window
     windows = [ids[i : i + W] for i in range(0, len(ids), W)]
     enc.encode(windows[:batch], [0] * batch)  # warm-up
     t0 = time.perf_counter()
@@ -55,27 +55,21 @@ def main():
     ap.add_argument("--tokens", type=int, default=65536)
     ap.add_argument("--batch-size", type=int, default=8)
     args = ap.parse_args()
-    config = LongMemConfig()
-    enc = MemoryEncoder(config)
-    from transformers import AutoTokenizer
-
-    from longmem.backbone import resolve_backbone
-
-    tok = AutoTokenizer.from_pretrained(resolve_backbone(config.backbone))
+    model = load_model()
+    tok = model.tokenizer
     text = (AUSTEN / "emma.txt").read_text()
     ids = np.asarray(tok(text, add_special_tokens=False).input_ids[: args.tokens], dtype=np.int64)
-    del enc
     corpus = Path(tempfile.mkdtemp(prefix="bench-corpus-"))
     (corpus / "emma.txt").write_text(tok.decode(ids.tolist()))
     report = {"machine": machine(), "tokens": int(len(ids)), "batch_size": args.batch_size}
-    report["plain_loop_tokens_per_s_1_thread"] = plain_loop(config, ids, args.batch_size, 1)
+    report["plain_loop_tokens_per_s_1_thread"] = plain_loop(model, ids, args.batch_size, 1)
     one = pipeline(corpus, args.batch_size, 1, 1)
     report["pipeline_1_actor_tokens_per_s"] = one["encode_tokens_per_s"]
     report["pipeline_1_actor_ratio"] = one["encode_tokens_per_s"] / report["plain_loop_tokens_per_s_1_thread"]
     two = pipeline(corpus, args.batch_size, 2, 1)
     report["pipeline_2_actors_tokens_per_s"] = two["encode_tokens_per_s"]
     report["two_over_one_actor"] = two["encode_tokens_per_s"] / one["encode_tokens_per_s"]
-    report["plain_loop_tokens_per_s_2_threads"] = plain_loop(config, ids, args.batch_size, 2)
+    report["plain_loop_tokens_per_s_2_threads"] = plain_loop(model, ids, args.batch_size, 2)
     report["bytes_per_token"] = one["bytes_per_token"]
     report["encoder_peak_rss_mb"] = one["encoder_peak_rss_mb"]
     shutil.rmtree(corpus, ignore_errors=True)

@@ -11,7 +11,7 @@ import json
 import torch
 
 from common import fill_bank_with_real_keys, interleaved, machine, real_text_ids
-from longmem.model import LongMem
+from longmem.loading import load_model
 
 
 def main():
@@ -23,8 +23,9 @@ def main():
     args = ap.parse_args()
 
     torch.manual_seed(0)
-    model = LongMem.from_backbone(side_init="paper", window=args.segment, memory_tokens=args.memory_tokens,
-                                  memory_dtype=args.memory_dtype).eval()
+    # The defaults (the recipe: token-level search, the copy head), on a full memory of real keys.
+    model = load_model(overrides={"memory.window": args.segment, "memory.capacity_tokens": args.memory_tokens,
+                                  "memory.dtype": args.memory_dtype}).eval()
     bank = model.new_bank(1)
     fill_bank_with_real_keys(model, bank, args.memory_tokens)
     seg = real_text_ids(model.tokenizer, args.segment)

@@ -12,7 +12,7 @@ import json
 import torch
 
 from common import fill_bank_with_real_keys, interleaved, machine, real_text_ids
-from longmem.model import LongMem
+from longmem.loading import load_model
 
 
 def main():
@@ -23,7 +23,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
 
-    model = LongMem.from_backbone(side_init="paper", memory_tokens=args.memory_tokens).eval()
+    model = load_model(overrides={"memory.capacity_tokens": args.memory_tokens}).eval()  # the defaults (the recipe)
     bank = model.new_bank(1)
     fill_bank_with_real_keys(model, bank, args.memory_tokens)
     prompt = real_text_ids(model.tokenizer, args.prompt, "emma.txt")

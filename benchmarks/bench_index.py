@@ -18,9 +18,10 @@ import torch
 
 from common import AUSTEN, machine
 from longmem.backbone import cache_dir
-from longmem.config import LongMemConfig
+from longmem.loading import load_model
 from longmem.memory.encoder import MemoryEncoder
-from longmem.memory.store import build_index, rerank_exact
+from longmem.memory.store import rerank_exact
+from longmem.memory.writer import build_index
 
 
 def real_keys(tokens: int, books, enc, tok) -> np.ndarray:
@@ -50,13 +51,8 @@ def main():
     args = ap.parse_args()
     import faiss
 
-    config = LongMemConfig(chunk_size=1, sink_tokens=4)
-    enc = MemoryEncoder(config)
-    from transformers import AutoTokenizer
-
-    from longmem.backbone import resolve_backbone
-
-    tok = AutoTokenizer.from_pretrained(resolve_backbone(config.backbone))
+    model = load_model()  # token-level keys (chunk_size 1), as the recipe stores them
+    enc, tok = MemoryEncoder(model), model.tokenizer
     cache = cache_dir() / "bench" / f"keys-head0-{args.vectors}.npy"
     if cache.exists():
         keys = np.load(cache)

@@ -40,19 +40,18 @@ def main():
 
     from ray import serve
 
-    from longmem.config import LongMemConfig
+    from longmem.loading import load_model
     from longmem.memory.encoder import MemoryEncoder, write_memory_dir
-    from longmem.model import LongMem
     from pipelines.ray_env import init_ray
     from pipelines.serve import app_builder
 
-    model = LongMem.from_pretrained(args.checkpoint) if args.checkpoint else LongMem.from_backbone()
+    model = load_model(checkpoint=args.checkpoint)
     root = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     if not args.checkpoint:
         model.save_pretrained(root / "ckpt")
     checkpoint = args.checkpoint or str(root / "ckpt")
     ids = model.encode((AUSTEN / "emma.txt").read_text())[0, : args.memory_tokens].numpy()
-    encoder = MemoryEncoder(LongMemConfig.from_dict(model.config.to_dict()), backbone=model.backbone)
+    encoder = MemoryEncoder(model)
     third = len(ids) // 3
     docs = [(f"emma-{i}", ids[i * third : (i + 1) * third]) for i in range(3)]
     write_memory_dir(root / "memory", encoder, docs, shards=3)
@@ -62,7 +61,7 @@ def main():
     init_ray(num_cpus=2, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(app_builder({"checkpoint": checkpoint, "memories": {"emma": str(root / "memory")},
+    serve.run(app_builder({"model": {"checkpoint": checkpoint}, "memories": {"emma": str(root / "memory")},
                            "model_cpus": 1.0, "shard_cpus": 0.1, "ingress_cpus": 0.1}),
               name="bench", route_prefix="/", blocking=False)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300)

@@ -57,8 +57,11 @@ def real_text_ids(tokenizer, tokens: int, name: str = "persuasion.txt") -> torch
 
 
 def fill_bank_with_real_keys(model, bank, tokens: int, distinct: int = 4096) -> None:
-    """Encode `distinct` real tokens with the frozen backbone and tile their keys up to `tokens`."""
+    """Encode `distinct` real tokens with the frozen backbone (keys centred on their own mean when the
+    model centres keys) and tile them, with their token ids, up to `tokens`."""
     ids = real_text_ids(model.tokenizer, distinct)
+    if model.config.memory.center_keys:
+        model.calibrate_key_center(ids)
     keys, values = [], []
     with torch.no_grad():
         for seg in model.segments(ids):
@@ -68,4 +71,4 @@ def fill_bank_with_real_keys(model, bank, tokens: int, distinct: int = 4096) -> 
     k, v = torch.cat(keys, 1), torch.cat(values, 1)
     while bank.num_tokens(0) < tokens:
         n = min(k.shape[1], tokens - bank.num_tokens(0))
-        bank.add(k[:, :n], v[:, :n])
+        bank.add(k[:, :n], v[:, :n], token_ids=ids[:, :n])

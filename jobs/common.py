@@ -57,7 +57,7 @@ def load_config(stage: str, argv: list[str] | None = None) -> dict:
 
 def run(main) -> None:
     """Run a job's main(); user errors become one line and exit status 2."""
-    from longmem.cli import user_errors
+    from pipelines.cli import user_errors
 
     try:
         sys.exit(main())

@@ -1,4 +1,4 @@
-"""Job: the memory-augmented completion endpoint with Ray Serve (pipelines/serve.py).
+"""Job: the memory-augmented completion endpoint with Ray Serve (pipelines/serve/).
 
     python jobs/serve.py --set args.checkpoint=ckpt/ --set args.memories='{books: memory/}'
     ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/serve.py ...

@@ -1,7 +1,13 @@
-"""LongMem: language models with long-term memory (frozen backbone + SideNet + memory bank)."""
+"""LongMem: language models with long-term memory (frozen backbone + SideNet + memory).
+
+The library imports no Ray; the Ray programs (build memory, train, evaluate, serve) and the
+`longmem` command live in the `pipelines` package."""
 
 from .config import LongMemConfig
-from .memory import MemoryBank
-from .model import GenerationOutput, LongMem, LongMemOutput
+from .generation import GenerationOutput
+from .loading import ModelSource, load_model
+from .memory import CombinedMemory, Memory, MemoryBank
+from .model import LongMem, LongMemOutput
 
-__all__ = ["LongMem", "LongMemConfig", "LongMemOutput", "GenerationOutput", "MemoryBank"]
+__all__ = ["CombinedMemory", "GenerationOutput", "LongMem", "LongMemConfig", "LongMemOutput", "Memory", "MemoryBank",
+           "ModelSource", "load_model"]

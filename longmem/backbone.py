@@ -19,6 +19,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -63,7 +64,7 @@ class BackboneAdapter:
     def __init__(self, model: nn.Module):
         self.model = model
         self.config = model.config
-        # (Hkv, D) subtracted from the memory layer's keys (LongMemConfig.key_center), or None
+        # (Hkv, D) subtracted from the memory layer's keys (the model's key_center weight), or None
         self.key_center: torch.Tensor | None = None
 
     # structure
@@ -80,7 +81,7 @@ class BackboneAdapter:
         return len(self.layers)
 
     def set_key_center(self, center) -> None:
-        """center: (Hkv, D) nested list or tensor (LongMemConfig.key_center), or None for raw keys."""
+        """center: (Hkv, D) tensor (the model's key_center weight), or None for raw keys."""
         if center is None:
             self.key_center = None
             return
@@ -285,17 +286,42 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 def fingerprint(model: nn.Module) -> str:
-    """A short hash of a backbone's architecture and weights: equal only for the same frozen model."""
+    """A short hash of a backbone's architecture and weights: equal only for the same frozen model,
+    in whatever precision it was loaded. It hashes the signs of a sample of the weights, which
+    float32, bfloat16 and float16 copies of one model share (a sampled value's sign would change
+    only if float16 flushed it to zero: below 3e-8, where SmolLM2 has none)."""
     h = hashlib.sha256()
+    h.update(_architecture(model))
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0])[:64]:
+        h.update(f"{name}:{tuple(p.shape)}".encode())
+        h.update(np.packbits(_weight_sample(p).gt(0).cpu().numpy()).tobytes())
+    return "v2-" + h.hexdigest()[:16]
+
+
+def legacy_fingerprint(model: nn.Module) -> str:
+    """The fingerprint checkpoints written before "v2-" fingerprints recorded (of float32 weights)."""
+    h = hashlib.sha256()
+    h.update(_architecture(model))
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0])[:64]:
+        h.update(name.encode())
+        h.update(_weight_sample(p).float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def same_backbone(recorded: str, model: nn.Module) -> bool:
+    """Whether `model` is the backbone whose fingerprint was recorded (either format)."""
+    return recorded == (fingerprint(model) if recorded.startswith("v2-") else legacy_fingerprint(model))
+
+
+def _architecture(model: nn.Module) -> bytes:
     cfg = model.config
     keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "n_embd", "n_layer")
-    h.update(json.dumps({k: getattr(cfg, k, None) for k in keys}, sort_keys=True).encode())
-    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0])[:64]:
-        flat = p.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes()
-        h.update(name.encode())
-        h.update(sample)
-    return h.hexdigest()[:16]
+    return json.dumps({k: getattr(cfg, k, None) for k in keys}, sort_keys=True).encode()
+
+
+def _weight_sample(p: torch.Tensor) -> torch.Tensor:
+    flat = p.detach().reshape(-1)
+    return flat[:: max(1, flat.numel() // 4096)]
 
 
 def _default_backbone_folder() -> Path:

@@ -55,74 +55,89 @@ class MemoryReadout:
     match: torch.Tensor | None = None  # (B, Hq, T)
     copy_gate: torch.Tensor | None = None  # (B, T) the copy head's g (set by it; 0 where nothing was read)
 
+    @property
+    def has_memory(self) -> torch.Tensor:
+        """(B, Hq, T) True where a query head's search retrieved something."""
+        return self.retrieval.has_memory.repeat_interleave(self.gate.shape[1] // self.retrieval.num_heads, dim=1)
+
+
+def _by_group(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, Hq, ...) -> (B, H, G, ...): the query heads that share each of a retrieval's H heads."""
+    return x.reshape(x.shape[0], heads, x.shape[1] // heads, *x.shape[2:])
+
 
 def memory_attention(q, retrieval: MemoryRetrieval, scale: float):
     """Attention of each query token over its own retrieved tokens, no positions.
 
-    q (B, Hq, T, D) pre-positional; returns out (B, Hq, T, D), weights (B, Hq, T, K).
-    """
-    keys = retrieval.keys.to(q.dtype)  # (B, Hq, T, K, D)
-    values = retrieval.values.to(q.dtype)
-    logits = torch.einsum("bhtd,bhtkd->bhtk", q, keys) * scale
-    logits = logits.masked_fill(~retrieval.token_mask, float("-inf"))
-    weights = torch.softmax(logits.float(), dim=-1)
-    weights = torch.where(retrieval.token_mask, weights, torch.zeros_like(weights)).to(q.dtype)  # no NaN rows
-    out = torch.einsum("bhtk,bhtkd->bhtd", weights, values)
-    return out, weights
+    q (B, Hq, T, D) pre-positional; the retrieval has H heads, each shared by Hq / H query heads.
+    Returns out (B, Hq, T, D), weights (B, Hq, T, K)."""
+    B, Hq, T, D = q.shape
+    H = retrieval.num_heads
+    keys = retrieval.keys.to(q.dtype)  # (B, H, T, K, D)
+    logits = torch.einsum("bhgtd,bhtkd->bhgtk", _by_group(q, H), keys).reshape(B, Hq, T, -1) * scale
+    mask = retrieval.token_mask.repeat_interleave(Hq // H, dim=1)  # (B, Hq, T, K)
+    weights = torch.softmax(logits.masked_fill(~mask, float("-inf")).float(), dim=-1)
+    weights = torch.where(mask, weights, torch.zeros_like(weights)).to(q.dtype)  # no NaN rows
+    out = torch.einsum("bhgtk,bhtkd->bhgtd", _by_group(weights, H), retrieval.values.to(q.dtype))
+    return out.reshape(B, Hq, T, D), weights
 
 
 def retrieval_cosine(retrieval: MemoryRetrieval) -> torch.Tensor:
-    """(B, Hq, T, K): cosine of each query with each token it retrieved."""
-    q = F.normalize(retrieval.queries.float(), dim=-1)  # (B, Hq, T, D)
-    keys = F.normalize(retrieval.keys.float(), dim=-1)  # (B, Hq, T, K, D)
+    """(B, H, T, K): cosine of each search vector with each token it retrieved."""
+    q = F.normalize(retrieval.queries.float(), dim=-1)  # (B, H, T, D)
+    keys = F.normalize(retrieval.keys.float(), dim=-1)  # (B, H, T, K, D)
     return torch.einsum("bhtd,bhtkd->bhtk", q, keys)
 
 
 def next_token_read(retrieval: MemoryRetrieval, temperature: torch.Tensor, prev_bonus: torch.Tensor | None = None):
-    """Match each query to the retrieved keys by cosine; read the value of the token after the match.
+    """Match each search vector to the retrieved keys by cosine; read the value of the token after the match.
 
     temperature (Hq,); prev_bonus (Hq,) is added where a retrieved token's predecessor is the query's.
+    The retrieval's H heads are broadcast to the Hq query heads (each group shares its search).
     Returns out (B, Hq, T, D), weights (B, Hq, T, K) over the matched tokens, and the read-weighted
     cosine (B, Hq, T): near 1 where the read lands on tokens whose keys equal the query's.
     """
-    mask = retrieval.token_mask & retrieval.next_mask
-    cos = retrieval_cosine(retrieval)
+    Hq, H = temperature.shape[0], retrieval.num_heads
+    G = Hq // H
+    mask = (retrieval.token_mask & retrieval.next_mask).repeat_interleave(G, dim=1)  # (B, Hq, T, K)
+    cos = retrieval_cosine(retrieval).repeat_interleave(G, dim=1)
     logits = cos * temperature.float()[None, :, None, None]
     if prev_bonus is not None and retrieval.prev_token_ids is not None and retrieval.query_prev_ids is not None:
         query_prev = retrieval.query_prev_ids[:, None, :, None]  # (B, 1, T, 1)
-        same = (retrieval.prev_token_ids == query_prev) & (query_prev >= 0)  # (B, Hq, T, K)
-        logits = logits + prev_bonus.float()[None, :, None, None] * same
+        same = (retrieval.prev_token_ids == query_prev) & (query_prev >= 0)  # (B, H, T, K)
+        logits = logits + prev_bonus.float()[None, :, None, None] * same.repeat_interleave(G, dim=1)
     weights = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
     weights = torch.where(mask, weights, torch.zeros_like(weights))
-    values = retrieval.next_values
-    out = torch.einsum("bhtk,bhtkd->bhtd", weights.to(values.dtype), values)
-    return out, weights, (weights * cos.masked_fill(~mask, 0.0)).sum(-1)
+    values = retrieval.next_values  # (B, H, T, K, D)
+    out = torch.einsum("bhgtk,bhtkd->bhgtd", _by_group(weights.to(values.dtype), H), values)
+    B, _, _, T, D = out.shape
+    return out.reshape(B, Hq, T, D), weights, (weights * cos.masked_fill(~mask, 0.0)).sum(-1)
 
 
-def match_confidence(retrieval: MemoryRetrieval, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """sigmoid(scale_h * (best cosine - bias_h)) per (B, Hq, T): how close the best match is."""
-    cos = retrieval_cosine(retrieval).masked_fill(~(retrieval.token_mask & retrieval.next_mask), -1.0)
-    best = cos.max(dim=-1).values  # (B, Hq, T)
-    return torch.sigmoid(scale.float()[None, :, None] * (best - bias.float()[None, :, None]))
+def id_totals(ids: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """(..., N) token ids and their masses -> (..., N): the total mass of each entry's id in its row,
+    i.e. p_copy(id) gathered back at every entry, without a vocabulary-sized tensor."""
+    sorted_ids, order = ids.sort(dim=-1)
+    starts = torch.ones_like(sorted_ids, dtype=torch.bool)
+    starts[..., 1:] = sorted_ids[..., 1:] != sorted_ids[..., :-1]
+    segment = starts.long().cumsum(-1) - 1  # (..., N) which run of equal ids each sorted entry is in
+    sums = torch.zeros_like(mass).scatter_add_(-1, segment, mass.gather(-1, order))
+    return torch.empty_like(mass).scatter_(-1, order, sums.gather(-1, segment))
 
 
 class MemoryCopy(nn.Module):
     """Mix the LM's next-token distribution with a copy of what memory says comes next.
 
     p_copy(v) = sum_h a_h sum_k w_hk [next id_hk = v] (a = softmax of learned head weights over the
-    heads that read something); out = log((1 - g) p_model + g p_copy), g = sigmoid(u . h + b).
-    With a match gate the logit also adds sum_h m_h c_h + m_0 max_v p_copy(v): how exactly each
-    head's read matches its query (c_h, the read-weighted cosine) and how much the reads agree on one
-    next token, evidence the hidden state lacks about a read made 32k tokens away. With a confidence
-    gate it also adds w * max_v p_model(v): how sure the model is without the copy. With
-    gate_from_hidden False the logit drops u . h and is b plus that evidence alone.
+    heads that read something); out = log((1 - g) p_model + g p_copy), g = sigmoid(u . h + b + e).
+    With evidence weights, e = sum_h m_h c_h + m_0 max_v p_copy(v): how exactly each head's read
+    matches its query (c_h, the read-weighted cosine) and how much the reads agree on one next
+    token, evidence the hidden state lacks about a read made 32k tokens away.
     Where nothing was read the output is exactly log_softmax(logits), as without memory.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, gate_init: float, match_init: float | None = None,
-                 gate_from_hidden: bool = True, confidence_init: float | None = None):
+    def __init__(self, hidden_size: int, num_heads: int, gate_init: float, match_init: float | None = None):
         super().__init__()
-        self.gate_from_hidden = gate_from_hidden
         self.head_logits = nn.Parameter(torch.zeros(num_heads))
         self.gate = nn.Linear(hidden_size, 1)
         with torch.no_grad():
@@ -135,48 +150,57 @@ class MemoryCopy(nn.Module):
             init = torch.full((num_heads + 1,), float(match_init) / num_heads)
             init[-1] = float(match_init)
             self.match_gate = nn.Parameter(init)
-        self.confidence_gate = None if confidence_init is None else nn.Parameter(torch.tensor(float(confidence_init)))
 
-    def gate_logit(self, hidden: torch.Tensor, readout: MemoryReadout, copy_peak: torch.Tensor | None,
-                   model_peak: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T, 1) logit of g. copy_peak (B, T): max_v p_copy(v), needed with a match gate; model_peak
-        (B, T): max_v p_model(v), needed with a confidence gate. Both enter as features only (detached):
-        the gate learns when to trust a read, not to change the read or the model."""
-        z = self.gate(hidden.float()) if self.gate_from_hidden else self.gate.bias.float().expand(*hidden.shape[:-1], 1)
+    def gate_logit(self, hidden: torch.Tensor, readout: MemoryReadout, copy_peak: torch.Tensor) -> torch.Tensor:
+        """(B, T, 1) logit of g. copy_peak (B, T): max_v p_copy(v). The evidence enters as features
+        only (detached): the gate learns when to trust a read, not to change the read."""
+        z = F.linear(hidden.float(), self.gate.weight.float(), self.gate.bias.float())
         if self.match_gate is not None and readout.match is not None:
             m = self.match_gate.float()
             z = z + ((readout.match.detach().float() * m[None, :-1, None]).sum(1) + m[-1] * copy_peak.detach())[..., None]
-        if self.confidence_gate is not None:
-            z = z + self.confidence_gate.float() * model_peak.detach().float()[..., None]
         return z
 
-    def parts(self, hidden: torch.Tensor, logits: torch.Tensor, readout: MemoryReadout):
-        """The mix's parts: log p_model (B, T, V), p_copy (B, T, V), gate logit z (B, T, 1), and
-        whether any head read something (B, T)."""
-        log_model = torch.log_softmax(logits.float(), dim=-1)
-        ids = readout.retrieval.next_token_ids  # (B, Hq, T, K)
-        weights = torch.where(ids >= 0, readout.weights.float(), torch.zeros((), device=ids.device))
+    def entries(self, readout: MemoryReadout):
+        """What the copy reads: next-token ids (B, T, N), their copy mass (B, T, N) (N = Hq * K,
+        summing to 1 over a position's entries where any head read), and whether any head read (B, T)."""
+        weights = readout.weights.float()  # (B, Hq, T, K)
+        B, Hq, T, K = weights.shape
+        ids = readout.retrieval.next_token_ids.repeat_interleave(Hq // readout.retrieval.num_heads, dim=1)
+        weights = torch.where(ids >= 0, weights, torch.zeros((), device=ids.device))
         read = weights.sum(-1) > 0  # (B, Hq, T)
         heads = torch.softmax(self.head_logits.float(), 0)[None, :, None] * read
         heads = heads / heads.sum(1, keepdim=True).clamp_min(1e-12)  # (B, Hq, T), sums to 1 where read
-        B, Hq, T, K = weights.shape
         mass = (weights * heads[..., None]).permute(0, 2, 1, 3).reshape(B, T, Hq * K)
-        p_copy = torch.zeros(B, T, logits.shape[-1], device=logits.device).scatter_add_(
-            -1, ids.clamp_min(0).permute(0, 2, 1, 3).reshape(B, T, Hq * K), mass)
-        peak = p_copy.max(-1).values if self.match_gate is not None else None  # a full-vocabulary pass: only if used
-        model_peak = log_model.max(-1).values.exp() if self.confidence_gate is not None else None
-        z = self.gate_logit(hidden, readout, peak, model_peak)
-        return log_model, p_copy, z, read.any(1)
+        return ids.permute(0, 2, 1, 3).reshape(B, T, Hq * K), mass, read.any(1)
+
+    def parts(self, hidden: torch.Tensor, logits: torch.Tensor, readout: MemoryReadout):
+        """The mix's parts as full distributions (for traces): log p_model (B, T, V), p_copy
+        (B, T, V), gate logit z (B, T, 1), and whether any head read something (B, T)."""
+        log_model = torch.log_softmax(logits.float(), dim=-1)
+        ids, mass, read = self.entries(readout)
+        p_copy = torch.zeros_like(log_model).scatter_add_(-1, ids.clamp_min(0), mass)
+        return log_model, p_copy, self.gate_logit(hidden, readout, p_copy.max(-1).values), read
 
     def forward(self, hidden: torch.Tensor, logits: torch.Tensor, readout: MemoryReadout | None) -> torch.Tensor:
         """hidden (B, T, C), logits (B, T, V) -> log-probabilities (B, T, V)."""
+        log_model = torch.log_softmax(logits.float(), dim=-1)
         if readout is None or readout.retrieval.next_token_ids is None:
-            return torch.log_softmax(logits.float(), dim=-1).to(logits.dtype)
-        log_model, p_copy, z, read = self.parts(hidden, logits, readout)
+            return log_model.to(logits.dtype)
+        # p_copy is zero outside the few ids memory read: there the mix is log(1 - g) + log p_model,
+        # so only those ids need the two-term mix (no vocabulary-sized copy distribution).
+        ids, mass, read = self.entries(readout)
+        copy = id_totals(ids, mass)  # (B, T, N) p_copy at each entry's id
+        z = self.gate_logit(hidden, readout, copy.max(-1).values)
         readout.copy_gate = torch.where(read, torch.sigmoid(z[..., 0]), torch.zeros((), device=z.device)).detach()
+        keep = torch.where(read[..., None], F.logsigmoid(-z), torch.zeros((), device=z.device))  # (B, T, 1)
+        index = ids.clamp_min(0)
         # log((1 - g) p + g c) in log space: stable where p or c is tiny and where g saturates
-        mixed = torch.logaddexp(F.logsigmoid(-z) + log_model, F.logsigmoid(z) + p_copy.clamp_min(1e-30).log())
-        return torch.where(read[..., None], mixed, log_model).to(logits.dtype)
+        mixed = torch.logaddexp(keep + log_model.gather(-1, index), F.logsigmoid(z) + copy.clamp_min(1e-30).log())
+        mixed = torch.where(read[..., None] & (ids >= 0) & (copy > 0), mixed, torch.full_like(mixed, float("-inf")))
+        # The mix is never below log(1 - g) p, so a max keeps it; entries that copy nothing leave
+        # their id alone, however many entries share it.
+        out = (log_model + keep).scatter_reduce(-1, index, mixed, reduce="amax", include_self=True)
+        return out.to(logits.dtype)
 
 
 class SideLayer(nn.Module):
@@ -187,22 +211,21 @@ class SideLayer(nn.Module):
             p.requires_grad_(True)
         self.backbone_layer = backbone_layer
         self.is_memory_layer = memory_layer
-        self.alpha = nn.Parameter(torch.zeros(())) if config.side_init == "zero" else None
+        read = config.read
+        self.alpha = nn.Parameter(torch.zeros(())) if config.sidenet.init == "zero" else None
         self.memory_scale = None
-        self.memory_read = config.memory_read
+        self.memory_prev_bonus = None
+        self.memory_read = read.mode
         self.value_read = True  # False: the read still happens (the copy head sees it) but adds nothing to the stream
         if memory_layer:
-            if config.memory_read == "next":  # log-parametrised: stays positive
-                init = torch.full((adapter.num_heads,), float(config.memory_temperature_init))
-                self.memory_temperature = nn.Parameter(init.log())
-                if config.memory_confidence:
-                    self.memory_conf_scale = nn.Parameter(torch.full((adapter.num_heads,), 20.0).log())
-                    self.memory_conf_bias = nn.Parameter(torch.full((adapter.num_heads,), 0.9))
-                if config.memory_prev_bonus_init is not None:
-                    self.memory_prev_bonus = nn.Parameter(torch.full((adapter.num_heads,), float(config.memory_prev_bonus_init)))
-            self.gate = nn.Parameter(torch.full((adapter.num_heads,), float(config.gate_init)))
-            if config.memory_scale_init is not None:
-                self.memory_scale = nn.Parameter(torch.tensor(float(config.memory_scale_init)))
+            heads = adapter.num_heads
+            if read.mode == "next":  # log-parametrised: stays positive
+                self.memory_temperature = nn.Parameter(torch.full((heads,), float(read.temperature_init)).log())
+                if read.prev_bonus_init is not None:
+                    self.memory_prev_bonus = nn.Parameter(torch.full((heads,), float(read.prev_bonus_init)))
+            self.gate = nn.Parameter(torch.full((heads,), float(read.gate_init)))
+            if read.scale_init is not None:
+                self.memory_scale = nn.Parameter(torch.tensor(float(read.scale_init)))
 
     def forward(
         self,
@@ -243,15 +266,14 @@ class SideLayer(nn.Module):
         if retrieval is not None:
             if self.memory_read == "next":
                 remembered, weights, match = next_token_read(retrieval, self.memory_temperature.exp(),
-                                                             getattr(self, "memory_prev_bonus", None))
+                                                             self.memory_prev_bonus)
                 remembered = remembered.to(local.dtype)
-                has = (retrieval.token_mask & retrieval.next_mask).any(-1)  # (B, Hq, T)
+                has = (retrieval.token_mask & retrieval.next_mask).any(-1)  # (B, H, T)
             else:
                 remembered, weights = memory_attention(q_plain, retrieval, scale)
-                has = retrieval.has_memory  # (B, Hq, T)
+                has = retrieval.has_memory  # (B, H, T)
+            has = has.repeat_interleave(self.gate.shape[0] // retrieval.num_heads, dim=1)  # (B, Hq, T)
             gate = torch.sigmoid(self.gate).to(local.dtype)[None, :, None].expand(B, -1, T)
-            if getattr(self, "memory_conf_scale", None) is not None:
-                gate = gate * match_confidence(retrieval, self.memory_conf_scale.exp(), self.memory_conf_bias).to(gate.dtype)
             gate = torch.where(has, gate, torch.zeros_like(gate))  # nothing retrieved: exactly the local layer
             readout = MemoryReadout(retrieval, weights, gate, match)
             if self.value_read:
@@ -269,7 +291,7 @@ class SideLayer(nn.Module):
 class SideNet(nn.Module):
     def __init__(self, adapter: BackboneAdapter, config: LongMemConfig):
         super().__init__()
-        r, n = config.reduction_factor, config.num_side_layers
+        r, n = config.sidenet.reduction_factor, config.num_side_layers
         self.backbone_layers = [r * (i + 1) - 1 for i in range(n)]
         self.memory_side_layer = config.memory_side_layer
         self.layers = nn.ModuleList(
@@ -280,10 +302,12 @@ class SideNet(nn.Module):
         for p in self.final_norm.parameters():
             p.requires_grad_(True)
         self.memory_copy = None
-        if config.memory_copy_init is not None:
-            self.memory_copy = MemoryCopy(adapter.hidden_size, adapter.num_heads, config.memory_copy_init,
-                                          config.memory_copy_match_init, config.memory_copy_gate_hidden,
-                                          config.memory_copy_confidence_init)
+        if config.read.copy_init is not None:
+            self.memory_copy = MemoryCopy(adapter.hidden_size, adapter.num_heads, config.read.copy_init,
+                                          config.read.copy_match_init)
+        # The mean memory-layer key, subtracted from every memory key and search vector when the
+        # config centres keys (LongMem.calibrate_key_center sets it). A weight, kept in float32.
+        self.register_buffer("key_center", torch.zeros(adapter.num_kv_heads, adapter.head_dim))
 
     @property
     def memory_layer(self) -> SideLayer:

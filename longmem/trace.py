@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import torch
 
-from .memory import MemoryBank
+from .memory import Memory, MemoryBank
 from .model import InputError, LongMem
 
 
 @torch.no_grad()
-def retrieval_trace(model: LongMem, bank: MemoryBank, ids: torch.Tensor, position: int = -1, top: int = 3,
+def retrieval_trace(model: LongMem, bank: Memory, ids: torch.Tensor, position: int = -1, top: int = 3,
                     stream: int = 0) -> dict:
     """ids (1, T): the local text (its last `window` tokens are used); position indexes into them."""
     if ids.dim() != 2 or ids.shape[0] != 1 or ids.numel() == 0:
         raise InputError("trace needs one non-empty sequence of token ids, shape (1, T)")
-    ids = ids[:, -model.config.window :]
+    ids = ids[:, -model.config.memory.window :]
     T = ids.shape[1]
     if not -T <= position < T:
         raise InputError(f"position {position} is outside the {T} local tokens")
@@ -32,24 +32,26 @@ def retrieval_trace(model: LongMem, bank: MemoryBank, ids: torch.Tensor, positio
         if hook is not None:
             hook.remove()
     read = out.readout
-    c = model.config.chunk_size
+    c = model.config.memory.chunk_size
     decode = (lambda t: model.tokenizer.decode(t)) if model.tokenizer is not None else (lambda t: str(t))
     heads = []
+    group = read.weights.shape[1] // read.retrieval.num_heads  # query heads per search head
     for h in range(read.weights.shape[1]):
+        r = h // group
         mass = read.weights[0, h, position].float().reshape(-1, c).sum(-1)  # (k,) weight per chunk
         order = mass.argsort(descending=True)[:top]
         chunks = []
         for j in order.tolist():
-            if read.retrieval.positions[0, h, position, j] < 0:
+            if read.retrieval.positions[0, r, position, j] < 0:
                 continue
             chunk = {
-                "text": decode([t for t in read.retrieval.token_ids[0, h, position, j].tolist() if t >= 0]),
-                "stream_position": int(read.retrieval.positions[0, h, position, j]),
-                "score": round(float(read.retrieval.scores[0, h, position, j]), 4),
+                "text": decode([t for t in read.retrieval.token_ids[0, r, position, j].tolist() if t >= 0]),
+                "stream_position": int(read.retrieval.positions[0, r, position, j]),
+                "score": round(float(read.retrieval.scores[0, r, position, j]), 4),
                 "weight": round(float(mass[j]), 4),
             }
             if read.retrieval.next_token_ids is not None:  # the next read takes what followed each token
-                following = read.retrieval.next_token_ids[0, h, position, j * c : (j + 1) * c].tolist()
+                following = read.retrieval.next_token_ids[0, r, position, j * c : (j + 1) * c].tolist()
                 chunk["followed_by"] = decode([t for t in following if t >= 0])
             chunks.append(chunk)
         heads.append({"head": h, "gate": round(float(read.gate[0, h, position]), 4), "chunks": chunks})
@@ -65,7 +67,7 @@ def retrieval_trace(model: LongMem, bank: MemoryBank, ids: torch.Tensor, positio
     return {
         "token": decode([int(ids[0, position])]),
         "position": position,
-        "memory_tokens": bank.num_tokens(stream) if hasattr(bank, "num_tokens") else None,
+        "memory_tokens": bank.num_tokens(stream) if isinstance(bank, MemoryBank) else None,
         "predicted_next": decode([next_id]),
         "predicted_probability": round(float(probs[next_id]), 4),
         "heads": heads,

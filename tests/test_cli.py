@@ -6,11 +6,13 @@ import sys
 
 import pytest
 
+from conftest import longmem_on
+
 pytestmark = pytest.mark.slow
 
 
 def longmem(*args, timeout=300):
-    result = subprocess.run([sys.executable, "-m", "longmem.cli", *args], capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True, timeout=timeout)
     return result.returncode, result.stdout, result.stderr
 
 
@@ -59,7 +61,10 @@ def test_bad_input_gets_one_clear_line(tmp_path):
         (("generate", "--prompt", "hi", "--checkpoint", str(tmp_path)), "not a LongMem checkpoint"),
         (("perplexity", str(latin), "--backbone", str(tmp_path / "nope")), "not valid UTF-8"),
         (("generate", "--prompt", "hi", "--backbone", str(tmp_path / "nope")), "cannot load backbone"),
-        (("generate", "--prompt", "hi", "--window", "30"), "must divide the local window"),
+        (("generate", "--prompt", "hi", "--window", "30", "--set", "memory.chunk_size=4"),
+         "memory.window 30 must be a multiple of memory.chunk_size 4"),
+        (("generate", "--prompt", "hi", "--set", "window=64"), "did you mean 'memory.window'"),
+        (("generate", "--prompt", "hi", "--preset", "paper", "--set", "read.copy_init=-6"), "needs read.mode='next'"),
     ]
     for args, message in cases:
         code, stdout, stderr = longmem(*args)
@@ -69,13 +74,9 @@ def test_bad_input_gets_one_clear_line(tmp_path):
 
 
 def test_trace_command_shows_reads_what_followed_them_and_the_copy_gate(tiny_dir, excerpt, tmp_path):
-    from longmem.model import LongMem
-
     checkpoint = tmp_path / "ckpt"
-    LongMem.from_backbone(str(tiny_dir), window=64, chunk_size=1, retrieve_tokens=8, side_init="paper",
-                          memory_read="next", retrieval_query="backbone_key", retrieval_metric="cosine",
-                          memory_scale_init=0.0, memory_copy_init=-2.0, memory_copy_match_init=4.0,
-                          memory_dtype="float32").save_pretrained(checkpoint)
+    longmem_on(str(tiny_dir), memory__window=64, memory__retrieve_tokens=8, sidenet__init="paper", read__copy_init=-2.0,
+               memory__dtype="float32").save_pretrained(checkpoint)
     text = excerpt.read_text()
     code, stdout, stderr = longmem("trace", "--checkpoint", str(checkpoint), "--memory-file", str(excerpt),
                                    "--text", text[1000:1300], "--top", "2")
@@ -86,3 +87,25 @@ def test_trace_command_shows_reads_what_followed_them_and_the_copy_gate(tiny_dir
                               "--text", text[1000:1300], "--json")
     trace = json.loads(stdout)
     assert 0 < trace["copy"]["gate"] < 1 and trace["memory_tokens"] > 1000
+
+
+def test_settings_a_checkpoint_fixes_are_refused_and_train_never_overwrites_other_files(tiny_dir, excerpt, tmp_path):
+    """The one loader's rule from the command line: on a checkpoint only memory settings no weight
+    depends on may change. And `train --out` refuses a folder that holds anything but a checkpoint,
+    before any work starts, leaving it as it was."""
+    checkpoint = tmp_path / "ckpt"
+    longmem_on(str(tiny_dir), memory__window=64, memory__dtype="float32").save_pretrained(checkpoint)
+    code, _, stderr = longmem("generate", "--prompt", "hi", "--checkpoint", str(checkpoint), "--set", "read.mode=attend")
+    assert code == 2 and "read.mode comes from the checkpoint's weights" in stderr and "Traceback" not in stderr
+    code, stdout, stderr = longmem("generate", "--prompt", "Anne", "--checkpoint", str(checkpoint), "--max-tokens", "2",
+                                   "--set", "memory.capacity_tokens=512", "--json")
+    assert code == 0, stderr
+
+    precious = tmp_path / "mine"
+    (precious / "sub").mkdir(parents=True)
+    (precious / "precious.txt").write_text("keep me")
+    (precious / "sub" / "notes.txt").write_text("and me")
+    code, _, stderr = longmem("train", "--corpus", str(excerpt), "--out", str(precious), "--backbone", str(tiny_dir),
+                              "--steps", "1")
+    assert code == 2 and "not a LongMem checkpoint" in stderr and "Traceback" not in stderr
+    assert (precious / "precious.txt").read_text() == "keep me" and (precious / "sub" / "notes.txt").read_text() == "and me"

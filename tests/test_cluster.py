@@ -98,13 +98,19 @@ def test_job_configs_build_valid_jobs():
     from pipelines.serve import ServeArgs
     from pipelines.train_sidenet import TrainJob
 
+    from longmem.training import TrainConfig
+
     load = lambda name: yaml.safe_load((ROOT / "jobs" / "configs" / name).read_text())  # noqa: E731
     BuildJob(**load("build_memory.yaml")["job"]).validate()
     train = TrainJob(**load("train_sidenet.yaml")["job"])
-    train.train_config()
-    LongMemConfig(**train.model).validate()  # the recipe's model settings exist and fit together
+    # The recipe is the defaults: the training job sets no model setting and no training setting
+    # that differs from them.
+    assert train.model.preset == "default" and train.model.overrides == {} and train.model.checkpoint is None
+    assert train.model.config() == LongMemConfig()
+    assert train.train_config() == TrainConfig()
     copy_stage = TrainJob(**load("train_copy_head.yaml")["job"])  # the second stage continues the first
-    assert copy_stage.train_config().copy_head_only and copy_stage.init_checkpoint == train.out
+    assert copy_stage.train_config().copy_head_only and copy_stage.model.checkpoint == train.out
+    assert copy_stage.model.overrides == {}
     ServeArgs(**load("serve.yaml")["args"])
     job = load("evaluate.yaml")["job"]
     for task in ("perplexity", "suffix", "icl"):
@@ -117,7 +123,10 @@ def test_set_overrides_reach_the_config_and_a_misspelt_path_is_an_error():
     sys.path.insert(0, str(ROOT))
     from jobs.common import load_config
 
-    config = load_config("train_sidenet", ["--set", "job.train.steps=40", "--set", "job.model.chunk_size=4"])
-    assert config["job"]["train"]["steps"] == 40 and config["job"]["model"]["chunk_size"] == 4
+    config = load_config("train_sidenet", ["--set", "job.train.steps=40", "--set", "job.model.overrides.memory.chunk_size=4"])
+    assert config["job"]["train"]["steps"] == 40 and config["job"]["model"]["overrides"] == {"memory": {"chunk_size": 4}}
+    from pipelines.train_sidenet import TrainJob
+
+    assert TrainJob(**config["job"]).model.config().memory.chunk_size == 4
     with pytest.raises(SystemExit, match="the config has no 'train'; its top-level keys are job"):
         load_config("train_sidenet", ["--set", "train.steps=40"])

@@ -18,7 +18,12 @@ from conftest import AUSTEN, ROOT, tiny_longmem
 
 pytestmark = pytest.mark.slow
 
-TINY = {"window": 32, "memory_tokens": 1024, "memory_dtype": "float32"}
+TINY = {"memory.window": 32, "memory.capacity_tokens": 1024, "memory.dtype": "float32"}
+
+
+def tiny_source(tiny_dir, **settings):
+    """The evaluation job's model section: a fresh model on the tiny backbone."""
+    return {"backbone": str(tiny_dir), "overrides": {**TINY, **settings}}
 
 
 class MemoryLookupOracle:
@@ -79,8 +84,11 @@ def docs(tmp_path_factory, austen_text):
 
 def test_perplexity_report_same_for_one_and_two_actors(ray_local, tiny_dir, docs, tmp_path):
     settings = {"long_window": 128, "min_doc_tokens": 40, "length_buckets": [200, 500]}
-    one = run_eval("perplexity", [docs], tmp_path / "one", backbone=str(tiny_dir), model=TINY, settings=settings)
-    two = run_eval("perplexity", [docs], tmp_path / "two", backbone=str(tiny_dir), model=TINY, settings=settings,
+    # Without the copy head (which mixes in what memory says comes next from step 0), a fresh model
+    # reads memory through its value path alone, which starts on a zero scale.
+    model = tiny_source(tiny_dir, **{"read.copy_init": None, "read.copy_match_init": None})
+    one = run_eval("perplexity", [docs], tmp_path / "one", model=model, settings=settings)
+    two = run_eval("perplexity", [docs], tmp_path / "two", model=model, settings=settings,
                    max_actors=2, num_cpus_per_actor=0.5)
     assert one["results"] == two["results"]
     assert one["skipped"] == {"too short": 1, "no 'text' field": 1}
@@ -104,22 +112,24 @@ def test_model_scorer_matches_a_segment_by_segment_reference():
     """token_nll (and perplexity_report, built on it) == reading the segments by hand."""
     import torch.nn.functional as F
 
-    from longmem.evaluation import ModelScorer
-    from longmem.model import perplexity_report
+    from longmem.evaluation import ModelScorer, perplexity_report
 
-    model = tiny_longmem(memory_scale_init=0.5)  # paper init: memory changes the output
+    model = tiny_longmem(read__scale_init=0.5)  # a live value read: memory changes the output
     ids = torch.randint(3, 128, (1, 200), generator=torch.Generator().manual_seed(0))
     nll = ModelScorer(model, long_window=64).token_nll(ids[0].numpy())
     report = perplexity_report(model, ids)
     reference = {"backbone": [], "longmem_no_memory": [], "longmem_memory": []}
     bank = model.new_bank(1)
     with torch.no_grad():
-        for seg in model.segments(ids):
+        for start in range(0, ids.shape[1], model.config.memory.window):
+            seg = ids[:, start : start + model.config.memory.window]
             if seg.shape[1] < 2:
                 continue
             target = seg[0, 1:]
+            previous = ids[:, start - 1] if start else None
+            memory = model(seg, bank=bank, update_memory=True, previous_ids=previous).logits
             for reading, logits in (("backbone", model.backbone_logits(seg)), ("longmem_no_memory", model(seg).logits),
-                                    ("longmem_memory", model(seg, bank=bank, update_memory=True).logits)):
+                                    ("longmem_memory", memory)):
                 reference[reading].append(F.cross_entropy(logits[0, :-1].float(), target, reduction="none"))
     for reading, parts in reference.items():
         expected = torch.cat(parts)
@@ -136,7 +146,7 @@ def test_choice_scores_equal_uncached_scoring_of_each_candidate():
     context's overflow in memory and the same local tokens for every reading."""
     from longmem.evaluation import ModelScorer
 
-    model = tiny_longmem(memory_scale_init=0.5)
+    model = tiny_longmem(read__scale_init=0.5)
     g = torch.Generator().manual_seed(1)
     memory = torch.randint(3, 128, (300,), generator=g).numpy()
     context = torch.randint(3, 128, (40,), generator=g).numpy()  # longer than fits: the head moves to memory
@@ -190,7 +200,7 @@ def test_suffix_oracle_reads_the_answer_from_memory_only(ray_local, tiny_dir, to
     path = tmp_path / "chapterbreak_ctx_test.json"
     path.write_text(json.dumps(data))
     settings = {"prefix_tokens": [128, 100000], "candidate_tokens": 12, "long_window": 64}
-    report = run_eval("suffix", [path], tmp_path / "out", backbone=str(tiny_dir), model=TINY, settings=settings,
+    report = run_eval("suffix", [path], tmp_path / "out", model=tiny_source(tiny_dir), settings=settings,
                       scorer_factory=MemoryLookupOracle, max_actors=2, num_cpus_per_actor=0.5)
     res = report["results"]
     assert res["overall"]["questions"] == 12
@@ -215,7 +225,7 @@ def test_icl_oracle_reads_demonstrations_in_memory(ray_local, tiny_dir, tmp_path
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     settings = {"shots": 0, "memory_shots": 43, "queries": 5, "seeds": [0, 1, 2], "queries_per_item": 2,
                 "long_window": 64, "template": "Text: {text}\nColour: {label}\n\n"}
-    report = run_eval("icl", [path], tmp_path / "out", backbone=str(tiny_dir), model=TINY, settings=settings,
+    report = run_eval("icl", [path], tmp_path / "out", model=tiny_source(tiny_dir), settings=settings,
                       scorer_factory=MemoryLookupOracle)
     res = report["results"]
     assert res["overall"]["questions"] == 15
@@ -244,16 +254,16 @@ def test_book_suffix_negatives_never_occur_in_the_prefix(tokenize):
 def test_suffix_and_icl_from_books_end_to_end(ray_local, tiny_dir, tmp_path):
     """Chapter breaks and "which novel?" passages built from real books, scored by a tiny model."""
     books = [AUSTEN / "persuasion.txt", AUSTEN / "northangerabbey.txt"]
-    suffix = run_eval("suffix", books, tmp_path / "suffix", backbone=str(tiny_dir), model=TINY,
+    suffix = run_eval("suffix", books, tmp_path / "suffix", model=tiny_source(tiny_dir),
                       settings={"prefix_tokens": [64, 256], "candidate_tokens": 8, "examples_per_length": 2,
                                 "long_window": 64})
     res = suffix["results"]
     assert [g["group"] for g in res["by_group"]] == [64, 256]
     assert res["overall"]["questions"] == 8 and res["by_group"][0]["chance"] == pytest.approx(1 / 6, abs=1e-4)
-    # Every reading of a zero-init model is its backbone, so their answers agree exactly.
+    # A fresh model without memory is its backbone, so their answers agree exactly.
     for q in res["questions"]:
-        assert q["backbone"] == q["longmem_no_memory"] == q["longmem_memory"]
-    icl = run_eval("icl", books, tmp_path / "icl", backbone=str(tiny_dir), model={**TINY, "window": 128},
+        assert q["backbone"] == q["longmem_no_memory"]
+    icl = run_eval("icl", books, tmp_path / "icl", model=tiny_source(tiny_dir, **{"memory.window": 128}),
                    settings={"shots": 1, "memory_shots": 6, "queries": 4, "seeds": [0, 1], "long_window": 256})
     assert icl["results"]["overall"]["questions"] == 8
     assert icl["results"]["by_group"][0]["chance"] == 0.5  # two books, two labels
@@ -263,7 +273,7 @@ def test_suffix_and_icl_from_books_end_to_end(ray_local, tiny_dir, tmp_path):
 def test_bad_evaluation_inputs(ray_local, tiny_dir, docs, tmp_path):
     from longmem.evaluation import EvalError
 
-    kw = dict(backbone=str(tiny_dir), model=TINY)
+    kw = dict(model=tiny_source(tiny_dir))
     with pytest.raises(EvalError, match="must contain"):
         run_eval("icl", [docs], tmp_path / "o", settings={"template": "{text} only"}, **kw)
     rows = [{"text": f"passage {i}", "label": "yes" if i % 2 else "no"} for i in range(40)]
@@ -284,7 +294,7 @@ def test_bad_evaluation_inputs(ray_local, tiny_dir, docs, tmp_path):
     with pytest.raises(EvalError, match="unknown task"):
         run_eval("rouge", [docs], tmp_path / "o", **kw)
     # The command line turns each into one line and exit status 2.
-    cmd = [sys.executable, "-m", "longmem.cli", "evaluate", "icl", "--data", str(labelled), "--out", str(tmp_path / "o"),
+    cmd = [sys.executable, "-m", "pipelines.cli", "evaluate", "icl", "--data", str(labelled), "--out", str(tmp_path / "o"),
            "--backbone", str(tiny_dir), "--labels", "yes,maybe"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 2 and "labels not in the label set" in proc.stderr
@@ -295,7 +305,7 @@ def test_evaluate_job_entrypoint(tiny_dir, docs, tmp_path):
     """jobs/evaluate.py with its YAML config and --set overrides, as `ray job submit` runs it."""
     out = tmp_path / "report"
     cmd = [sys.executable, "jobs/evaluate.py", "--set", f"job.data=[{docs / 'b.txt'}]", "--set", f"job.out={out}",
-           "--set", f"job.backbone={tiny_dir}", "--set", "job.model={window: 32, memory_dtype: float32}",
+           "--set", f"job.model.backbone={tiny_dir}", "--set", "job.model.overrides={memory.window: 32, memory.dtype: float32}",
            "--set", "job.max_actors=1", "--set", "job.settings={long_window: 64}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

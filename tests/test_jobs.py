@@ -84,7 +84,7 @@ def head():
     shutil.rmtree(temp, ignore_errors=True)
 
 
-MODEL = json.dumps({"window": 64, "chunk_size": 4, "sink_tokens": 4})  # a small memory layout, quick to build
+MODEL = json.dumps({"memory.window": 64, "memory.chunk_size": 4, "memory.sink_tokens": 4})  # a small memory layout, quick to build
 
 
 def write_corpus(tmp_path, text: str, parts: int, chars: int) -> Path:
@@ -104,7 +104,7 @@ def test_submitted_build_memory_job_succeeds_and_writes_memory(head, tiny_dir, a
     result = subprocess.run(
         [RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
          sys.executable, "jobs/build_memory.py", "--set", f"job.corpus=[{corpus}]", "--set", f"job.out={out}",
-         "--set", f"job.backbone={tiny_dir}", "--set", "job.shards=2", "--set", f"job.model={MODEL}",
+         "--set", f"job.model.backbone={tiny_dir}", "--set", "job.shards=2", "--set", f"job.model.overrides={MODEL}",
          "--set", "job.batch_size=4"],
         env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -124,7 +124,7 @@ def test_encoder_pool_scales_up_under_load(head, tiny_dir, austen_text, tmp_path
     client = JobSubmissionClient(address)
     job = client.submit_job(
         entrypoint=f"{sys.executable} jobs/build_memory.py --set 'job.corpus=[{corpus}]' --set job.out={tmp_path / 'm'} "
-                   f"--set job.backbone={tiny_dir} --set 'job.model={MODEL}' --set job.batch_size=1 "
+                   f"--set job.model.backbone={tiny_dir} --set 'job.model.overrides={MODEL}' --set job.batch_size=1 "
                    "--set job.min_actors=1 --set job.max_actors=2 --set job.num_cpus_per_actor=0.5",
         runtime_env={"working_dir": str(ROOT)})
     def encoders():

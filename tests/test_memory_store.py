@@ -6,28 +6,29 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_backbone
+from conftest import tiny_longmem
 from longmem.config import LongMemConfig
 from longmem.memory.encoder import MemoryEncoder, write_memory_dir
-from longmem.memory.store import CombinedMemory, MemoryStore, StoreError, list_shards
+from longmem.memory import CombinedMemory, StoreError
+from longmem.memory.store import MemoryStore, list_shards
 from longmem.model import InputError, LongMem
 
-SETTINGS = dict(window=32, chunk_size=4, sink_tokens=4, memory_dtype="float32", memory_tokens=1024)
+# The defaults, in chunks of 4, with every path of memory acting at step 0 (plain layer copies, a
+# live value read beside the copy head).
+SETTINGS = dict(memory__chunk_size=4, memory__capacity_tokens=1024, sidenet__init="paper", read__scale_init=1.0)
 
 
 @pytest.fixture(scope="module")
 def model_and_docs():
     torch.manual_seed(0)
-    settings = dict(SETTINGS, side_init="paper", memory_read="next", retrieval_query="backbone_key",
-                    retrieval_metric="cosine")
-    model = LongMem(tiny_backbone("llama", 0), LongMemConfig(backbone="tiny-llama", **settings))
+    model = tiny_longmem("llama", **SETTINGS)
     g = torch.Generator().manual_seed(1)
     docs = [(f"doc{i}", torch.randint(0, 100, (n,), generator=g).numpy()) for i, n in enumerate((96, 70, 128))]
     return model, docs
 
 
 def encoder_for(model):
-    return MemoryEncoder(LongMemConfig.from_dict(model.config.to_dict()), backbone=model.backbone)
+    return MemoryEncoder(model)
 
 
 @pytest.mark.parametrize("shards", [1, 3])
@@ -58,9 +59,7 @@ def test_token_level_memory_reads_the_same_from_a_store_as_from_a_bank(tmp_path)
     """chunk_size=1 (every token its own chunk, searched alone): the faiss store, the next-token
     successors across slots and the bank agree."""
     torch.manual_seed(0)
-    settings = dict(SETTINGS, chunk_size=1, retrieve_tokens=16, side_init="paper", memory_read="next",
-                    retrieval_query="backbone_key", retrieval_metric="cosine")
-    model = LongMem(tiny_backbone("llama", 0), LongMemConfig(backbone="tiny-llama", **settings))
+    model = tiny_longmem("llama", **dict(SETTINGS, memory__chunk_size=1, memory__retrieve_tokens=16))
     ids = torch.randint(0, 100, (1, 100), generator=torch.Generator().manual_seed(1))
     model.calibrate_key_center(ids)  # centred keys: the encoder must store what the bank stores
     write_memory_dir(tmp_path / "m", encoder_for(model), [("doc", ids[0].numpy())], shards=2)
@@ -88,7 +87,7 @@ def test_store_errors_are_clear(tmp_path, model_and_docs):
     store = MemoryStore.open(tmp_path / "m")
     with pytest.raises(InputError, match="read-only|writable"):
         model(torch.zeros(1, 8, dtype=torch.long), bank=store, update_memory=True)
-    other = LongMem(tiny_backbone("llama", 1), LongMemConfig(backbone="tiny-llama", **SETTINGS))
+    other = tiny_longmem("llama", seed=1, **SETTINGS)
     with pytest.raises(InputError, match="different model"):
         other(torch.zeros(1, 8, dtype=torch.long), bank=store)
     manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
@@ -111,7 +110,7 @@ def test_store_errors_are_clear(tmp_path, model_and_docs):
 
 def test_faiss_indexes_agree_with_exact_search(tmp_path, model_and_docs):
     """flat == exact; IVF at full probe == exact; the kinds are recorded."""
-    from longmem.memory.store import build_index
+    from longmem.memory.writer import build_index
 
     g = np.random.default_rng(0)
     x = g.standard_normal((5000, 16)).astype(np.float32)
@@ -129,7 +128,8 @@ def test_faiss_indexes_agree_with_exact_search(tmp_path, model_and_docs):
 def test_exact_rerank_restores_product_quantised_recall():
     """IVF-PQ candidates re-scored exactly: the full candidate list gives exact top-k, and 4k
     candidates recover most of what PQ's coarse scores lose."""
-    from longmem.memory.store import build_index, rerank_exact
+    from longmem.memory.store import rerank_exact
+    from longmem.memory.writer import build_index
 
     g = np.random.default_rng(0)
     centers = g.standard_normal((64, 32)).astype(np.float32)
@@ -162,3 +162,37 @@ def test_more_shards_than_documents_leaves_empty_shards_that_search_fine(tmp_pat
     torch.testing.assert_close(model(query, bank=store).logits, model(query, bank=MemoryStore.open(tmp_path / "one")).logits)
     hits = store.search(torch.randn(1, 3, 4, 16), k=5, with_next=True)
     assert hits.token_ids.shape == (1, 4, 3, 5, 4)
+
+
+def test_every_memory_keeps_the_contract_and_returns_the_same_retrieval(tmp_path):
+    """A bank, a built store (1 or 2 shards) and their combinations, holding one document, return
+    the same retrieval for the same queries, next-token neighbours included."""
+    from longmem.memory import Memory
+
+    model = tiny_longmem("llama", **dict(SETTINGS, memory__chunk_size=1, memory__retrieve_tokens=16))
+    doc = torch.randint(0, 100, (1, 100), generator=torch.Generator().manual_seed(4))
+    bank = model.new_bank(1)
+    model.write_memory(doc, bank)
+    write_memory_dir(tmp_path / "m", encoder_for(model), [("doc", doc[0].numpy())], shards=2)
+    store = MemoryStore.open(tmp_path / "m")
+    memories = {"bank": bank, "store": store, "bank+nothing": CombinedMemory(bank, []),
+                "empty bank+store": CombinedMemory(model.new_bank(1), [store]), "store alone": CombinedMemory(None, [store])}
+    queries = torch.randn(1, 7, 2, 16, generator=torch.Generator().manual_seed(5))
+    results = {}
+    for name, memory in memories.items():
+        assert isinstance(memory, Memory), name
+        memory.check_model(model.memory_spec)
+        results[name] = memory.search(queries, 16, with_next=True)
+    reference = results["bank"]
+    for name, r in results.items():
+        torch.testing.assert_close(r.scores, reference.scores, msg=name)
+        for field in ("positions", "token_ids", "next_mask", "prev_token_ids", "next_token_ids"):
+            assert torch.equal(getattr(r, field), getattr(reference, field)), (name, field)
+        for field in ("keys", "values", "next_values"):
+            torch.testing.assert_close(getattr(r, field), getattr(reference, field), msg=f"{name} {field}")
+    with pytest.raises(StoreError, match="read-only"):
+        store.add(torch.zeros(1, 4, 2, 16), torch.zeros(1, 4, 2, 16))
+    with pytest.raises(StoreError, match="read-only"):
+        CombinedMemory(None, [store]).add(torch.zeros(1, 4, 2, 16), torch.zeros(1, 4, 2, 16))
+    CombinedMemory(bank, [store]).reset()  # resets the session bank only
+    assert bank.num_tokens(0) == 0 and store.num_chunks > 0

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import tiny_backbone, tiny_longmem
+from conftest import longmem_on, tiny_backbone, tiny_longmem
 from longmem.backbone import BackboneError
 from longmem.config import ConfigError, LongMemConfig
 from longmem.model import InputError, LongMem
@@ -17,7 +17,7 @@ def ids(B=2, T=32, seed=0, vocab=128):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_shapes_and_dtypes(family, dtype):
-    model = tiny_longmem(family, dtype=dtype, side_init="paper")
+    model = tiny_longmem(family, dtype=dtype, sidenet__init="paper")
     bank = model.new_bank(2)
     x = ids()
     out = model(x, bank=bank, labels=x, update_memory=True)
@@ -25,26 +25,30 @@ def test_shapes_and_dtypes(family, dtype):
     assert out.memory_keys.shape == (2, 32, model.adapter.num_kv_heads, 16)
     assert torch.isfinite(out.loss)
     out = model(ids(seed=1), bank=bank)
-    assert out.readout.weights.shape == (2, 4, 32, model.config.retrieve_tokens)
+    assert out.readout.weights.shape == (2, 4, 32, model.config.memory.retrieve_tokens)
     assert out.readout.gate.shape == (2, 4, 32)
     assert torch.isfinite(out.logits.float()).all()
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_zero_init_reproduces_backbone_logits(family):
-    model = tiny_longmem(family, side_init="zero")
+    """The defaults start equal to the backbone (the copy head's output is log-probabilities)."""
+    model = tiny_longmem(family)
     x = ids()
-    reference = model.backbone(x).logits
+    reference = model.backbone(x).logits.log_softmax(-1)
     assert (model(x).logits - reference).abs().max() <= 1e-5
-    bank = model.new_bank(2)
-    list(model.stream(ids(T=96, seed=3), bank))  # memory full of other text changes nothing at step 0
-    assert (model(x, bank=bank).logits - reference).abs().max() <= 1e-5
+    # The value read starts on a zero scale: memory full of other text changes nothing at step 0
+    # but through the copy head, which mixes in what memory says comes next.
+    plain = tiny_longmem(family, read__copy_init=None, read__copy_match_init=None)
+    bank = plain.new_bank(2)
+    list(plain.stream(ids(T=96, seed=3), bank))
+    assert (plain(x, bank=bank).logits - plain.backbone(x).logits).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_paper_init_side_layer_equals_backbone_layer(family):
     """The SideNet's own layer code, fed the same input, must compute what the HF decoder layer computes."""
-    model = tiny_longmem(family, side_init="paper")
+    model = tiny_longmem(family, sidenet__init="paper")
     x = ids()
     states = model.adapter.run(x, list(range(model.adapter.num_layers + 1)), model.memory_layer)
     side = model.sidenet.layers[0]
@@ -56,14 +60,14 @@ def test_paper_init_side_layer_equals_backbone_layer(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_empty_memory_equals_memory_off(family):
-    model = tiny_longmem(family, side_init="paper")
+    model = tiny_longmem(family, sidenet__init="paper")
     x = ids()
     assert torch.equal(model(x).logits, model(x, bank=model.new_bank(2)).logits)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_memory_changes_output_and_streams_are_isolated(family):
-    model = tiny_longmem(family, side_init="paper")
+    model = tiny_longmem(family, sidenet__init="paper")
     bank = model.new_bank(2)
     model(ids(B=1, seed=5), bank=bank, streams=[1], update_memory=True)  # only stream 1 remembers
     x = ids(B=1, seed=6)
@@ -73,7 +77,7 @@ def test_memory_changes_output_and_streams_are_isolated(family):
 
 
 def test_segment_reads_memory_before_writing_itself():
-    model = tiny_longmem("llama", side_init="paper", sink_tokens=0)
+    model = tiny_longmem("llama", sidenet__init="paper", memory__sink_tokens=0)
     bank = model.new_bank(1)
     x = ids(B=1)
     out = model(x, bank=bank, update_memory=True)
@@ -85,7 +89,7 @@ def test_segment_reads_memory_before_writing_itself():
 
 
 def test_local_attention_is_causal_with_memory():
-    model = tiny_longmem("llama", side_init="paper")
+    model = tiny_longmem("llama", sidenet__init="paper")
     bank = model.new_bank(1)
     model(ids(B=1, seed=2), bank=bank, update_memory=True)
     a, b = ids(B=1, seed=3), ids(B=1, seed=3)
@@ -95,7 +99,7 @@ def test_local_attention_is_causal_with_memory():
 
 
 def test_memory_keys_are_pre_rotary_k_proj_outputs():
-    model = tiny_longmem("llama", side_init="paper", sink_tokens=0)
+    model = tiny_longmem("llama", sidenet__init="paper", memory__sink_tokens=0)
     layer = model.adapter.layers[model.memory_layer].self_attn
     seen = {}
     hooks = [layer.k_proj.register_forward_hook(lambda m, i, o: seen.__setitem__("k", o)),
@@ -107,16 +111,17 @@ def test_memory_keys_are_pre_rotary_k_proj_outputs():
         h.remove()
     kv, hd = model.adapter.num_kv_heads, model.adapter.head_dim
     # bank layout: (streams, Hkv, chunks, csz, D) -> back to (B, T, Hkv, D)
-    stored_k = bank.keys[:, :, :8].permute(0, 2, 3, 1, 4).reshape(2, 32, kv, hd)
-    stored_v = bank.values[:, :, :8].permute(0, 2, 3, 1, 4).reshape(2, 32, kv, hd)
+    n = 32 // model.config.memory.chunk_size
+    stored_k = bank.keys[:, :, :n].permute(0, 2, 3, 1, 4).reshape(2, 32, kv, hd)
+    stored_v = bank.values[:, :, :n].permute(0, 2, 3, 1, 4).reshape(2, 32, kv, hd)
     torch.testing.assert_close(stored_k, seen["k"].reshape(2, 32, kv, hd))
     torch.testing.assert_close(stored_v, seen["v"].reshape(2, 32, kv, hd))
-    assert torch.equal(bank.token_ids[:2, :8].reshape(2, 32), x)
+    assert torch.equal(bank.token_ids[:2, :n].reshape(2, 32), x)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_kv_cached_generation_equals_uncached(family):
-    model = tiny_longmem(family, side_init="paper")
+    model = tiny_longmem(family, sidenet__init="paper")
     prompt = ids(B=2, T=50, seed=4)  # longer than the 32-token window: the prefix goes through memory
     outputs = []
     for use_cache in (True, False):
@@ -128,7 +133,7 @@ def test_kv_cached_generation_equals_uncached(family):
 
 
 def test_sampling_is_seeded_and_top_p_restricts():
-    model = tiny_longmem("llama", side_init="paper")
+    model = tiny_longmem("llama", sidenet__init="paper")
     prompt = ids(B=1, T=8)
     a = model.generate(prompt, max_new_tokens=10, temperature=1.0, seed=3).token_ids
     b = model.generate(prompt, max_new_tokens=10, temperature=1.0, seed=3).token_ids
@@ -138,7 +143,7 @@ def test_sampling_is_seeded_and_top_p_restricts():
 
 
 def test_optimizer_step_changes_sidenet_not_backbone():
-    model = tiny_longmem("llama", side_init="zero")
+    model = tiny_longmem("llama", sidenet__init="zero")
     frozen = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     side_before = {k: v.clone() for k, v in model.sidenet.state_dict().items()}
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
@@ -159,7 +164,7 @@ def test_optimizer_step_changes_sidenet_not_backbone():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_save_load_round_trip(tmp_path, family):
-    model = tiny_longmem(family, side_init="paper", gate_init=0.3)
+    model = tiny_longmem(family, sidenet__init="paper", read__gate_init=0.3)
     with torch.no_grad():
         for p in model.sidenet.parameters():
             p.add_(0.01 * torch.randn_like(p))
@@ -188,8 +193,8 @@ def test_backbone_loads_from_a_local_folder(tmp_path):
     from longmem.backbone import load_backbone
 
     tiny_backbone("gpt2", seed=2).save_pretrained(tmp_path)
-    model = LongMem.from_backbone(str(tmp_path), window=32, memory_tokens=256)
-    assert model.config.model_type == "gpt2" and model.tokenizer is None
+    model = longmem_on(str(tmp_path), memory__window=32, memory__capacity_tokens=256)
+    assert model.config.backbone.model_type == "gpt2" and model.tokenizer is None
     assert not any(p.requires_grad for p in model.backbone.parameters())
     with pytest.raises(BackboneError, match="cannot load backbone"):
         load_backbone(str(tmp_path / "missing"))
@@ -197,15 +202,15 @@ def test_backbone_loads_from_a_local_folder(tmp_path):
 
 def test_bad_configuration_is_a_clear_error():
     with pytest.raises(ConfigError, match="memory_layer 9 is out of range"):
-        tiny_longmem(memory_layer=9)
+        tiny_longmem(sidenet__memory_layer=9)
     with pytest.raises(ConfigError, match="not copied into the SideNet"):
-        tiny_longmem(memory_layer=2)
-    with pytest.raises(ConfigError, match="must divide the local window"):
-        tiny_longmem(window=30, chunk_size=4)
-    with pytest.raises(ConfigError, match="side_init"):
-        tiny_longmem(side_init="random")
+        tiny_longmem(sidenet__memory_layer=2)
+    with pytest.raises(ConfigError, match="memory.window 30 must be a multiple of memory.chunk_size 4"):
+        tiny_longmem(memory__window=30, memory__chunk_size=4)
+    with pytest.raises(ConfigError, match="sidenet.init"):
+        tiny_longmem(sidenet__init="random")
     with pytest.raises(ConfigError, match="reduction_factor 3 must divide"):
-        tiny_longmem(reduction_factor=3)
+        tiny_longmem(sidenet__reduction_factor=3)
     with pytest.raises(ConfigError, match="unknown LongMemConfig fields"):
         LongMemConfig.from_dict({"window": 8, "colour": "red"})
 
@@ -240,10 +245,10 @@ def test_bank_mismatches_are_clear_errors():
     from longmem.memory import MemoryBank
 
     model = tiny_longmem()
-    with pytest.raises(InputError, match="kv_heads, head_dim, chunk_size"):
+    with pytest.raises(InputError, match="num_kv_heads: 3 vs 2"):
         model(ids(), bank=MemoryBank(2, 3, 16, capacity_tokens=64))
     with pytest.raises(InputError, match="memory bank is on meta"):
-        model(ids(), bank=MemoryBank(2, 2, 16, capacity_tokens=64, device="meta"))
+        model(ids(), bank=MemoryBank(2, 2, 16, capacity_tokens=64, chunk_size=1, metric="cosine", device="meta"))
     with pytest.raises(InputError, match="needs a writable memory bank"):
         model(ids(), update_memory=True)
     with pytest.raises(InputError, match="max_new_tokens"):
@@ -257,7 +262,7 @@ def test_separate_memory_scale_gets_gradient_under_zero_init():
     a memory scale outside alpha starts the model equal to the backbone yet learns from step 0."""
     x, past = ids(B=1), ids(B=1, seed=11)
     for scale_init, expect_grad in ((None, False), (0.0, True)):
-        model = tiny_longmem("llama", side_init="zero", memory_scale_init=scale_init)
+        model = tiny_longmem("llama", read__scale_init=scale_init, read__copy_init=None, read__copy_match_init=None)
         bank = model.new_bank(1)
         model(past, bank=bank, update_memory=True)
         out = model(x, bank=bank, labels=x)
@@ -273,7 +278,7 @@ def test_separate_memory_scale_gets_gradient_under_zero_init():
 
 
 def test_write_memory_equals_streaming_through_the_model():
-    model = tiny_longmem("gpt2", side_init="paper")
+    model = tiny_longmem("gpt2", sidenet__init="paper")
     doc = ids(B=2, T=80, seed=12)
     a, b = model.new_bank(2), model.new_bank(2)
     list(model.stream(doc, a))
@@ -283,7 +288,7 @@ def test_write_memory_equals_streaming_through_the_model():
 
 
 def test_sink_tokens_are_not_written_and_generation_stays_equivalent():
-    model = tiny_longmem("llama", side_init="paper", sink_tokens=4)
+    model = tiny_longmem("llama", sidenet__init="paper", memory__sink_tokens=4, memory__chunk_size=4)
     bank = model.new_bank(1)
     doc = ids(B=1, T=64, seed=13)
     list(model.stream(doc, bank))
@@ -296,8 +301,8 @@ def test_sink_tokens_are_not_written_and_generation_stays_equivalent():
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_next_token_read_keeps_equivalences_and_reads_the_following_value(family):
-    model = tiny_longmem(family, side_init="zero", memory_read="next", retrieval_query="backbone_key",
-                         retrieval_metric="cosine", memory_scale_init=0.0)
+    """The value read alone (no copy head): exactly the backbone at step 0, with or without memory."""
+    model = tiny_longmem(family, read__copy_init=None, read__copy_match_init=None)
     ids = torch.randint(0, 100, (1, 16))
     backbone = model.backbone_logits(ids)
     bank = model.new_bank(1)
@@ -316,30 +321,13 @@ def test_next_token_read_keeps_equivalences_and_reads_the_following_value(family
     assert model.sidenet.memory_layer.memory_temperature.grad.abs().sum() > 0
 
 
-def test_confidence_gate_keeps_equivalences_and_learns():
-    model = tiny_longmem("llama", side_init="zero", memory_read="next", retrieval_query="backbone_key",
-                         retrieval_metric="cosine", memory_scale_init=0.0, memory_confidence=True)
-    ids = torch.randint(0, 100, (1, 16))
-    assert torch.equal(model(ids, bank=model.new_bank(1)).logits, model(ids).logits)
-    bank = model.new_bank(1)
-    model.write_memory(torch.randint(0, 100, (1, 64)), bank)
-    assert torch.equal(model(ids, bank=bank).logits, model.backbone_logits(ids))
-    with torch.no_grad():
-        model.sidenet.memory_layer.memory_scale.fill_(1.0)
-    out = model(ids, bank=bank, labels=ids)
-    assert (out.readout.gate < 0.5).any()  # random text: weak matches mute the read
-    out.loss.backward()
-    assert model.sidenet.memory_layer.memory_conf_bias.grad.abs().sum() > 0
-
-
-NEXT_READ = dict(side_init="paper", memory_read="next", retrieval_query="backbone_key", retrieval_metric="cosine",
-                 memory_scale_init=0.0)
+NEXT_READ = dict(sidenet__init="paper")  # the defaults, with plain layer copies so that every layer acts at step 0
 
 
 def test_previous_token_bonus_picks_the_occurrence_whose_predecessor_matches():
     """Two stored occurrences of token x; the query's x follows c, as the second stored x does:
     with the bonus the read goes to the successor of that x, without it to both."""
-    model = tiny_longmem("llama", chunk_size=1, retrieve_tokens=64, memory_prev_bonus_init=30.0, **NEXT_READ)
+    model = tiny_longmem("llama", memory__chunk_size=1, memory__retrieve_tokens=64, read__prev_bonus_init=30.0, **NEXT_READ)
     a, b, c, d, x = 101, 102, 103, 104, 105
     memory = torch.randint(0, 100, (1, 64), generator=torch.Generator().manual_seed(5))
     memory[0, 10:13] = torch.tensor([a, x, b])
@@ -351,7 +339,8 @@ def test_previous_token_bonus_picks_the_occurrence_whose_predecessor_matches():
 
     def successor_mass(out):
         r, w = out.readout.retrieval, out.readout.weights[0, :, -1]  # (Hq, K) at the final x
-        succ = memory[0, (r.positions[0, :, -1] + 1).clamp(max=63)]  # chunk_size 1: one token per chunk
+        positions = r.positions[0, :, -1].repeat_interleave(w.shape[0] // r.num_heads, 0)  # each KV head's search, per query head
+        succ = memory[0, (positions + 1).clamp(max=63)]  # chunk_size 1: one token per chunk
         return float((w * (succ == d)).sum(-1).min()), float((w * (succ == b)).sum(-1).max())
 
     on_d, on_b = successor_mass(model(query, bank=bank))
@@ -366,7 +355,7 @@ def test_previous_token_bonus_picks_the_occurrence_whose_predecessor_matches():
 def test_kv_cached_generation_equals_uncached_with_the_previous_token_bonus_and_copy(family):
     """The token before each query reaches the read the same way through the KV cache, the
     prefill and the window shifts; so does the copy distribution."""
-    model = tiny_longmem(family, chunk_size=1, retrieve_tokens=16, memory_prev_bonus_init=3.0, memory_copy_init=0.0,
+    model = tiny_longmem(family, memory__chunk_size=1, memory__retrieve_tokens=16, read__prev_bonus_init=3.0, read__copy_init=0.0,
                          **NEXT_READ)
     with torch.no_grad():
         model.sidenet.memory_layer.memory_scale.fill_(1.0)
@@ -378,29 +367,34 @@ def test_kv_cached_generation_equals_uncached_with_the_previous_token_bonus_and_
     torch.testing.assert_close(cached_logits, plain_logits, rtol=1e-4, atol=1e-4)
 
 
-def test_a_checkpoint_without_the_previous_token_bonus_can_be_continued_with_it(tmp_path):
+def test_a_checkpoint_takes_runtime_settings_and_refuses_weight_settings(tmp_path):
+    """One rule for every caller: settings no weight depends on may change on a checkpoint."""
     model = tiny_longmem("llama", **NEXT_READ)
     model.save_pretrained(tmp_path)
     loaded = LongMem.from_pretrained(tmp_path, backbone=tiny_backbone("llama", seed=0),
-                                     overrides={"memory_prev_bonus_init": 2.0, "chunk_size": 1})
-    assert loaded.config.chunk_size == 1
-    assert torch.equal(loaded.sidenet.memory_layer.memory_prev_bonus.detach(), torch.full((4,), 2.0))
+                                     overrides={"memory.chunk_size": 4, "memory": {"window": 64}})
+    assert loaded.config.memory.chunk_size == 4 and loaded.config.memory.window == 64
     assert torch.equal(loaded.sidenet.memory_layer.memory_temperature, model.sidenet.memory_layer.memory_temperature)
-    with pytest.raises(ConfigError, match="window come from the checkpoint"):
+    for setting in ({"read.prev_bonus_init": 2.0}, {"read.mode": "attend"}, {"sidenet.init": "zero"}):
+        with pytest.raises(ConfigError, match=f"{next(iter(setting))} comes from the checkpoint's weights"):
+            LongMem.from_pretrained(tmp_path, backbone=tiny_backbone("llama", seed=0), overrides=setting)
+    with pytest.raises(ConfigError, match="unknown setting 'window'; did you mean 'memory.window'"):
         LongMem.from_pretrained(tmp_path, backbone=tiny_backbone("llama", seed=0), overrides={"window": 64})
 
 
 def test_key_center_is_the_mean_key_and_leaves_the_attend_read_unchanged(tmp_path):
     """Centring shifts every memory key by one vector per KV head: ip search ranks and the paper's
-    softmax over memory do not change; the keys stored become zero-mean on the calibration text."""
-    model = tiny_longmem("llama")  # the paper's recipe: side query, ip, attend read
+    softmax over memory do not change; the keys stored become zero-mean on the calibration text.
+    The centre is a weight: saved with the SideNet, and a memory's spec names it."""
+    model = tiny_longmem("llama", preset="paper", memory__center_keys=True)  # side query, ip, attend read
     memory, query = ids(B=1, T=96, seed=7), ids(B=1, T=20, seed=8)
     raw_bank = model.new_bank(1)
     model.write_memory(memory, raw_bank)
     before = model(query, bank=raw_bank)
     raw_keys = model.backbone_states(memory[:, 32:64]).memory_keys
+    digest = model.key_center_digest()
     center = model.calibrate_key_center(memory)
-    assert center.shape == (2, 16) and len(model.config.key_center) == 2
+    assert center.shape == (2, 16) and model.key_center_digest() != digest
     assert torch.allclose(model.backbone_states(memory[:, 32:64]).memory_keys, raw_keys - center, atol=1e-6)
     stored = torch.cat([model.backbone_states(s).memory_keys[:, 4:] for s in model.segments(memory)], 1)
     assert stored.mean(dim=(0, 1)).abs().max() < 1e-5
@@ -410,14 +404,16 @@ def test_key_center_is_the_mean_key_and_leaves_the_attend_read_unchanged(tmp_pat
     torch.testing.assert_close(after.logits, before.logits, rtol=1e-4, atol=1e-4)
     assert torch.equal(after.readout.retrieval.positions, before.readout.retrieval.positions)
     model.save_pretrained(tmp_path)
+    assert "key_center" not in (tmp_path / "config.json").read_text()
     loaded = LongMem.from_pretrained(tmp_path, backbone=tiny_backbone("llama", seed=0))
     assert torch.equal(loaded.backbone_states(query).memory_keys, model.backbone_states(query).memory_keys)
-    with pytest.raises(BackboneError, match="key_center has shape"):
-        tiny_longmem("llama", key_center=[[0.0] * 16])
+    assert loaded.memory_spec == model.memory_spec
+    with pytest.raises(InputError, match="raw keys"):
+        tiny_longmem("llama", preset="paper").calibrate_key_center(memory)
 
 
 def test_memory_copy_mixes_a_normalised_copy_of_the_next_tokens_and_learns():
-    model = tiny_longmem("llama", chunk_size=1, retrieve_tokens=16, memory_copy_init=0.0, **NEXT_READ)
+    model = tiny_longmem("llama", memory__chunk_size=1, memory__retrieve_tokens=16, read__copy_init=0.0, **NEXT_READ)
     query = ids(B=1, T=12, seed=3)
     off = model(query).logits
     torch.testing.assert_close(off.exp().sum(-1), torch.ones(1, 12))  # log-probabilities
@@ -433,7 +429,8 @@ def test_memory_copy_mixes_a_normalised_copy_of_the_next_tokens_and_learns():
     torch.testing.assert_close(probs.sum(-1), torch.ones(20))
     # reference: per position, each head that read something spreads its read weights over the
     # ids that followed what it retrieved; heads count equally (head_logits start at 0)
-    w, nxt = out.readout.weights[0], out.readout.retrieval.next_token_ids[0]  # (Hq, T, K)
+    w, nxt = out.readout.weights[0], out.readout.retrieval.next_token_ids[0]  # (Hq, T, K), (Hkv, T, K)
+    nxt = nxt.repeat_interleave(w.shape[0] // nxt.shape[0], 0)  # each KV head's search serves its query heads
     for t in range(20):
         expected = torch.zeros(probs.shape[-1])
         heads = [h for h in range(w.shape[0]) if float(w[h, t][nxt[h, t] >= 0].sum()) > 0]
@@ -448,10 +445,10 @@ def test_memory_copy_mixes_a_normalised_copy_of_the_next_tokens_and_learns():
     assert copy.gate.weight.grad.abs().sum() > 0 and copy.head_logits.grad.abs().sum() > 0
 
 
-def copy_head_over_memory(**copy_settings):
+def copy_head_over_memory():
     """A tiny model with a copy head (gate bias -4) whose bank holds 64 random tokens; checks first
     that an empty memory gives exactly the output of memory off."""
-    model = tiny_longmem("llama", chunk_size=1, retrieve_tokens=16, memory_copy_init=-4.0, **copy_settings, **NEXT_READ)
+    model = tiny_longmem("llama", memory__retrieve_tokens=16, read__copy_init=-4.0, **NEXT_READ)
     query = ids(B=1, T=12, seed=3)
     assert torch.equal(model(query, bank=model.new_bank(1)).logits, model(query).logits)  # empty == off
     memory = ids(B=1, T=64, seed=9)
@@ -461,7 +458,7 @@ def copy_head_over_memory(**copy_settings):
 
 
 def test_copy_gate_opens_on_an_exact_read_through_the_match_gate():
-    model, copy, memory, bank = copy_head_over_memory(memory_copy_match_init=4.0)
+    model, copy, memory, bank = copy_head_over_memory()
     gates = {}
     for name, x in (("repeat", memory[:, 20:40]), ("fresh", ids(B=1, T=20, seed=5))):
         out = model(x, bank=bank, labels=x)
@@ -469,10 +466,12 @@ def test_copy_gate_opens_on_an_exact_read_through_the_match_gate():
         # reference: the read-weighted cosine per head ...
         q = torch.nn.functional.normalize(read.retrieval.queries.float(), dim=-1)
         k = torch.nn.functional.normalize(read.retrieval.keys.float(), dim=-1)
-        cos = torch.einsum("bhtd,bhtkd->bhtk", q, k)
+        Hq = read.weights.shape[1]
+        group = Hq // read.retrieval.num_heads  # query heads that share one KV head's search
+        cos = torch.einsum("bhtd,bhtkd->bhtk", q, k).repeat_interleave(group, 1)
         torch.testing.assert_close(read.match, (read.weights * cos).sum(-1), atol=1e-5, rtol=1e-5)
         # ... and the copy distribution's peak (heads count equally at init)
-        nxt, Hq = read.retrieval.next_token_ids[0], read.weights.shape[1]
+        nxt = read.retrieval.next_token_ids[0].repeat_interleave(group, 0)
         p_copy = torch.zeros(x.shape[1], out.logits.shape[-1])
         for h in range(Hq):
             p_copy.scatter_add_(-1, nxt[h].clamp_min(0), (read.weights[0, h] * (nxt[h] >= 0)).detach() / Hq)
@@ -486,54 +485,15 @@ def test_copy_gate_opens_on_an_exact_read_through_the_match_gate():
     # the repeat's first token has no earlier occurrence in its context; from the second on it has
     assert gates["repeat"][1:].mean() > gates["fresh"][1:].mean() + 0.1
     assert copy.match_gate.grad is not None and copy.match_gate.grad.abs().sum() > 0
-    with pytest.raises(ConfigError, match="needs memory_copy_init"):
-        tiny_longmem("llama", chunk_size=1, memory_copy_match_init=8.0, **NEXT_READ)
-
-    # evidence only: the gate no longer reads the hidden state, and its weight on it gets no gradient
-    model = tiny_longmem("llama", chunk_size=1, retrieve_tokens=16, memory_copy_init=-4.0,
-                         memory_copy_match_init=4.0, memory_copy_gate_hidden=False, **NEXT_READ)
-    copy = model.sidenet.memory_copy
-    with torch.no_grad():
-        copy.gate.weight.normal_()
-    bank = model.new_bank(1)
-    model.write_memory(memory, bank)
-    out = model(memory[:, 20:40], bank=bank, labels=memory[:, 20:40])
-    peak = torch.rand(1, 20)
-    z1 = copy.gate_logit(torch.randn(1, 20, model.adapter.hidden_size), out.readout, peak)
-    z2 = copy.gate_logit(torch.randn(1, 20, model.adapter.hidden_size), out.readout, peak)
-    assert torch.equal(z1, z2)
-    out.loss.backward()
-    assert copy.gate.weight.grad is None and copy.gate.bias.grad is not None and copy.match_gate.grad is not None
-    with pytest.raises(ConfigError, match="the gate would be a constant"):
-        tiny_longmem("llama", chunk_size=1, memory_copy_init=-4.0, memory_copy_gate_hidden=False, **NEXT_READ)
-
-
-def test_copy_gate_confidence_term_reads_the_models_own_peak():
-    model, copy, memory, bank = copy_head_over_memory(memory_copy_confidence_init=-3.0)
-    x = memory[:, 20:40]
-    captured = {}
-    copy.register_forward_hook(lambda mod, inputs, output: captured.update(inputs=inputs))
-    out = model(x, bank=bank, labels=x)
-    hidden, logits, readout = captured["inputs"]
-    log_model, _, z, _ = copy.parts(hidden, logits, readout)
-    # reference: b + u . h - 3 * max_v softmax(logits)
-    expected = copy.gate(hidden.float())[..., 0] - 3.0 * torch.softmax(logits.float(), -1).max(-1).values
-    torch.testing.assert_close(z[..., 0], expected, atol=1e-5, rtol=1e-5)
-    # a sure model shuts the gate further than an unsure one, by the weight times the peak's difference
-    sure, unsure = torch.zeros(1, 20), torch.ones(1, 20) * 0.25
-    zh = torch.zeros(1, 20, model.adapter.hidden_size)
-    gap = copy.gate_logit(zh, readout, None, unsure) - copy.gate_logit(zh, readout, None, sure + 1.0)
-    torch.testing.assert_close(gap, torch.full_like(gap, 3.0 * 0.75))
-    out.loss.backward()
-    assert copy.confidence_gate.grad is not None and copy.confidence_gate.grad.abs() > 0
-    with pytest.raises(ConfigError, match="needs memory_copy_init"):
-        tiny_longmem("llama", chunk_size=1, memory_copy_confidence_init=-3.0, **NEXT_READ)
+    with pytest.raises(ConfigError, match="needs read.copy_init"):
+        tiny_longmem("llama", read__copy_init=None, read__copy_match_init=8.0, **NEXT_READ)
 
 
 def test_retrieval_trace_shows_the_original_occurrence_and_what_followed_it():
     from longmem.trace import retrieval_trace
 
-    model = tiny_longmem("llama", chunk_size=1, retrieve_tokens=8, **NEXT_READ)
+    model = tiny_longmem("llama", memory__retrieve_tokens=8, read__copy_init=None, read__copy_match_init=None,
+                         **NEXT_READ)
     memory = ids(B=1, T=64, seed=11)
     bank = model.new_bank(1)
     model.write_memory(memory, bank)
@@ -550,7 +510,7 @@ def test_retrieval_trace_shows_the_original_occurrence_and_what_followed_it():
     with pytest.raises(InputError, match="outside the 10 local tokens"):
         retrieval_trace(model, bank, memory[:, 10:20], position=10)
     # with a copy head the trace shows its gate and both distributions; the copy names what followed
-    model = tiny_longmem("llama", chunk_size=1, retrieve_tokens=8, memory_copy_init=-2.0, memory_copy_match_init=4.0,
+    model = tiny_longmem("llama", memory__chunk_size=1, memory__retrieve_tokens=8, read__copy_init=-2.0, read__copy_match_init=4.0,
                          **NEXT_READ)
     bank = model.new_bank(1)
     model.write_memory(memory, bank)

@@ -8,13 +8,15 @@ import types
 import pytest
 import torch
 
-from longmem.model import GenerationOutput, LongMem
-from longmem.probes import passkey_probe
+from conftest import longmem_on
+from longmem.evaluation.probes import passkey_probe
+from longmem.generation import GenerationOutput
+from longmem.model import LongMem
 
 
 def test_passkey_probe_plants_the_key_beyond_the_local_window_and_scores_exactly(tiny_dir):
-    model = LongMem.from_backbone(str(tiny_dir), window=64, memory_dtype="float32")
-    tok, W = model.tokenizer, model.config.window
+    model = longmem_on(str(tiny_dir), memory__window=64, memory__dtype="float32")
+    tok, W = model.tokenizer, model.config.memory.window
     filler = model.encode(" ".join(f"the quiet house number {w} by the sea" for w in range(400)))
     filler = torch.tensor([[t for t in filler[0].tolist() if not tok.decode([t]).strip().isdigit()]])  # no digits
     seen = {"memory": [], "no_memory": [], "backbone": []}

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from longmem.config import LongMemConfig
-from longmem.model import LongMem, perplexity_report
+from longmem.evaluation import perplexity_report
+from longmem.model import LongMem
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +35,7 @@ def test_perplexity_through_adapter_equals_plain_hf_model(real_backbone, page):
             nll += F.cross_entropy(logits[0, :-1], seg[0, 1:], reduction="sum").item()
     plain_ppl = math.exp(nll / (2 * 511))
 
-    model = LongMem(backbone, LongMemConfig(side_init="zero"), tokenizer)
+    model = LongMem(backbone, LongMemConfig(), tokenizer)
     report = perplexity_report(model, page, window=512)
     assert report["scored_tokens"] == 2 * 511
     assert report["perplexity"]["backbone"] == pytest.approx(plain_ppl, rel=1e-5)
@@ -44,7 +45,8 @@ def test_perplexity_through_adapter_equals_plain_hf_model(real_backbone, page):
 
 def test_real_memory_capture_and_retrieval(real_backbone, page):
     backbone, tokenizer = real_backbone
-    model = LongMem(backbone, LongMemConfig(side_init="paper", memory_scale_init=None, memory_dtype="float32", sink_tokens=0), tokenizer)
+    config = LongMemConfig().with_overrides({"sidenet.init": "paper", "memory.dtype": "float32", "memory.sink_tokens": 0})
+    model = LongMem(backbone, config, tokenizer)
     assert (model.memory_layer, model.config.memory_side_layer) == (21, 10)  # paper ratio on 30 layers
     attn = backbone.model.layers[21].self_attn
     seen = {}
@@ -53,7 +55,7 @@ def test_real_memory_capture_and_retrieval(real_backbone, page):
     first = page[:, :512]
     model(first, bank=bank, update_memory=True)
     hook.remove()
-    stored = bank.keys[0, :, :128].permute(1, 2, 0, 3).reshape(512, 3, 64)  # (T, Hkv, D)
+    stored = bank.keys[0, :, :512].permute(1, 2, 0, 3).reshape(512, 3, 64)  # (T, Hkv, D), one token per chunk
     torch.testing.assert_close(stored, seen["k"].reshape(512, 3, 64))
     # The next segment reads real memory: every head finds chunks, and memory changes the output.
     out = model(page[:, 512:], bank=bank)
@@ -64,7 +66,7 @@ def test_real_memory_capture_and_retrieval(real_backbone, page):
 
 def test_generation_with_stop_strings(real_backbone):
     backbone, tokenizer = real_backbone
-    model = LongMem(backbone, LongMemConfig(side_init="zero"), tokenizer)
+    model = LongMem(backbone, LongMemConfig(), tokenizer)
     prompt = model.encode("Anne Elliot was")
     free = model.generate(prompt, max_new_tokens=24)
     stopped = model.generate(prompt, max_new_tokens=24, stop=["."])

@@ -8,10 +8,13 @@ import httpx
 import pytest
 import torch
 
+from conftest import longmem_on
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-SETTINGS = dict(window=64, chunk_size=4, sink_tokens=4, memory_tokens=2048, retrieval_query="backbone_key",
-                retrieval_metric="cosine", memory_read="next", side_init="paper")
+# The defaults in chunks of 4 (a small index), with plain layer copies so that memory acts at step 0.
+SETTINGS = dict(memory__window=64, memory__chunk_size=4, memory__capacity_tokens=2048, sidenet__init="paper")
+SERVED = {}  # what the served fixture built: the model and its memory folders
 KEY1, KEY2 = "key-one", "key-two"
 
 
@@ -25,25 +28,23 @@ def free_port() -> int:
 def served(ray_local, tiny_dir, tmp_path_factory, austen_text):
     from ray import serve
 
-    from longmem.config import LongMemConfig
     from longmem.memory.encoder import MemoryEncoder, write_memory_dir
-    from longmem.model import LongMem
     from pipelines.serve import app_builder
 
     root = tmp_path_factory.mktemp("serve")
     torch.manual_seed(0)
-    model = LongMem.from_backbone(str(tiny_dir), **SETTINGS)
+    model = longmem_on(str(tiny_dir), **SETTINGS)
     model.save_pretrained(root / "ckpt")
     docs = []
     for i in range(3):
         text = austen_text[i * 3000 : (i + 1) * 3000]
         docs.append((f"doc{i}", model.encode(text)[0].numpy()))
     for shards in (1, 3):
-        encoder = MemoryEncoder(LongMemConfig.from_dict(model.config.to_dict()), backbone=model.backbone)
-        write_memory_dir(root / f"mem{shards}", encoder, docs, shards=shards)
+        write_memory_dir(root / f"mem{shards}", MemoryEncoder(model), docs, shards=shards)
+    SERVED.update(model=model, root=root, docs=docs)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = {"checkpoint": str(root / "ckpt"), "memories": {"one": str(root / "mem1"), "three": str(root / "mem3")},
+    args = {"model": {"checkpoint": str(root / "ckpt")}, "memories": {"one": str(root / "mem1"), "three": str(root / "mem3")},
             "api_keys": [KEY1, KEY2], "model_cpus": 0.5, "shard_cpus": 0.1, "ingress_cpus": 0.1,
             "max_prompt_tokens": 300, "max_new_tokens": 64, "max_document_bytes": 20_000}
     serve.run(app_builder(args), name="longmem-test", route_prefix="/", blocking=False)
@@ -190,3 +191,36 @@ def test_killed_shard_replica_is_replaced_and_requests_resume(served):
         time.sleep(1)
     assert replaced, "the killed shard replica was not replaced"
     assert after == before
+
+
+def test_remote_shards_are_a_memory_that_searches_like_the_store(served):
+    """The serving layer's remote shards keep the one memory contract, and return exactly what the
+    on-disk store (and a store read through CombinedMemory) returns for the same queries."""
+    from ray import serve
+
+    from longmem.memory import CombinedMemory, Memory
+    from longmem.memory.store import MemoryStore
+    from pipelines.serve.shard_server import RemoteMemory
+
+    root = SERVED["root"]
+    handles = [serve.get_deployment_handle(f"MemoryShard-three-{i}", app_name="longmem-test") for i in range(3)]
+    remote = RemoteMemory("three", str(root / "mem3"), handles)
+    store = MemoryStore.open(root / "mem3")
+    assert isinstance(remote, Memory) and isinstance(store, Memory)
+    adapter = SERVED["model"].adapter
+    queries = torch.randn(1, 6, adapter.num_kv_heads, adapter.head_dim, generator=torch.Generator().manual_seed(3))
+    a, b = remote.search(queries, 8, with_next=True), store.search(queries, 8, with_next=True)
+    c = CombinedMemory(None, [store]).search(queries, 8, with_next=True)
+    for name in ("keys", "values", "scores", "slots", "positions", "token_ids", "next_values", "next_mask",
+                 "prev_token_ids", "next_token_ids"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+        assert torch.equal(getattr(c, name), getattr(b, name)), name
+    remote.check_model(SERVED["model"].memory_spec)
+
+
+def test_a_deployment_that_overrides_a_trained_setting_is_refused(served):
+    from longmem.config import ConfigError
+    from pipelines.serve import app_builder
+
+    with pytest.raises(ConfigError, match="read.mode comes from the checkpoint's weights"):
+        app_builder({"model": {"checkpoint": str(SERVED["root"] / "ckpt"), "overrides": {"read.mode": "attend"}}})

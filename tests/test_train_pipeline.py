@@ -4,6 +4,8 @@
 import pytest
 import torch
 
+from conftest import longmem_on
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
@@ -22,12 +24,14 @@ def job(tiny_dir, corpus, out, name, storage, **kw):
     from pipelines.train_sidenet import TrainJob
 
     train = dict(steps=6, segments_per_episode=3, lr=1e-2, memory_lr=3e-2, warmup_steps=1,
-                 curriculum="plain:0.5,repeat:0.5", seed=7)
+                 curriculum="plain:0.5,repeat:0.5", seed=7, distractor_tokens=0)
     train.update(kw.pop("train", {}))
-    return TrainJob(corpus=[str(corpus)], out=str(out), backbone=str(tiny_dir), workers=2, cpus_per_worker=0.5,
-                    name=name, storage_path=str(storage), checkpoint_every=3, log_every=1,
-                    model={"window": 32, "memory_tokens": 256, "side_init": "paper", "memory_dtype": "float32"},
-                    train=train, **kw)
+    model = {"backbone": str(tiny_dir), "overrides": TINY}
+    return TrainJob(corpus=[str(corpus)], out=str(out), model=model, workers=2, cpus_per_worker=0.5, name=name,
+                    storage_path=str(storage), checkpoint_every=3, log_every=1, train=train, **kw)
+
+
+TINY = {"memory.window": 32, "memory.capacity_tokens": 256, "memory.dtype": "float32"}
 
 
 def episode_loss(model, ids):
@@ -52,18 +56,18 @@ def test_two_workers_train_resume_and_match_uninterrupted(ray_local, tiny_dir, c
     assert resumed["steps"] == 6
     straight = run_training(job(tiny_dir, corpus, tmp_path / "c", "straight", storage, **extra))
 
-    a = LongMem.from_pretrained(tmp_path / "b", backbone=LongMem.from_backbone(str(tiny_dir)).backbone)
-    b = LongMem.from_pretrained(tmp_path / "c", backbone=LongMem.from_backbone(str(tiny_dir)).backbone)
+    a = LongMem.from_pretrained(tmp_path / "b", backbone=longmem_on(str(tiny_dir)).backbone)
+    b = LongMem.from_pretrained(tmp_path / "c", backbone=longmem_on(str(tiny_dir)).backbone)
     for (name, p), (_, q) in zip(a.sidenet.state_dict().items(), b.sidenet.state_dict().items()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
-    assert a.config.key_center is not None and a.config.key_center == b.config.key_center
+    assert a.sidenet.key_center.abs().sum() > 0 and a.key_center_digest() == b.key_center_digest()
 
     # Training lowered the loss on its own text, and the backbone is the untouched original.
-    fresh = LongMem.from_backbone(str(tiny_dir), window=32, memory_tokens=256, side_init="paper")
+    fresh = longmem_on(str(tiny_dir), memory__window=32, memory__capacity_tokens=256)
     text = (corpus / "part0.txt").read_text()
     ids = fresh.encode(text)[:, :96]
     assert episode_loss(a, ids) < episode_loss(fresh, ids) - 0.05
-    assert a.config.backbone_fingerprint == fresh.config.backbone_fingerprint
+    assert a.config.backbone.fingerprint == fresh.config.backbone.fingerprint
     assert straight["metrics"]["step"] == 6
 
 
@@ -85,32 +89,30 @@ def test_bad_training_data_is_a_clear_error(ray_local, tiny_dir, tmp_path):
 
 def test_continuing_a_checkpoint_may_change_only_settings_no_weight_depends_on(tiny_dir, tmp_path):
     from longmem.config import ConfigError
-    from longmem.model import LongMem
     from pipelines.train_sidenet import build_model
 
-    LongMem.from_backbone(str(tiny_dir), window=32, memory_tokens=256).save_pretrained(tmp_path / "ckpt")
-    model = build_model({"init_checkpoint": str(tmp_path / "ckpt"), "model": {"chunk_size": 1, "memory_tokens": 128}})
-    assert (model.config.chunk_size, model.config.memory_tokens, model.config.window) == (1, 128, 32)
-    model = build_model({"init_checkpoint": str(tmp_path / "ckpt"), "model": {"memory_prev_bonus_init": 1.5}})
-    assert float(model.sidenet.memory_layer.memory_prev_bonus.mean()) == 1.5  # a new weight at its init
-    with pytest.raises(ConfigError, match="side_init, window come from the checkpoint"):
-        build_model({"init_checkpoint": str(tmp_path / "ckpt"), "model": {"window": 64, "side_init": "paper"}})
-    with pytest.raises(ConfigError, match="chunk_size 5 must divide"):
-        build_model({"init_checkpoint": str(tmp_path / "ckpt"), "model": {"chunk_size": 5}})
+    longmem_on(str(tiny_dir), memory__window=32, memory__capacity_tokens=256).save_pretrained(tmp_path / "ckpt")
+    ckpt = str(tmp_path / "ckpt")
+    model = build_model({"model": {"checkpoint": ckpt, "overrides": {"memory": {"chunk_size": 4, "capacity_tokens": 128}}}})
+    assert (model.config.memory.chunk_size, model.config.memory.capacity_tokens, model.config.memory.window) == (4, 128, 32)
+    with pytest.raises(ConfigError, match="read.prev_bonus_init comes from the checkpoint's weights"):
+        build_model({"model": {"checkpoint": ckpt, "overrides": {"read.prev_bonus_init": 1.5}}})
+    with pytest.raises(ConfigError, match="must be a multiple of memory.chunk_size 5"):
+        build_model({"model": {"checkpoint": ckpt, "overrides": {"memory.chunk_size": 5}}})
 
 
 def test_two_workers_train_the_copy_head_alone(ray_local, tiny_dir, corpus, tmp_path):
     from longmem.model import LongMem
     from pipelines.train_sidenet import TrainJob, run_training
 
-    start = LongMem.from_backbone(str(tiny_dir), window=32, memory_tokens=256, chunk_size=1, memory_read="next",
-                                  retrieval_query="backbone_key", retrieval_metric="cosine", memory_scale_init=1.0,
-                                  memory_copy_init=-1.0)
+    start = longmem_on(str(tiny_dir), memory__window=32, memory__capacity_tokens=256, read__scale_init=1.0,
+                       read__copy_init=-1.0)
     start.save_pretrained(tmp_path / "start")
-    run_training(TrainJob(corpus=[str(corpus)], out=str(tmp_path / "out"), init_checkpoint=str(tmp_path / "start"),
+    run_training(TrainJob(corpus=[str(corpus)], out=str(tmp_path / "out"), model={"checkpoint": str(tmp_path / "start")},
                           workers=2, cpus_per_worker=0.5, name="copy-only", storage_path=str(tmp_path / "runs"),
                           train=dict(steps=2, segments_per_episode=3, lr=1e-2, memory_lr=3e-2, warmup_steps=1,
-                                     curriculum="plain:0.5,repeat:0.5", seed=7, copy_head_only=True)))
+                                     curriculum="plain:0.5,repeat:0.5", seed=7, copy_head_only=True,
+                                     distractor_tokens=0)))
     trained = LongMem.from_pretrained(tmp_path / "out", backbone=start.backbone)
     before = start.sidenet.state_dict()
     for name, p in trained.sidenet.state_dict().items():

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import tiny_longmem
+from conftest import longmem_on, tiny_longmem
 from longmem.model import InputError
 from longmem.training import (DistractorMemory, EpisodeSampler, TrainConfig, distractor_segments, lr_factor,
                               make_optimizer, parse_curriculum, train_step)
@@ -49,10 +49,10 @@ def test_lr_schedule_warms_up_then_decays():
 
 def test_training_lowers_loss_and_keeps_backbone_frozen():
     torch.manual_seed(0)
-    model = tiny_longmem("llama", side_init="paper", memory_scale_init=0.0, retrieval_query="backbone")
+    model = tiny_longmem("llama", sidenet__init="paper")
     frozen = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     cfg = TrainConfig(steps=30, segments_per_episode=3, lr=3e-3, memory_lr=3e-2, warmup_steps=2,
-                      curriculum="plain:1", batch_size=2)
+                      curriculum="plain:1", batch_size=2, distractor_tokens=0)
     sampler = EpisodeSampler(docs(n=2, length=200), window=32, segments=3, curriculum=cfg.curriculum, seed=0)
     optimizer, scheduler = make_optimizer(model.sidenet, cfg)
     losses = [train_step(model, [[sampler.sample() for _ in range(2)]], optimizer, scheduler, cfg)["loss"]
@@ -63,10 +63,15 @@ def test_training_lowers_loss_and_keeps_backbone_frozen():
 
 
 def test_optimizer_gives_memory_parameters_their_own_rate():
-    model = tiny_longmem("llama", side_init="zero", memory_scale_init=0.0)
+    model = tiny_longmem("llama")
     optimizer, _ = make_optimizer(model.sidenet, TrainConfig(lr=1e-4, memory_lr=1e-2))
     memory_group = optimizer.param_groups[-1]
-    assert memory_group["initial_lr"] == 1e-2 and len(memory_group["params"]) == 2  # gate + memory scale
+    # temperature, two-token bonus, gate, memory scale, and the copy head's four
+    layer, copy = model.sidenet.memory_layer, model.sidenet.memory_copy
+    expected = {id(p) for p in (layer.memory_temperature, layer.memory_prev_bonus, layer.gate, layer.memory_scale)}
+    expected |= {id(p) for p in copy.parameters()}
+    assert memory_group["initial_lr"] == 1e-2 and {id(p) for p in memory_group["params"]} == expected
+    assert len(expected) == 8
 
 
 def test_passkey_answer_tokens_can_weigh_more_in_the_loss(tiny_dir):
@@ -80,7 +85,7 @@ def test_passkey_answer_tokens_can_weigh_more_in_the_loss(tiny_dir):
     from longmem.model import LongMem
 
     tok = AutoTokenizer.from_pretrained(tiny_dir)
-    model = LongMem.from_backbone(str(tiny_dir), window=64, memory_dtype="float32", side_init="paper")
+    model = longmem_on(str(tiny_dir), memory__window=64, memory__dtype="float32", sidenet__init="paper")
     book = torch.tensor(tok(" ".join(["the quiet house by the sea"] * 80), add_special_tokens=False).input_ids)
     sampler = EpisodeSampler([book], window=64, segments=3, curriculum="passkey:1", seed=0, tokenizer=tok)
     ep = sampler.sample()
@@ -90,11 +95,11 @@ def test_passkey_answer_tokens_can_weigh_more_in_the_loss(tiny_dir):
     with torch.no_grad():  # per-token NLL of the trained segment, as train_step computes it
         bank = model.new_bank(1)
         model.write_memory(ep.ids[None, :128], bank)
-        logits = model(ep.ids[None, 128:], bank=bank).logits
+        logits = model(ep.ids[None, 128:], bank=bank, previous_ids=ep.ids[None, 127]).logits
         nll = F.cross_entropy(logits[0, :-1].float(), ep.ids[129:], reduction="none")
     in_answer = ep.answer[129:].float()
     for w in (1.0, 8.0):
-        cfg = TrainConfig(steps=1, answer_weight=w, curriculum="passkey:1", lr=0.0, memory_lr=0.0)
+        cfg = TrainConfig(steps=1, answer_weight=w, curriculum="passkey:1", lr=0.0, memory_lr=0.0, distractor_tokens=0)
         m = copy.deepcopy(model)
         optimizer, scheduler = make_optimizer(m.sidenet, cfg)
         loss = train_step(m, [[ep]], optimizer, scheduler, cfg)["loss"]
@@ -104,7 +109,7 @@ def test_passkey_answer_tokens_can_weigh_more_in_the_loss(tiny_dir):
 
 def test_distractors_start_each_episode_memory_as_write_memory_would_write_them():
     torch.manual_seed(0)
-    model = tiny_longmem("llama", chunk_size=1, retrieve_tokens=8)
+    model = tiny_longmem("llama", memory__chunk_size=1, memory__retrieve_tokens=8)
     cfg = TrainConfig(steps=2, curriculum="plain:1", distractor_tokens=64, distractor_pool=3, warmup_steps=1)
     books = docs(n=2, length=200)
     segments = distractor_segments(books, 32, cfg)
@@ -124,7 +129,7 @@ def test_distractors_start_each_episode_memory_as_write_memory_would_write_them(
     model.write_memory(text, written)
     query = ep[:, 64:]
     a, b = model(query, bank=filled), model(query, bank=written)
-    assert filled.num_tokens(0) == filled.num_tokens(1) == written.num_tokens(0) == 2 * (32 - model.config.sink_tokens)
+    assert filled.num_tokens(0) == filled.num_tokens(1) == written.num_tokens(0) == 2 * (32 - model.config.memory.sink_tokens)
     assert torch.equal(a.readout.retrieval.positions, b.readout.retrieval.positions)
     torch.testing.assert_close(a.logits, b.logits)
 
@@ -133,29 +138,27 @@ def test_distractors_start_each_episode_memory_as_write_memory_would_write_them(
         train_step(model, [[episodes[0]]], optimizer, scheduler, cfg)
     metrics = train_step(model, [[episodes[0]]], optimizer, scheduler, cfg, distractors=distractors)
     # memory ends holding the 2 distractor segments and the episode's 3 (the trained one is written after its read)
-    assert metrics["memory_fill"] * model.config.memory_tokens == 5 * (32 - model.config.sink_tokens)
+    assert metrics["memory_fill"] * model.config.memory.capacity_tokens == 5 * (32 - model.config.memory.sink_tokens)
     with pytest.raises(InputError, match="distractor_tokens must be >= 0"):
         TrainConfig(distractor_tokens=-1).validate()
 
 
 def test_train_step_reports_the_copy_gate_where_memory_was_read():
     torch.manual_seed(0)
-    model = tiny_longmem("llama", chunk_size=1, retrieve_tokens=8, memory_read="next", retrieval_query="backbone_key",
-                         retrieval_metric="cosine", memory_scale_init=0.0, memory_copy_init=-3.0)
-    cfg = TrainConfig(steps=1, curriculum="plain:1", warmup_steps=1, lr=0.0, memory_lr=0.0)
+    model = tiny_longmem("llama", memory__retrieve_tokens=8, read__copy_init=-3.0, read__copy_match_init=None)
+    cfg = TrainConfig(steps=1, curriculum="plain:1", warmup_steps=1, lr=0.0, memory_lr=0.0, distractor_tokens=0)
     episode = EpisodeSampler(docs(n=1, length=200), window=32, segments=3, curriculum="plain:1").sample()
     optimizer, scheduler = make_optimizer(model.sidenet, cfg)
     metrics = train_step(model, [[episode]], optimizer, scheduler, cfg)
     assert metrics["copy_gate"] == pytest.approx(torch.sigmoid(torch.tensor(-3.0)).item(), rel=1e-5)  # u starts at 0
-    plain = tiny_longmem("llama")
+    plain = tiny_longmem("llama", read__copy_init=None, read__copy_match_init=None)
     optimizer, scheduler = make_optimizer(plain.sidenet, cfg)
     assert "copy_gate" not in train_step(plain, [[episode]], optimizer, scheduler, cfg)
 
 
 def test_copy_head_only_trains_the_copy_head_against_the_model_without_its_value_read():
     torch.manual_seed(0)
-    model = tiny_longmem("llama", chunk_size=1, retrieve_tokens=8, memory_read="next", retrieval_query="backbone_key",
-                         retrieval_metric="cosine", memory_scale_init=1.0, memory_copy_init=-1.0)
+    model = tiny_longmem("llama", memory__retrieve_tokens=8, read__scale_init=1.0, read__copy_init=-1.0)
     episode = EpisodeSampler(docs(n=1, length=200), window=32, segments=3, curriculum="plain:1").sample()
     bank = model.new_bank(1)
     model.write_memory(episode.ids[None, :64], bank)
@@ -172,12 +175,13 @@ def test_copy_head_only_trains_the_copy_head_against_the_model_without_its_value
     assert not torch.allclose(mixed[0], mixed[1])  # with the value read on they reach the logits
     assert model.sidenet.memory_layer.value_read  # restored on leaving
 
-    cfg = TrainConfig(steps=2, curriculum="plain:1", warmup_steps=1, lr=1e-2, memory_lr=1e-2, copy_head_only=True)
+    cfg = TrainConfig(steps=2, curriculum="plain:1", warmup_steps=1, lr=1e-2, memory_lr=1e-2, copy_head_only=True,
+                      distractor_tokens=0)
     before = {n: p.detach().clone() for n, p in model.sidenet.named_parameters()}
     optimizer, scheduler = make_optimizer(model.sidenet, cfg)
     train_step(model, [[episode]], optimizer, scheduler, cfg)
     for name, p in model.sidenet.named_parameters():
         moved = not torch.equal(p, before[name])
-        assert moved == (name in ("memory_copy.gate.weight", "memory_copy.gate.bias", "memory_copy.head_logits")), name
+        assert moved == name.startswith("memory_copy."), name
     with pytest.raises(InputError, match="copy head"):
-        make_optimizer(tiny_longmem("llama").sidenet, cfg)
+        make_optimizer(tiny_longmem("llama", read__copy_init=None, read__copy_match_init=None).sidenet, cfg)

@@ -1,3 +1,7 @@
-from .bank import MemoryBank, MemoryBankError, MemoryRetrieval, merge_retrievals
+"""Memories a LongMem model reads: one contract (base.py), an in-process bank, an on-disk store."""
 
-__all__ = ["MemoryBank", "MemoryBankError", "MemoryRetrieval", "merge_retrievals"]
+from .bank import MemoryBank, MemoryBankError
+from .base import CombinedMemory, Memory, MemoryRetrieval, MemorySpec, StoreError, merge_retrievals
+
+__all__ = ["CombinedMemory", "Memory", "MemoryBank", "MemoryBankError", "MemoryRetrieval", "MemorySpec", "StoreError",
+           "merge_retrievals"]

@@ -9,13 +9,15 @@ their tokens. Eviction is FIFO and O(1): the newest chunk overwrites the oldest 
     bank.add(keys, values)            # keys/values (B, T, Hkv, D); partial chunks wait
     hit = bank.search(queries, k=16)  # queries (B, T, Hq, D) -> MemoryRetrieval
     bank.reset([0])                   # stream 0 starts a new document
+
+It implements the `Memory` contract (memory/base.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
+
+from .base import MemoryRetrieval, MemorySpec, StoreError, neighbour_tokens
 
 SCORE_BLOCK = 4 * 2**20  # query-chunk scores computed at once in search() (16 MB in float32)
 MIN_SCORE_ROWS = 64  # but never fewer query rows per block than this (GEMM efficiency)
@@ -24,72 +26,6 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 class MemoryBankError(ValueError):
     """Bad input to a MemoryBank (shapes, dtypes, devices, stream ids)."""
-
-
-@dataclass
-class MemoryRetrieval:
-    """Top-k chunks per query token and query head. Shapes use Hq = query heads, k = chunks."""
-
-    keys: torch.Tensor  # (B, Hq, T, k * csz, D)
-    values: torch.Tensor  # (B, Hq, T, k * csz, D)
-    token_mask: torch.Tensor  # (B, Hq, T, k * csz) True where a real memory token sits
-    scores: torch.Tensor  # (B, Hq, T, k) query . chunk-key, -inf for empty slots
-    slots: torch.Tensor  # (B, Hq, T, k) ring-buffer slot of each chunk
-    positions: torch.Tensor  # (B, Hq, T, k) stream position of each chunk's first token, -1 if empty
-    streams: torch.Tensor  # (B,) which stream each row searched
-    queries: torch.Tensor | None = None  # (B, Hq, T, D) the vectors that searched, as given
-    # With search(..., with_next=True): the value of the token that followed each retrieved token
-    # in its stream, and where that token is known (False at a stream's newest token or a gap).
-    next_values: torch.Tensor | None = None  # (B, Hq, T, k * csz, D)
-    next_mask: torch.Tensor | None = None  # (B, Hq, T, k * csz)
-    token_ids: torch.Tensor | None = None  # (B, Hq, T, k, csz) token ids of each chunk, -1 if unknown
-    # Also with with_next: the ids of the tokens before and after each retrieved token in its stream
-    # (-1 where not stored), and the id of the token before each query token (set by the model).
-    prev_token_ids: torch.Tensor | None = None  # (B, Hq, T, k * csz)
-    next_token_ids: torch.Tensor | None = None  # (B, Hq, T, k * csz)
-    query_prev_ids: torch.Tensor | None = None  # (B, T), -1 unknown
-
-    @property
-    def has_memory(self) -> torch.Tensor:
-        """(B, Hq, T) True where at least one chunk was retrieved."""
-        return self.token_mask.any(dim=-1)
-
-
-def merge_retrievals(parts: list[MemoryRetrieval], k: int) -> MemoryRetrieval:
-    """Top-k by score over several retrievals of the same queries (shards, a bank and a store).
-
-    Ties keep the earlier part first, so merging is deterministic."""
-    if len(parts) == 1:
-        return parts[0]
-    scores = torch.cat([p.scores for p in parts], dim=-1)  # (B, Hq, T, sum k)
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]  # (B, Hq, T, k)
-    kk = order.shape[-1]
-    c = parts[0].token_mask.shape[-1] // parts[0].scores.shape[-1]
-
-    def chunks(name):
-        return torch.cat([getattr(p, name) for p in parts], dim=-1).gather(-1, order)
-
-    def tokens(name):  # (B, Hq, T, k*c[, D]) per part -> picked chunks' tokens
-        xs = [getattr(p, name) for p in parts]
-        if xs[0] is None:
-            return None
-        B, H, T = xs[0].shape[:3]
-        tail = xs[0].shape[4:]
-        x = torch.cat([t.reshape(B, H, T, -1, c, *tail).to(xs[0].dtype) for t in xs], dim=3)
-        idx = order.reshape(B, H, T, kk, *([1] * (1 + len(tail)))).expand(B, H, T, kk, c, *tail)
-        return x.gather(3, idx).reshape(B, H, T, kk * c, *tail)
-
-    ids = None
-    if all(p.token_ids is not None for p in parts):
-        B, H, T = order.shape[:3]
-        ids = torch.cat([p.token_ids for p in parts], dim=3).gather(3, order[..., None].expand(B, H, T, kk, c))
-    return MemoryRetrieval(
-        keys=tokens("keys"), values=tokens("values"), token_mask=tokens("token_mask"),
-        scores=scores.gather(-1, order), slots=chunks("slots"), positions=chunks("positions"),
-        streams=parts[0].streams, queries=parts[0].queries, next_values=tokens("next_values"),
-        next_mask=tokens("next_mask"), token_ids=ids, prev_token_ids=tokens("prev_token_ids"),
-        next_token_ids=tokens("next_token_ids"),
-    )
 
 
 def exact_topk(scores: torch.Tensor, k: int, block: int = 64):
@@ -110,6 +46,8 @@ def exact_topk(scores: torch.Tensor, k: int, block: int = 64):
 
 
 class MemoryBank:
+    read_only = False
+
     def __init__(
         self,
         num_streams: int,
@@ -232,7 +170,8 @@ class MemoryBank:
 
     @torch.no_grad()
     def search(self, queries: torch.Tensor, k: int, streams=None, with_next: bool = False) -> MemoryRetrieval:
-        """Exact top-k chunks for every query token and head: queries (B, T, Hq, D).
+        """Exact top-k chunks for every query token and head: queries (B, T, H, D), H a multiple of
+        the KV heads (query head h reads KV head h // (H / Hkv), the grouping HF's repeat_kv uses).
 
         `with_next` also returns, for each retrieved token, the value and id of the token after it
         and the id of the token before it."""
@@ -246,7 +185,49 @@ class MemoryBank:
         G, C, c = Hq // Hkv, self.capacity_chunks, self.chunk_size
         k = min(k, C)
         s = self._streams(streams, B).to(self.device)
-        # Query head h reads KV head h // G (the grouping HF's repeat_kv uses).
+        top, slots = self._top_chunks(queries, s, k)  # (B, Hq, T, k) each
+        # Gather straight into (B, Hq, T, k, csz, D) from the small index tensors: no big copies.
+        b_idx = s[:, None, None, None]
+        h_idx = (torch.arange(Hq, device=self.device) // G)[None, :, None, None]  # query head -> KV head
+        hit = torch.isfinite(top)
+        values = self.values[b_idx, h_idx, slots]  # (B, Hq, T, k, c, D)
+        positions = self.chunk_positions[b_idx, slots].masked_fill(~hit, -1)
+        token_mask = hit.repeat_interleave(c, dim=-1)
+        ids = self.token_ids[b_idx, slots]  # (B, Hq, T, k, c)
+        neighbours = (None,) * 4
+        if with_next:
+            # A ring slot's neighbours are the slots beside it, when they hold the adjacent positions.
+            following, preceding = (slots + 1) % C, (slots - 1) % C
+            neighbours = neighbour_tokens(
+                values, ids, hit,
+                next_first_values=self.values[b_idx, h_idx, following, 0],
+                next_first_ids=self.token_ids[b_idx, following, 0],
+                next_joined=self.chunk_positions[b_idx, following] == positions + c,
+                prev_last_ids=self.token_ids[b_idx, preceding, -1],
+                prev_joined=self.chunk_positions[b_idx, preceding] == positions - c,
+            )
+        next_values, next_mask, prev_ids, next_ids = neighbours
+        return MemoryRetrieval(
+            keys=self.keys[b_idx, h_idx, slots].reshape(B, Hq, T, k * c, D),
+            values=values.reshape(B, Hq, T, k * c, D),
+            token_mask=token_mask,
+            scores=top,
+            slots=slots,
+            positions=positions,
+            streams=s,
+            token_ids=ids,
+            queries=queries.transpose(1, 2),
+            next_values=next_values,
+            next_mask=next_mask,
+            prev_token_ids=prev_ids,
+            next_token_ids=next_ids,
+        )
+
+    def _top_chunks(self, queries: torch.Tensor, s: torch.Tensor, k: int):
+        """Exact top-k chunk scores and slots (B, Hq, T, k) of queries (B, T, Hq, D) in streams s."""
+        B, T, Hq, D = queries.shape
+        Hkv = self.num_kv_heads
+        G = Hq // Hkv
         q = queries.float().reshape(B, T, Hkv, G, D).permute(0, 2, 1, 3, 4).reshape(B, Hkv, T * G, D)
         if self.metric == "cosine":
             q = torch.nn.functional.normalize(q, dim=-1)
@@ -264,7 +245,7 @@ class MemoryBank:
             invalid = torch.arange(n, device=self.device)[None, :] >= counts.to(self.device)[:, None]  # (B, n)
             invalid = invalid[:, None, None, :]
         # Score a block of queries at a time: a (B, Hkv, T*G, n) score matrix runs to hundreds of MB,
-        # and allocating it costs more than the matmul (measured: 2.4x slower at 16k chunks).
+        # and allocating it costs more than the matmul.
         rows = max(MIN_SCORE_ROWS, SCORE_BLOCK // (B * Hkv * n))
         tops, slot_list = [], []
         for r in range(0, T * G, rows):
@@ -277,55 +258,11 @@ class MemoryBank:
             tops.append(top)
             slot_list.append(slots)
         top, slots = (tops[0], slot_list[0]) if len(tops) == 1 else (torch.cat(tops, 2), torch.cat(slot_list, 2))
-        # top, slots: (B, Hkv, T*G, k)
+
         def per_query_head(x):  # (B, Hkv, T*G, k) -> (B, Hq, T, k)
             return x.reshape(B, Hkv, T, G, k).transpose(2, 3).reshape(B, Hq, T, k)
 
-        # Reorder the small index tensors, then gather straight into (B, Hq, T, k, csz, D): no big copies.
-        top, slots = per_query_head(top), per_query_head(slots)
-        b_idx = s[:, None, None, None]
-        h_idx = (torch.arange(Hq, device=self.device) // G)[None, :, None, None]  # query head -> KV head
-        hit = torch.isfinite(top)
-        values = self.values[b_idx, h_idx, slots]  # (B, Hq, T, k, c, D)
-        positions = self.chunk_positions[b_idx, slots].masked_fill(~hit, -1)
-        token_mask = hit.repeat_interleave(c, dim=-1)
-        next_values = next_mask = prev_ids = next_ids = None
-        if with_next:
-            # Tokens of a chunk are consecutive; a chunk's last token is followed by the first token
-            # of the next ring slot when that slot holds the stream's next positions.
-            following = (slots + 1) % C
-            next_values = torch.cat([values[..., 1:, :], self.values[b_idx, h_idx, following, :1]], dim=-2)
-            next_values = next_values.reshape(B, Hq, T, k * c, D)
-            joined = hit & (self.chunk_positions[b_idx, following] == positions + c)  # (B, Hq, T, k)
-            next_mask = hit[..., None].expand(*hit.shape, c).clone()
-            next_mask[..., -1] = joined
-            next_mask = next_mask.reshape(B, Hq, T, k * c)
-            next_values = next_values.masked_fill(~next_mask[..., None], 0)
-            # A chunk's first token is preceded by the last token of the previous ring slot when
-            # that slot holds the stream's previous positions.
-            preceding = (slots - 1) % C
-            ids = self.token_ids[b_idx, slots]  # (B, Hq, T, k, c)
-            prev_joined = hit & (self.chunk_positions[b_idx, preceding] == positions - c)
-            first_prev = torch.where(prev_joined, self.token_ids[b_idx, preceding][..., -1], -1)
-            prev_ids = torch.cat([first_prev[..., None], ids[..., :-1]], dim=-1).reshape(B, Hq, T, k * c)
-            prev_ids = prev_ids.masked_fill(~token_mask, -1)
-            next_ids = torch.cat([ids[..., 1:], self.token_ids[b_idx, following][..., :1]], dim=-1)
-            next_ids = next_ids.reshape(B, Hq, T, k * c).masked_fill(~next_mask, -1)
-        return MemoryRetrieval(
-            keys=self.keys[b_idx, h_idx, slots].reshape(B, Hq, T, k * c, D),
-            values=values.reshape(B, Hq, T, k * c, D),
-            token_mask=token_mask,
-            scores=top,
-            slots=slots,
-            positions=positions,
-            streams=s,
-            token_ids=self.token_ids[b_idx, slots],
-            queries=queries.transpose(1, 2),
-            next_values=next_values,
-            next_mask=next_mask,
-            prev_token_ids=prev_ids,
-            next_token_ids=next_ids,
-        )
+        return per_query_head(top), per_query_head(slots)
 
     def reset(self, streams=None) -> None:
         """Forget everything in the given streams (all if None): a new document starts."""
@@ -337,3 +274,11 @@ class MemoryBank:
             self._pending[s] = None
             self.chunk_positions[s] = -1
             self.token_ids[s] = -1
+
+    def check_model(self, spec: MemorySpec) -> None:
+        """A bank holds whatever keys it is given: refuse a model whose keys have another shape or metric."""
+        mine = MemorySpec(self.num_kv_heads, self.head_dim, self.chunk_size, self.metric)
+        try:
+            mine.require_compatible(spec, "this memory bank", partial=True)
+        except StoreError as e:
+            raise MemoryBankError(str(e)) from None

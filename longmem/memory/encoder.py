@@ -15,34 +15,23 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..backbone import BackboneError, fingerprint, freeze, load_backbone, make_adapter
-from ..config import LongMemConfig
-from .store import MemorySpec, assign_shards, documents_digest, write_manifest, write_shard
+from .base import MemorySpec
+from .writer import assign_shards, documents_digest, write_manifest, write_shard
 
 PAD_BUCKET = 128
 
 
 class MemoryEncoder:
-    def __init__(self, config: LongMemConfig, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 backbone=None):
-        if backbone is None:
-            backbone, _ = load_backbone(config.backbone, config.backbone_revision, config.gguf_file, dtype=dtype,
-                                        device=device, load_tokenizer=False)
-        self.adapter = make_adapter(freeze(backbone))
-        self.adapter.set_key_center(config.key_center)
-        found = fingerprint(backbone)
-        if config.backbone_fingerprint not in (None, found):
-            raise BackboneError(
-                f"backbone {config.backbone!r} has fingerprint {found}, but the configuration was made "
-                f"with {config.backbone_fingerprint}: a different model"
-            )
-        config.backbone_fingerprint = found
-        config.model_type = backbone.config.model_type
-        config.num_backbone_layers = self.adapter.num_layers
-        self.config = config.validate()
-        self.memory_layer = config.resolved_memory_layer
-        self.device = torch.device(device)
-        self.spec = MemorySpec.from_config(config, self.adapter.num_kv_heads, self.adapter.head_dim)
+    """Encodes windows with a model's frozen backbone (load it with longmem.loading.load_model: a
+    trained checkpoint's key centre then goes into the keys, as its bank would store them)."""
+
+    def __init__(self, model):
+        self.model = model.eval()
+        self.adapter = model.adapter
+        self.config = model.config.memory
+        self.memory_layer = model.memory_layer
+        self.device = model.device
+        self.spec: MemorySpec = model.memory_spec
 
     def windows(self, num_tokens: int) -> list[int]:
         """Start positions of the windows that cover a document of num_tokens tokens."""

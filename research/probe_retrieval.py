@@ -1,6 +1,6 @@
 """Copy-probe retrieval hit rate at initialisation: can top-k chunk search find a repeated span?
 
-    python benchmarks/probe_retrieval.py [--gap-segments 2] [--segments 8]
+    python research/probe_retrieval.py [--gap-segments 2] [--segments 8]
 
 For held-out text, segment A is written to memory, then `gap` other segments, then A is repeated.
 For each token of the repeat (position p, original occurrence p0) a hit means the chunk holding
@@ -10,11 +10,15 @@ Reported for the SideNet's query (paper init) and for the frozen backbone's own 
 
 import argparse
 import json
+import sys
+from pathlib import Path
+
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from common import machine, real_text_ids
-from longmem.model import LongMem
+from longmem.loading import load_model
 
 
 def hit_rates(positions: torch.Tensor, originals: torch.Tensor, chunk: int) -> dict:
@@ -39,21 +43,23 @@ def main():
     ap.add_argument("--queries", nargs="+", default=["side", "backbone", "backbone_key"])
     args = ap.parse_args()
     W = args.window
-    ids = real_text_ids(LongMem.from_backbone().tokenizer, W * (args.gap_segments + 1), "persuasion.txt")
+    ids = None
     report = {"machine": machine(), "window": W, "gap_segments": args.gap_segments, "chunk_size": args.chunk_size,
               "sink_tokens": args.sink_tokens}
     report["metric"] = args.metric
     for query in args.queries:
-        model = LongMem.from_backbone(side_init="paper", window=W, retrieval_query=query,
-                                      chunk_size=args.chunk_size, sink_tokens=args.sink_tokens,
-                                      retrieval_metric=args.metric,
-                                      memory_dtype="float32").eval()
+        model = load_model(preset="paper", overrides={
+            "memory.window": W, "memory.query": query, "memory.chunk_size": args.chunk_size,
+            "memory.sink_tokens": args.sink_tokens, "memory.metric": args.metric, "memory.dtype": "float32"}).eval()
+        if ids is None:
+            ids = real_text_ids(model.tokenizer, W * (args.gap_segments + 1), "persuasion.txt")
         bank = model.new_bank(1)
         with torch.no_grad():
             model.write_memory(ids, bank)
             out = model(ids[:, :W], bank=bank)  # the first segment again
-        pos = out.readout.retrieval.positions[0]  # (Hq, T, k)
-        report[f"{query}_query"] = hit_rates(pos, torch.arange(W), model.config.chunk_size)
+        retrieval = out.readout.retrieval
+        pos = retrieval.positions[0].repeat_interleave(model.adapter.num_heads // retrieval.num_heads, 0)  # (Hq, T, k)
+        report[f"{query}_query"] = hit_rates(pos, torch.arange(W), model.config.memory.chunk_size)
     print(json.dumps(report, indent=2))
 
 

@@ -2,7 +2,7 @@
 (never trained on) four ways: backbone with a 512 window, backbone with a 2,048 window, LongMem
 with memory off, LongMem reading the memory of the book's own past (512 window).
 
-    python benchmarks/heldout_table.py --checkpoint DIR [--tokens 32768]
+    python research/heldout_table.py --checkpoint DIR [--tokens 32768]
 
 Also reports the share of the backbone's 512 -> 2,048 gap that LongMem closes, and the share that
 memory alone closes (memory on vs off). Prints one JSON object.
@@ -12,12 +12,15 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from common import AUSTEN, machine
-from longmem.model import LongMem, perplexity_report
+from longmem.evaluation import perplexity_report
+from longmem.loading import load_model
 
 
 @torch.no_grad()
@@ -38,7 +41,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--book", default="persuasion.txt")
     args = ap.parse_args()
-    model = LongMem.from_pretrained(args.checkpoint)
+    model = load_model(checkpoint=args.checkpoint)
     ids = model.encode((AUSTEN / args.book).read_text())[:, : args.tokens]
     report = perplexity_report(model, ids, progress=lambda d, n: print(f"\r{d}/{n}", end="", file=sys.stderr))
     print(file=sys.stderr)

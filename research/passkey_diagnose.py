@@ -2,21 +2,23 @@
 how many heads retrieved the planted digit's predecessor-match, how much of the best head's read
 lands on it, the copy head's gate, and the probability the model alone and the output give it.
 
-    python benchmarks/passkey_diagnose.py --checkpoint ~/.cache/longmem/runs/balanced --distance 32768
+    python research/passkey_diagnose.py --checkpoint ~/.cache/longmem/runs/balanced --distance 32768
 
 The same trials as `memory_probes.py --passkey-distances D --passkey-trials N --passkey-seed S`.
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 import torch
 
-from common import AUSTEN
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from common import AUSTEN  # noqa: E402
+from longmem.evaluation.probes import passkey_prompts
 from longmem.model import LongMem
-from longmem.probes import passkey_prompts
 from longmem.sidenet import retrieval_cosine
 from longmem.training import PASSKEY_FACT
 
@@ -34,9 +36,9 @@ def main():
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    overrides = {"retrieve_tokens": args.retrieve_tokens} if args.retrieve_tokens else None
+    overrides = {"memory.retrieve_tokens": args.retrieve_tokens} if args.retrieve_tokens else None
     model = LongMem.from_pretrained(args.checkpoint, overrides=overrides).eval()
-    if model.config.chunk_size != 1:
+    if model.config.memory.chunk_size != 1:
         sys.exit("the diagnosis follows single memory tokens: it needs a checkpoint with chunk_size 1")
     tok = model.tokenizer
     encode = lambda s: tok(s, add_special_tokens=False, return_tensors="pt").input_ids[0]  # noqa: E731
@@ -61,6 +63,7 @@ def main():
             else:
                 log_model = torch.log_softmax(out.logits.float(), -1)
         read, ids = out.readout, full[0]
+        read.retrieval = per_query_head(read.retrieval, read.weights.shape[1])
         fact = (64, 64 + len(encode(PASSKEY_FACT.format(key=key))))  # the prompt opens with 64 tokens of prose
         T = full.shape[1] - start
         digits = []
@@ -89,6 +92,14 @@ def main():
                                   f"p {d['p_output']:.2f}" for d in digits), flush=True)
     if args.json:
         print(json.dumps({"checkpoint": str(args.checkpoint), "distance": args.distance, "trials": rows}, indent=2))
+
+
+def per_query_head(r, heads: int):
+    """A retrieval searched once per KV head, broadcast to the query heads that share each search."""
+    group = heads // r.num_heads
+    fields = ("keys", "queries", "positions", "token_ids", "prev_token_ids", "next_token_ids", "token_mask", "next_mask")
+    return dataclasses.replace(r, **{f: getattr(r, f).repeat_interleave(group, 1) for f in fields
+                                     if getattr(r, f) is not None})
 
 
 def show_read(read, t: int, best: int, planted: torch.Tensor, tok, top: int) -> dict:

@@ -1,6 +1,7 @@
 """`longmem` command line: generate, perplexity, train, trace, build-memory, memory-info, evaluate, serve, demo.
 
-Every error a user can cause ends in one line on stderr and exit status 2, never a stack trace.
+It lives beside the Ray programs it starts (the library, `longmem`, imports no Ray). Every error a
+user can cause ends in one line on stderr and exit status 2, never a stack trace.
 """
 
 from __future__ import annotations
@@ -11,21 +12,20 @@ import sys
 import time
 from pathlib import Path
 
-from .backbone import BackboneError
-from .config import DEFAULT_BACKBONE, ConfigError
-from .memory import MemoryBankError
-from .model import InputError
+from longmem.backbone import BackboneError
+from longmem.config import DEFAULT_BACKBONE, PRESETS, ConfigError
+from longmem.evaluation import EvalError
+from longmem.loading import ModelSource
+from longmem.memory import MemoryBankError, StoreError
+from longmem.model import InputError
+from pipelines.corpus import CorpusError
 
-USER_ERRORS = (ConfigError, BackboneError, InputError, MemoryBankError, OSError, UnicodeDecodeError)
+USER_ERRORS = (ConfigError, BackboneError, InputError, MemoryBankError, StoreError, EvalError, CorpusError, OSError,
+               UnicodeDecodeError)
 
 
 def user_errors():
-    from pipelines.corpus import CorpusError
-
-    from .evaluation import EvalError
-    from .memory.store import StoreError
-
-    return USER_ERRORS + (CorpusError, StoreError, EvalError)
+    return USER_ERRORS
 
 
 def log(message: str) -> None:
@@ -48,38 +48,50 @@ def read_text(path: str) -> str:
     return text
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, device: bool = True) -> None:
     p.add_argument("--checkpoint", help="LongMem checkpoint folder (config.json + sidenet.safetensors)")
     p.add_argument("--backbone", default=DEFAULT_BACKBONE,
                    help="backbone alias, hub id or local folder when no checkpoint is given (default: %(default)s)")
-    p.add_argument("--side-init", default="zero", choices=["zero", "paper"],
-                   help="SideNet init when no checkpoint is given; 'zero' starts equal to the backbone")
-    p.add_argument("--retrieval-query", choices=["side", "backbone", "backbone_key"],
-                   help="which query searches memory (SideNet's or the frozen backbone's)")
-    p.add_argument("--window", type=int, help="local window (segment length) in tokens")
-    p.add_argument("--memory-tokens", type=int, help="memory capacity in tokens")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--preset", default="default", choices=PRESETS,
+                   help="a fresh model's settings: the measured recipe (default) or the paper's")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SETTING=VALUE",
+                   help="a model setting, e.g. --set memory.capacity_tokens=262144 (repeatable; on a checkpoint "
+                        "only the memory settings no weight depends on)")
+    p.add_argument("--window", type=int, help="local window (segment length) in tokens: --set memory.window=N")
+    p.add_argument("--memory-tokens", type=int, help="memory capacity in tokens: --set memory.capacity_tokens=N")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="precision of the backbone and SideNet (default float32)")
+    if device:
+        p.add_argument("--device", default="cpu")
+
+
+def model_source(args) -> ModelSource:
+    """The model the command line names, checked (before any weights load)."""
+    import yaml
+
+    overrides = {}
+    for item in args.overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"--set needs SETTING=VALUE, got {item!r}")
+        overrides[key.strip()] = yaml.safe_load(raw)
+    if args.window is not None:
+        overrides["memory.window"] = args.window
+    if args.memory_tokens is not None:
+        overrides["memory.capacity_tokens"] = args.memory_tokens
+    return ModelSource(checkpoint=args.checkpoint, backbone=args.backbone, preset=args.preset, overrides=overrides,
+                       dtype=args.dtype).validate()
 
 
 def load_model(args):
-    import torch
+    from longmem.loading import load_source
 
-    from .model import LongMem
-
-    overrides = {k: v for k, v in {"window": args.window, "memory_tokens": args.memory_tokens,
-                                   "retrieval_query": args.retrieval_query}.items() if v}
     t0 = time.time()
-    if args.checkpoint:
-        model = LongMem.from_pretrained(args.checkpoint, device=args.device)
-        for key, value in overrides.items():
-            setattr(model.config, key, value)
-        model.config.validate()
-    else:
-        model = LongMem.from_backbone(args.backbone, side_init=args.side_init, device=args.device,
-                                      dtype=torch.float32, **overrides)
-    log(f"model ready in {time.time() - t0:.1f}s: backbone {model.config.backbone} "
-        f"({model.config.model_type}, {model.adapter.num_layers} layers), SideNet {len(model.sidenet.layers)} layers, "
-        f"memory layer {model.memory_layer}, window {model.config.window}")
+    model = load_source(model_source(args), device=args.device)
+    c = model.config
+    log(f"model ready in {time.time() - t0:.1f}s: backbone {c.backbone.name} "
+        f"({c.backbone.model_type}, {model.adapter.num_layers} layers), SideNet {len(model.sidenet.layers)} layers, "
+        f"memory layer {model.memory_layer}, window {c.memory.window}")
     if model.tokenizer is None:
         raise InputError("the backbone has no tokenizer; the CLI works on text")
     return model
@@ -107,14 +119,14 @@ def cmd_generate(args) -> int:
 
 
 def cmd_perplexity(args) -> int:
-    from .model import perplexity_report
+    from longmem.evaluation import perplexity_report
 
     text = read_text(args.file)
     model = load_model(args)
     ids = model.encode(text)
     if args.max_tokens:
         ids = ids[:, : args.max_tokens]
-    log(f"scoring {ids.shape[1]} tokens in windows of {model.config.window}")
+    log(f"scoring {ids.shape[1]} tokens in windows of {model.config.memory.window}")
     t0 = time.time()
 
     def progress(done, total):
@@ -122,7 +134,7 @@ def cmd_perplexity(args) -> int:
             log(f"segment {done}/{total} ({time.time() - t0:.0f}s)")
 
     report = perplexity_report(model, ids, progress=progress)
-    report.update(file=str(args.file), checkpoint=args.checkpoint, backbone_id=model.config.backbone,
+    report.update(file=str(args.file), checkpoint=args.checkpoint, backbone_id=model.config.backbone.name,
                   seconds=round(time.time() - t0, 1))
     text_out = json.dumps(report, indent=2)
     if args.output:
@@ -135,36 +147,23 @@ def cmd_perplexity(args) -> int:
 def cmd_train(args) -> int:
     from pipelines.train_sidenet import TrainJob, run_training
 
-    model = {k: v for k, v in {
-        "window": args.segment, "memory_tokens": args.memory_tokens, "side_init": args.side_init,
-        "retrieval_query": args.retrieval_query, "memory_scale_init": args.memory_scale_init,
-        "chunk_size": args.chunk_size, "memory_prev_bonus_init": args.prev_bonus,
-        "memory_copy_init": args.copy_gate, "memory_copy_match_init": args.copy_match,
-        "memory_copy_confidence_init": args.copy_confidence,
-    }.items() if v is not None}
-    train = {"steps": args.steps, "batch_size": args.batch, "curriculum": args.curriculum, "lr": args.lr,
-             "segments_per_episode": args.segments, "grad_accum": args.grad_accum, "seed": args.seed,
-             "warmup_steps": min(args.warmup, args.steps)}
-    if args.memory_lr is not None:
-        train["memory_lr"] = args.memory_lr
-    if args.answer_weight is not None:
-        train["answer_weight"] = args.answer_weight
-    if args.distractor_tokens:
-        train["distractor_tokens"] = args.distractor_tokens
+    names = ("steps", "segments_per_episode", "batch_size", "grad_accum", "curriculum", "lr", "memory_lr",
+             "answer_weight", "distractor_tokens", "warmup_steps", "seed")
+    train = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.copy_head_only:
         train["copy_head_only"] = True
-    job = TrainJob(corpus=args.corpus, out=args.out, backbone=args.backbone, init_checkpoint=args.checkpoint,
-                   workers=args.workers, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker, name=args.name,
-                   storage_path=args.storage, checkpoint_every=args.checkpoint_every, text_field=args.text_field,
-                   key_center_tokens=args.center_keys, model=model, train=train)
-    job.train_config()  # validate before starting Ray
+    job = TrainJob(corpus=args.corpus, out=args.out, model=model_source(args), workers=args.workers, use_gpu=args.gpu,
+                   cpus_per_worker=args.cpus_per_worker, name=args.name, storage_path=args.storage,
+                   checkpoint_every=args.checkpoint_every, text_field=args.text_field,
+                   key_center_tokens=args.center_keys, train=train)
+    job.validate()  # before starting Ray
     summary = run_training(job, address=args.address)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
 
 def cmd_trace(args) -> int:
-    from .trace import retrieval_trace
+    from longmem.trace import retrieval_trace
 
     model = load_model(args)
     bank = model.new_bank(1)
@@ -195,15 +194,10 @@ def cmd_trace(args) -> int:
 def cmd_build_memory(args) -> int:
     from pipelines.build_memory import BuildJob, build_memory
 
-    model = {k: v for k, v in {
-        "window": args.window, "chunk_size": args.chunk_size, "sink_tokens": args.sink_tokens,
-        "memory_layer": args.memory_layer, "retrieval_metric": args.metric, "memory_dtype": args.dtype,
-    }.items() if v is not None}
-    job = BuildJob(corpus=args.corpus, out=args.out, backbone=args.backbone, checkpoint=args.checkpoint,
-                   shards=args.shards, index=args.index, min_actors=args.min_actors,
-                   max_actors=max(args.max_actors or args.min_actors, args.min_actors), batch_size=args.batch_size,
-                   num_gpus_per_actor=args.gpus_per_actor, num_cpus_per_actor=args.cpus_per_actor,
-                   text_field=args.text_field, model=model)
+    job = BuildJob(corpus=args.corpus, out=args.out, model=model_source(args), shards=args.shards, index=args.index,
+                   min_actors=args.min_actors, max_actors=max(args.max_actors or args.min_actors, args.min_actors),
+                   batch_size=args.batch_size, num_gpus_per_actor=args.gpus_per_actor,
+                   num_cpus_per_actor=args.cpus_per_actor, text_field=args.text_field)
     summary = build_memory(job.validate(), address=args.address, progress=log)
     print(json.dumps(summary, indent=2))
     return 0
@@ -221,7 +215,6 @@ def _ints(text: str | None) -> list[int] | None:
 def cmd_evaluate(args) -> int:
     from pipelines.evaluate import EvalJob, evaluate
 
-    model = {k: v for k, v in {"window": args.window, "memory_tokens": args.memory_tokens}.items() if v is not None}
     settings = {k: v for k, v in {
         "long_window": args.long_window, "seed": args.seed, "max_doc_tokens": args.max_doc_tokens,
         "length_buckets": _ints(args.length_buckets), "prefix_tokens": _ints(args.prefix_tokens),
@@ -230,8 +223,7 @@ def cmd_evaluate(args) -> int:
         "seeds": _ints(args.seeds), "queries": args.queries,
         "labels": [x.strip() for x in args.labels.split(",")] if args.labels else None,
     }.items() if v is not None}
-    job = EvalJob(task=args.task, data=args.data, out=args.out, checkpoint=args.checkpoint, backbone=args.backbone,
-                  model=model, settings=settings, min_actors=args.min_actors,
+    job = EvalJob(task=args.task, data=args.data, out=args.out, model=model_source(args), settings=settings, min_actors=args.min_actors,
                   max_actors=max(args.max_actors or args.min_actors, args.min_actors),
                   num_cpus_per_actor=args.cpus_per_actor, num_gpus_per_actor=args.gpus_per_actor,
                   text_field=args.text_field, label_field=args.label_field)
@@ -242,7 +234,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_memory_info(args) -> int:
-    from .memory.store import MemoryStore, read_manifest
+    from longmem.memory.store import MemoryStore, read_manifest
 
     manifest = read_manifest(args.memory)
     if args.verify:
@@ -266,14 +258,14 @@ def cmd_serve(args) -> int:
             name, folder = Path(spec).name, spec
         if name in memories:
             raise InputError(f"two memories are named {name!r}; use NAME=DIR")
-        from .memory.store import read_manifest
+        from longmem.memory.store import read_manifest
 
         read_manifest(folder)  # a clear error now rather than a failed deployment later
         memories[name] = str(Path(folder).resolve())
     keys = list(args.api_key or [])
     if os.environ.get("LONGMEM_API_KEYS"):
         keys += [k for k in os.environ["LONGMEM_API_KEYS"].split(",") if k]
-    serve_args = ServeArgs(checkpoint=args.checkpoint, backbone=args.backbone, memories=memories, api_keys=keys,
+    serve_args = ServeArgs(model=model_source(args).to_dict(), device=args.device, memories=memories, api_keys=keys,
                            model_replicas=args.replicas, model_cpus=args.model_cpus,
                            max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens)
     if args.host not in ("127.0.0.1", "localhost") and not keys:
@@ -317,46 +309,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="adapt a SideNet with Ray Train (memory-augmented, curriculum episodes)")
     t.add_argument("--corpus", nargs="+", required=True, help="folders, globs or files (.txt, .jsonl, .parquet)")
-    t.add_argument("--out", required=True, help="folder for the final checkpoint")
-    t.add_argument("--backbone", default=DEFAULT_BACKBONE)
-    t.add_argument("--checkpoint", help="start from this LongMem checkpoint")
+    t.add_argument("--out", required=True, help="folder for the final checkpoint (new, empty, or a checkpoint)")
+    add_model_args(t, device=False)
     t.add_argument("--workers", type=int, default=1)
     t.add_argument("--gpu", action="store_true", help="one GPU per worker")
     t.add_argument("--cpus-per-worker", type=float, default=1.0)
-    t.add_argument("--steps", type=int, default=500)
-    t.add_argument("--segment", type=int, help="segment length = local window (default 512)")
-    t.add_argument("--segments", type=int, default=3, help="segments per episode")
-    t.add_argument("--memory-tokens", type=int)
-    t.add_argument("--batch", type=int, default=1, help="episodes per worker per micro-batch")
-    t.add_argument("--grad-accum", type=int, default=1)
-    t.add_argument("--curriculum", default="plain:0.5,repeat:0.5", help="mix of plain, repeat, passkey episodes")
-    t.add_argument("--lr", type=float, default=3e-4)
-    t.add_argument("--memory-lr", type=float, help="learning rate of the gates and memory scale (default 3e-3)")
-    t.add_argument("--answer-weight", type=float, help="loss weight of passkey answer tokens (default 1)")
-    t.add_argument("--distractor-tokens", type=int, default=0, metavar="TOKENS",
-                   help="put TOKENS of other corpus text in every episode's memory first (reads learnt "
+    t.add_argument("--steps", type=int, help="optimiser steps (default: the recipe's)")
+    t.add_argument("--segments", type=int, dest="segments_per_episode", help="segments per episode")
+    t.add_argument("--batch", type=int, dest="batch_size", help="episodes per worker per micro-batch")
+    t.add_argument("--grad-accum", type=int)
+    t.add_argument("--curriculum", help="mix of plain, repeat, passkey episodes, e.g. plain:0.3,repeat:0.3,passkey:0.4")
+    t.add_argument("--lr", type=float)
+    t.add_argument("--memory-lr", type=float, help="learning rate of the gates, memory scale and copy head")
+    t.add_argument("--answer-weight", type=float, help="loss weight of passkey answer tokens")
+    t.add_argument("--distractor-tokens", type=int, metavar="TOKENS",
+                   help="TOKENS of other corpus text in every episode's memory first (reads learnt "
                         "among as many unrelated tokens as at a long test distance)")
-    t.add_argument("--warmup", type=int, default=20)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--side-init", choices=["zero", "paper"])
-    t.add_argument("--retrieval-query", choices=["side", "backbone", "backbone_key"])
-    t.add_argument("--memory-scale-init", type=float)
-    t.add_argument("--chunk-size", type=int, help="memory chunk size; 1 searches memory token by token")
-    t.add_argument("--center-keys", type=int, default=0, metavar="TOKENS",
-                   help="centre memory keys on their mean over the corpus's first TOKENS tokens (0: raw keys)")
-    t.add_argument("--copy-gate", type=float, metavar="BIAS",
-                   help="also copy the token that followed each memory match, gate logit starting at BIAS")
-    t.add_argument("--copy-match", type=float, metavar="LOGIT",
-                   help="the copy gate also reads how exact and how unanimous the memory read is; LOGIT "
-                        "starts the weight of each (learned)")
-    t.add_argument("--copy-confidence", type=float, metavar="WEIGHT",
-                   help="the copy gate also reads the model's own peak probability, weight starting at WEIGHT "
-                        "(negative: copy where the model is unsure)")
+    t.add_argument("--warmup", type=int, dest="warmup_steps")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--center-keys", type=int, default=8192, metavar="TOKENS",
+                   help="a fresh model's key centre: the mean key of the corpus's first TOKENS tokens (default 8192)")
     t.add_argument("--copy-head-only", action="store_true",
                    help="train only the copy head of --checkpoint, against the model without its memory "
                         "values, so the copy learns to stand in where the value read fails")
-    t.add_argument("--prev-bonus", type=float,
-                   help="learned bonus (initial value) for a memory token whose predecessor matches the query's")
     t.add_argument("--name", default="longmem-sidenet", help="run name; the same name resumes")
     t.add_argument("--storage", help="where runs and checkpoints live (default: cache folder)")
     t.add_argument("--checkpoint-every", type=int, default=50)
@@ -377,8 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build-memory", help="encode corpora into a persistent, sharded memory with Ray Data")
     b.add_argument("--corpus", nargs="+", required=True, help="folders, globs or files (.txt, .jsonl, .parquet)")
     b.add_argument("--out", required=True, help="memory folder (created; a rerun resumes or skips finished shards)")
-    b.add_argument("--backbone", default=DEFAULT_BACKBONE)
-    b.add_argument("--checkpoint", help="take backbone and memory settings from this LongMem checkpoint")
+    add_model_args(b, device=False)
     b.add_argument("--shards", type=int, default=1)
     b.add_argument("--index", default="flat", choices=["flat", "ivf", "ivfpq"], help="faiss index per shard and KV head")
     b.add_argument("--min-actors", type=int, default=1, help="encoder actors to start with")
@@ -386,12 +360,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, default=8, help="windows per encoder call")
     b.add_argument("--gpus-per-actor", type=float, default=0.0)
     b.add_argument("--cpus-per-actor", type=float, default=1.0)
-    b.add_argument("--window", type=int, help="encoding window = the model's local window (default 512)")
-    b.add_argument("--chunk-size", type=int)
-    b.add_argument("--sink-tokens", type=int)
-    b.add_argument("--memory-layer", type=int)
-    b.add_argument("--metric", choices=["ip", "cosine"], help="how chunk keys are scored")
-    b.add_argument("--dtype", choices=["float16", "float32"], help="stored key/value precision (default float16)")
     b.add_argument("--text-field", default="text")
     b.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
     b.set_defaults(func=cmd_build_memory)
@@ -402,10 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "icl: labelled .jsonl (text, label) or books ('which book is this passage from?')")
     e.add_argument("--data", nargs="+", required=True, help="files or folders (see the task)")
     e.add_argument("--out", required=True, help="report folder: report.json, report.md, report.png")
-    e.add_argument("--checkpoint", help="LongMem checkpoint (default: an untrained zero-init SideNet on --backbone)")
-    e.add_argument("--backbone", default=DEFAULT_BACKBONE)
-    e.add_argument("--window", type=int, help="local window (default: the checkpoint's)")
-    e.add_argument("--memory-tokens", type=int)
+    add_model_args(e, device=False)
     e.add_argument("--long-window", type=int, help="window of the backbone_long baseline (default 2048)")
     e.add_argument("--seed", type=int)
     e.add_argument("--max-doc-tokens", type=int, help="perplexity: cut documents to this many tokens")
@@ -434,8 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_memory_info)
 
     v = sub.add_parser("serve", help="serve memory-augmented completions over HTTP with Ray Serve")
-    v.add_argument("--checkpoint", help="LongMem checkpoint (default: a zero-init SideNet on --backbone)")
-    v.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    add_model_args(v)
     v.add_argument("--memory", action="append", help="built memory as NAME=DIR or DIR (repeatable)")
     v.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     v.add_argument("--port", type=int, default=8000)

@@ -16,8 +16,8 @@ import re
 import torch
 import torch.nn.functional as F
 
-from .model import LongMem
-from .training import PASSKEY_FACT, PASSKEY_QUESTION
+from ..model import LongMem
+from ..training import PASSKEY_FACT, PASSKEY_QUESTION
 
 
 def _nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
@@ -28,7 +28,7 @@ def _nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
 def copy_probe(model: LongMem, text_ids: torch.Tensor, gap_segments: int = 2, episodes: int = 4) -> dict:
     """text_ids (1, N) held-out tokens; needs (gap_segments + 1) * window * episodes tokens."""
     model.eval()
-    W, c = model.config.window, model.config.chunk_size
+    W, c = model.config.memory.window, model.config.memory.chunk_size
     span = (gap_segments + 1) * W
     if text_ids.shape[1] < span * episodes:
         raise ValueError(f"copy probe needs {span * episodes} tokens, got {text_ids.shape[1]}")
@@ -69,7 +69,7 @@ def passkey_prompts(model: LongMem, filler_ids: torch.Tensor, distance: int, tri
     tok = model.tokenizer
     rng = random.Random(seed)
     encode = lambda s: tok(s, add_special_tokens=False, return_tensors="pt").input_ids  # noqa: E731
-    W = model.config.window
+    W = model.config.memory.window
     if distance < W:
         raise ValueError(f"passkey distance {distance} must be at least the window ({W}) to test memory")
     for _ in range(trials):
@@ -92,7 +92,7 @@ def passkey_probe(model: LongMem, filler_ids: torch.Tensor, distance: int, trial
     tok = model.tokenizer
     correct = {"memory": 0, "no_memory": 0, "backbone": 0}
     examples = []
-    W = model.config.window
+    W = model.config.memory.window
     for key, prompt in passkey_prompts(model, filler_ids, distance, trials, seed):
         local = prompt[:, model.local_start(prompt.shape[1]) :]
         answers = {

@@ -1,0 +1,225 @@
+"""One contract for every memory: what a search returns, what a memory must do, what made it.
+
+    class Memory(Protocol):
+        add(keys, values, token_ids=None, streams=None, skip_first=0)   # (B, T, Hkv, D) each
+        search(queries, k, streams=None, with_next=False) -> MemoryRetrieval  # (B, T, H, D)
+        reset(streams=None)
+        check_model(spec)          # refuse a model whose keys this memory cannot hold
+
+Implemented by the in-process `MemoryBank` (per-stream ring buffers), the on-disk `MemoryStore`
+(sharded, faiss), the serving layer's remote shards, and `CombinedMemory` (a bank read together
+with built memories). Built memories are shared and read-only: `add` refuses, `reset` has nothing
+of a stream's own to forget.
+
+A search with H = Hkv heads (the backbone's key searching, shared by each group of query heads)
+returns one result per KV head; the SideNet's read broadcasts it to the group's query heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+class StoreError(ValueError):
+    """A memory that cannot be used as asked (missing, damaged, or made for another model)."""
+
+
+@dataclass
+class MemoryRetrieval:
+    """Top-k chunks per query token and search head. H = search heads, k = chunks, c = chunk size."""
+
+    keys: torch.Tensor  # (B, H, T, k * c, D)
+    values: torch.Tensor  # (B, H, T, k * c, D)
+    token_mask: torch.Tensor  # (B, H, T, k * c) True where a real memory token sits
+    scores: torch.Tensor  # (B, H, T, k) query . chunk-key, -inf for empty slots
+    slots: torch.Tensor  # (B, H, T, k) where each chunk is stored (ring slot, or global chunk number)
+    positions: torch.Tensor  # (B, H, T, k) stream position of each chunk's first token, -1 if empty
+    streams: torch.Tensor  # (B,) which stream each row searched
+    queries: torch.Tensor | None = None  # (B, H, T, D) the vectors that searched, as given
+    token_ids: torch.Tensor | None = None  # (B, H, T, k, c) token ids of each chunk, -1 if unknown
+    # With search(..., with_next=True): for each retrieved token, the value and id of the token that
+    # followed it in its stream, where that is known (False at a stream's newest token or a gap), and
+    # the id of the token before it (-1 where not stored).
+    next_values: torch.Tensor | None = None  # (B, H, T, k * c, D)
+    next_mask: torch.Tensor | None = None  # (B, H, T, k * c)
+    prev_token_ids: torch.Tensor | None = None  # (B, H, T, k * c)
+    next_token_ids: torch.Tensor | None = None  # (B, H, T, k * c)
+    query_prev_ids: torch.Tensor | None = None  # (B, T) the token before each query token, -1 unknown (set by the model)
+
+    @property
+    def has_memory(self) -> torch.Tensor:
+        """(B, H, T) True where at least one chunk was retrieved."""
+        return self.token_mask.any(dim=-1)
+
+    @property
+    def num_heads(self) -> int:
+        return self.token_mask.shape[1]
+
+    def to(self, device) -> "MemoryRetrieval":
+        return type(self)(**{f.name: (v.to(device) if torch.is_tensor(v) else v)
+                             for f in fields(self) for v in [getattr(self, f.name)]})
+
+
+@dataclass(frozen=True)
+class MemorySpec:
+    """What produced a memory's keys; a model may read it only if its own spec matches.
+    A bank knows only its shapes and metric (the fields left None are not compared)."""
+
+    num_kv_heads: int
+    head_dim: int
+    chunk_size: int
+    metric: str
+    backbone: str | None = None
+    backbone_fingerprint: str | None = None
+    model_type: str | None = None
+    memory_layer: int | None = None
+    window: int | None = None
+    sink_tokens: int | None = None
+    dtype: str | None = None
+    backbone_revision: str | None = None
+    key_center: str | None = None  # digest of the key centre (None: raw keys)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MemorySpec":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def differences(self, other: "MemorySpec", partial: bool = False) -> list[str]:
+        """Fields that make two specs incompatible (the backbone's name may differ, its weights not).
+        `partial`: compare only what both specs know (a bank's spec has no backbone)."""
+        ignore = {"backbone", "backbone_revision"}
+        out = []
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if f.name in ignore or a == b or (partial and (a is None or b is None)):
+                continue
+            line = f"{f.name}: {a!r} vs {b!r}"
+            if f.name == "backbone_fingerprint" and not all(str(x).startswith("v2-") for x in (a, b)):
+                line += " (a memory built by an earlier version of LongMem: rebuild it)"
+            out.append(line)
+        return out
+
+    def require_compatible(self, other: "MemorySpec", what: str, partial: bool = False) -> None:
+        diff = self.differences(other, partial)
+        if diff:
+            raise StoreError(f"{what} was built for a different model: " + "; ".join(diff))
+
+
+@runtime_checkable
+class Memory(Protocol):
+    num_kv_heads: int
+    head_dim: int
+    chunk_size: int
+    read_only: bool  # built memories: searched, never written
+    device: torch.device  # where a writable memory's tensors live (results follow the queries)
+
+    def add(self, keys, values, token_ids=None, streams=None, skip_first: int = 0) -> None: ...
+
+    def search(self, queries: torch.Tensor, k: int, streams=None, with_next: bool = False) -> MemoryRetrieval: ...
+
+    def reset(self, streams=None) -> None: ...
+
+    def check_model(self, spec: MemorySpec) -> None: ...
+
+
+def neighbour_tokens(values, token_ids, hit, next_first_values, next_first_ids, next_joined, prev_last_ids, prev_joined):
+    """The tokens around every retrieved token, for the next-token read and the two-token match.
+
+    Tokens of a chunk are consecutive; a chunk's last token is followed by the first token of the
+    chunk stored after it when that one continues the same stream (`next_joined`), and its first
+    token is preceded by the last token of the chunk before it (`prev_joined`). Each memory finds
+    those neighbour chunks its own way (ring slots, rows of a shard); this is the rest, for all.
+
+    values (..., k, c, D), token_ids (..., k, c), hit (..., k); next_first_values (..., k, D) and
+    next_first_ids (..., k): the first token of each chunk's successor; prev_last_ids (..., k): the
+    last token of its predecessor; next_joined, prev_joined (..., k) bool.
+    Returns next_values (..., k*c, D) (zero where unknown), next_mask (..., k*c), and prev / next
+    token ids (..., k*c) (-1 where unknown).
+    """
+    *lead, k, c, D = values.shape
+    next_values = torch.cat([values[..., 1:, :], next_first_values[..., None, :].to(values.dtype)], dim=-2)
+    next_mask = hit[..., None].expand(*hit.shape, c).clone()
+    next_mask[..., -1] = hit & next_joined
+    next_values = next_values.masked_fill(~next_mask[..., None], 0).reshape(*lead, k * c, D)
+    first_prev = torch.where(hit & prev_joined, prev_last_ids, torch.full_like(prev_last_ids, -1))
+    prev_ids = torch.cat([first_prev[..., None], token_ids[..., :-1]], dim=-1)
+    prev_ids = prev_ids.masked_fill(~hit[..., None], -1).reshape(*lead, k * c)
+    next_ids = torch.cat([token_ids[..., 1:], next_first_ids[..., None]], dim=-1).masked_fill(~next_mask, -1)
+    return next_values, next_mask.reshape(*lead, k * c), prev_ids, next_ids.reshape(*lead, k * c)
+
+
+def merge_retrievals(parts: list[MemoryRetrieval], k: int) -> MemoryRetrieval:
+    """Top-k by score over several retrievals of the same queries (shards, a bank and a store).
+
+    Ties keep the earlier part first, so merging is deterministic."""
+    if len(parts) == 1:
+        return parts[0]
+    scores = torch.cat([p.scores for p in parts], dim=-1)  # (B, H, T, sum k)
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]  # (B, H, T, k)
+    kk = order.shape[-1]
+    c = parts[0].token_mask.shape[-1] // parts[0].scores.shape[-1]
+
+    def chunks(name):
+        return torch.cat([getattr(p, name) for p in parts], dim=-1).gather(-1, order)
+
+    def tokens(name):  # (B, H, T, k*c[, D]) per part -> picked chunks' tokens
+        xs = [getattr(p, name) for p in parts]
+        if xs[0] is None:
+            return None
+        B, H, T = xs[0].shape[:3]
+        tail = xs[0].shape[4:]
+        x = torch.cat([t.reshape(B, H, T, -1, c, *tail).to(xs[0].dtype) for t in xs], dim=3)
+        idx = order.reshape(B, H, T, kk, *([1] * (1 + len(tail)))).expand(B, H, T, kk, c, *tail)
+        return x.gather(3, idx).reshape(B, H, T, kk * c, *tail)
+
+    ids = None
+    if all(p.token_ids is not None for p in parts):
+        B, H, T = order.shape[:3]
+        ids = torch.cat([p.token_ids for p in parts], dim=3).gather(3, order[..., None].expand(B, H, T, kk, c))
+    return MemoryRetrieval(
+        keys=tokens("keys"), values=tokens("values"), token_mask=tokens("token_mask"),
+        scores=scores.gather(-1, order), slots=chunks("slots"), positions=chunks("positions"),
+        streams=parts[0].streams, queries=parts[0].queries, next_values=tokens("next_values"),
+        next_mask=tokens("next_mask"), token_ids=ids, prev_token_ids=tokens("prev_token_ids"),
+        next_token_ids=tokens("next_token_ids"),
+    )
+
+
+class CombinedMemory:
+    """A session bank (writable, per stream) read together with built memories (read-only, shared).
+
+    What leaves the local window is written to the bank; a search returns the top-k over all of
+    them by score, so a model reads its own past and a corpus memory in one softmax."""
+
+    def __init__(self, bank: Memory | None = None, stores: list[Memory] | None = None):
+        self.bank, self.stores = bank, list(stores or [])
+        parts = ([bank] if bank is not None else []) + self.stores
+        if not parts:
+            raise StoreError("CombinedMemory needs a bank or at least one built memory")
+        shapes = {(p.num_kv_heads, p.head_dim, p.chunk_size) for p in parts}
+        if len(shapes) > 1:
+            raise StoreError(f"memories of different shapes (kv_heads, head_dim, chunk_size) cannot be combined: {shapes}")
+        self.num_kv_heads, self.head_dim, self.chunk_size = shapes.pop()
+        self.device = bank.device if bank is not None else torch.device("cpu")
+        self.read_only = bank is None
+
+    def add(self, keys, values, token_ids=None, streams=None, skip_first: int = 0) -> None:
+        if self.bank is None:
+            raise StoreError("this memory holds only built memories, which are read-only")
+        self.bank.add(keys, values, token_ids=token_ids, streams=streams, skip_first=skip_first)
+
+    def search(self, queries: torch.Tensor, k: int, streams=None, with_next: bool = False) -> MemoryRetrieval:
+        parts = [] if self.bank is None else [self.bank.search(queries, k, streams, with_next=with_next)]
+        parts += [store.search(queries, k, streams, with_next=with_next) for store in self.stores]
+        return merge_retrievals(parts, k)
+
+    def reset(self, streams=None) -> None:
+        if self.bank is not None:
+            self.bank.reset(streams)
+
+    def check_model(self, spec: MemorySpec) -> None:
+        for part in ([self.bank] if self.bank is not None else []) + self.stores:
+            part.check_model(spec)

@@ -1,0 +1,212 @@
+"""The serve app and its routes: the FastAPI ingress, `app_builder` and `run_local`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+# build_api's routes name these in their annotations: they must be globals of this module.
+from pipelines.serve.model_server import LongMemServer
+from pipelines.serve.schemas import CompletionRequest, DocumentRequest, ServeArgs, ServeError, _normalise
+from pipelines.serve.shard_server import MemoryShardServer
+
+logger = logging.getLogger("ray.serve")
+
+
+# ------------------------------------------------------------------------------ HTTP
+def build_api(model_handle, args: ServeArgs) -> FastAPI:
+    # FastAPI resolves these annotations by name in this module's globals (postponed annotations).
+    app = FastAPI(title="LongMem", version="0.1.0")
+    keys = {hashlib.sha256(k.encode()).hexdigest()[:16] for k in args.api_keys}
+
+    def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+        return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind}})
+
+    def reply(result: dict) -> JSONResponse | dict:
+        if "error" in result:
+            e = result["error"]
+            return error(e["status"], e["message"], e["type"])
+        return result
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", []) if p != "body")
+        return error(400, f"invalid request: {where + ': ' if where else ''}{first.get('msg', 'malformed body')}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request, exc: StarletteHTTPException):
+        return error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request, exc: Exception):
+        logger.exception("request failed")
+        return error(500, f"internal error: {type(exc).__name__}", "server_error")
+
+    @app.exception_handler(ServeError)
+    async def _serve_error(_request, exc: ServeError):
+        return error(exc.status, exc.message, exc.kind)
+
+    async def owner_of(request: Request) -> str:
+        if not keys:
+            return "anonymous"
+        header = request.headers.get("authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else ""
+        owner = hashlib.sha256(token.encode()).hexdigest()[:16]
+        if owner not in keys:
+            raise ServeError(401, "missing or invalid API key (Authorization: Bearer <key>)", "authentication_error")
+        return owner
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        await owner_of(request)
+        info = await model_handle.describe.remote()
+        return {"object": "list", "data": [{"id": args.model_name, "object": "model", "owned_by": "longmem",
+                                            "memories": info["memories"]}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        owner = await owner_of(request)
+        req = {**_normalise(body), "owner": owner}
+        if body.model not in (None, args.model_name):
+            raise ServeError(404, f"unknown model {body.model!r}; this endpoint serves {args.model_name!r}", "not_found")
+        cid, created = "cmpl-" + uuid.uuid4().hex[:24], int(time.time())
+
+        def chunk(text: str, finish=None, usage=None) -> dict:
+            out = {"id": cid, "object": "text_completion", "created": created, "model": args.model_name,
+                   "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
+            if usage:
+                out["usage"] = usage
+            return out
+
+        if not body.stream:
+            result = await model_handle.complete.remote(req)
+            if "error" in result:
+                return reply(result)
+            usage = {"prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"],
+                     "total_tokens": result["prompt_tokens"] + result["completion_tokens"]}
+            return chunk(result["text"], result["finish_reason"], usage)
+
+        events = model_handle.options(stream=True).complete_stream.remote(req)
+        first = await events.__anext__()
+        if "error" in first:  # fail before the stream starts: a proper status code
+            return reply(first)
+
+        async def sse():
+            event = first
+            while True:
+                if "error" in event:
+                    yield f"data: {json.dumps(event)}\n\n"
+                    break
+                if "finish_reason" in event:
+                    usage = {"prompt_tokens": event["prompt_tokens"], "completion_tokens": event["completion_tokens"],
+                             "total_tokens": event["prompt_tokens"] + event["completion_tokens"]}
+                    yield f"data: {json.dumps(chunk('', event['finish_reason'], usage))}\n\n"
+                    break
+                yield f"data: {json.dumps(chunk(event['text']))}\n\n"
+                try:
+                    event = await events.__anext__()
+                except StopAsyncIteration:
+                    break
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    @app.post("/v1/memories")
+    async def create_memory(request: Request):
+        owner = await owner_of(request)
+        return reply(await model_handle.create_session.remote(owner))
+
+    @app.post("/v1/memories/{session_id}/documents")
+    async def add_document(session_id: str, request: Request):
+        owner = await owner_of(request)
+        raw = await request.body()
+        if len(raw) > args.max_document_bytes:
+            raise ServeError(413, f"the document is {len(raw)} bytes; the limit is {args.max_document_bytes}")
+        try:
+            body = DocumentRequest(**json.loads(raw.decode("utf-8")))
+        except UnicodeDecodeError:
+            raise ServeError(400, "the request body is not valid UTF-8") from None
+        except (json.JSONDecodeError, TypeError):
+            raise ServeError(400, 'the body must be a JSON object {"text": "..."}') from None
+        except ValidationError as e:
+            raise ServeError(400, f"invalid document: {e.errors()[0]['msg']}") from None
+        return reply(await model_handle.append_document.remote(owner, session_id, body.text))
+
+    @app.get("/v1/memories/{session_id}")
+    async def memory_info(session_id: str, request: Request):
+        owner = await owner_of(request)
+        return reply(await model_handle.session_info.remote(owner, session_id))
+
+    @app.delete("/v1/memories/{session_id}")
+    async def delete_memory(session_id: str, request: Request):
+        owner = await owner_of(request)
+        return reply(await model_handle.delete_session.remote(owner, session_id))
+
+    return app
+
+
+@serve.deployment(max_ongoing_requests=256)
+@serve.ingress()
+class LongMemIngress:
+    """The HTTP front: a FastAPI app built on each replica around the model's handle."""
+
+    def __init__(self, model_handle, args: dict):
+        self.model_handle, self.args = model_handle, ServeArgs(**args)
+
+    def __serve_build_asgi_app__(self):
+        return build_api(self.model_handle, self.args)
+
+
+def app_builder(args: dict):
+    """Serve application: ingress -> model -> one shard deployment per shard of each memory."""
+    from longmem.memory.store import read_manifest
+
+    a = ServeArgs(**(args or {}))
+    a.model.validate()  # a setting the checkpoint fixes is refused here, not in a failed replica
+    shards = {}
+    for name, directory in a.memories.items():
+        n = len(read_manifest(directory)["shards"])
+        shards[name] = [
+            MemoryShardServer.options(name=f"MemoryShard-{name}-{i}", ray_actor_options={"num_cpus": a.shard_cpus})
+            .bind(directory, i, a.nprobe)
+            for i in range(n)
+        ]
+    options = {"ray_actor_options": {"num_cpus": a.model_cpus}}
+    if a.autoscaling:
+        options["autoscaling_config"] = a.autoscaling
+    else:
+        options["num_replicas"] = a.model_replicas
+    model = LongMemServer.options(**options).bind(a.model_dump(), shards)
+    return LongMemIngress.options(ray_actor_options={"num_cpus": a.ingress_cpus}).bind(model, a.model_dump())
+
+
+def run_local(args: dict, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
+              blocking: bool = True, name: str = "longmem"):
+    """Start the app on an embedded local Ray (or `address`), bound to host:port."""
+    from pipelines.ray_env import init_ray
+
+    init_ray(address)
+    serve.start(http_options={"host": host, "port": port})
+    handle = serve.run(app_builder(args), name=name, route_prefix="/", blocking=False)
+    if blocking:
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            serve.shutdown()
+    return handle

@@ -1,0 +1,198 @@
+"""The model server: backbone + SideNet, KV-cached decoding, session banks with LRU eviction."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from ray import serve
+
+from pipelines.serve.schemas import ServeArgs, ServeError
+from pipelines.serve.shard_server import RemoteMemory
+
+logger = logging.getLogger("ray.serve")
+
+
+# ------------------------------------------------------------------------------ the model
+@dataclass
+class Session:
+    owner: str
+    bank: object
+    created: float = field(default_factory=time.time)
+    documents: int = 0
+    tokens: int = 0
+
+
+@serve.deployment(max_ongoing_requests=32)
+class LongMemServer:
+    def __init__(self, args: dict, shard_handles: dict):
+        import torch
+
+        from longmem.loading import load_source
+
+        self.args = ServeArgs(**args)
+        torch.set_num_threads(max(1, int(self.args.model_cpus)))
+        self.model = load_source(self.args.model, device=self.args.device).eval()
+        self.memories = {name: RemoteMemory(name, self.args.memories[name], handles)
+                         for name, handles in shard_handles.items()}
+        for memory in self.memories.values():
+            memory.check_model(self.model.memory_spec)
+        self.sessions: OrderedDict[str, Session] = OrderedDict()
+        self.lock = threading.Lock()  # one forward at a time per replica; requests queue here
+
+    # --- sessions
+    def _session(self, owner: str, session_id: str) -> Session:
+        s = self.sessions.get(session_id)
+        if s is None or s.owner != owner:  # another key's session is reported as missing, not as forbidden
+            raise ServeError(404, f"no memory session {session_id!r}", "not_found")
+        self.sessions.move_to_end(session_id)
+        return s
+
+    def _info(self, session_id: str, s: Session) -> dict:
+        return {"id": session_id, "object": "memory", "created": int(s.created), "documents": s.documents,
+                "tokens_added": s.tokens, "tokens_in_memory": s.bank.num_tokens(0),
+                "capacity_tokens": s.bank.capacity_tokens}
+
+    async def create_session(self, owner: str) -> dict:
+        session_id = "mem-" + uuid.uuid4().hex[:24]
+        bank = self.model.new_bank(1, capacity_tokens=self.args.session_tokens)
+        self.sessions[session_id] = Session(owner, bank)
+        while len(self.sessions) > self.args.max_sessions:
+            self.sessions.popitem(last=False)
+        return self._info(session_id, self.sessions[session_id])
+
+    async def session_info(self, owner: str, session_id: str) -> dict:
+        return await self._call(lambda: self._info(session_id, self._session(owner, session_id)))
+
+    async def delete_session(self, owner: str, session_id: str) -> dict:
+        def run():
+            self._session(owner, session_id)
+            del self.sessions[session_id]
+            return {"id": session_id, "object": "memory", "deleted": True}
+
+        return await self._call(run)
+
+    async def append_document(self, owner: str, session_id: str, text: str) -> dict:
+        def run():
+            s = self._session(owner, session_id)
+            if not text.strip():
+                raise ServeError(400, "the document is empty")
+            with self.lock:
+                added = self.model.remember_text(text, s.bank)
+            s.documents += 1
+            s.tokens += added
+            return self._info(session_id, s)
+
+        return await self._call(run, thread=True)
+
+    # --- completions
+    def _prepare(self, req: dict):
+        from longmem.memory import CombinedMemory
+
+        ids = self.model.encode(req["prompt"])
+        if ids.shape[1] == 0:
+            raise ServeError(400, "the prompt is empty")
+        if ids.shape[1] > self.args.max_prompt_tokens:
+            raise ServeError(400, f"the prompt has {ids.shape[1]} tokens; the limit is {self.args.max_prompt_tokens}")
+        if req["max_tokens"] > self.args.max_new_tokens:
+            raise ServeError(400, f"max_tokens {req['max_tokens']} exceeds the limit of {self.args.max_new_tokens}")
+        names = req.get("memory") or []
+        unknown = [n for n in names if n not in self.memories]
+        if unknown:
+            raise ServeError(404, f"unknown memory {unknown[0]!r}; available: {sorted(self.memories) or 'none'}",
+                             "not_found")
+        session = self._session(req["owner"], req["session"]) if req.get("session") else None
+        bank = session.bank if session else self.model.new_bank(1, capacity_tokens=self.args.session_tokens)
+        memory = CombinedMemory(bank, [self.memories[n] for n in names])
+        return ids, memory
+
+    def _generate(self, req: dict, on_token=None) -> dict:
+        ids, memory = self._prepare(req)
+        with self.lock:
+            out = self.model.generate(ids, bank=memory, max_new_tokens=req["max_tokens"],
+                                      temperature=req["temperature"], top_p=req["top_p"], stop=req.get("stop") or None,
+                                      seed=req.get("seed"), on_token=on_token)
+        return {"text": out.texts[0], "finish_reason": "length" if out.finish_reasons[0] == "length" else "stop",
+                "prompt_tokens": int(ids.shape[1]), "completion_tokens": len(out.token_ids[0])}
+
+    async def complete(self, req: dict) -> dict:
+        return await self._call(lambda: self._generate(req), thread=True)
+
+    async def complete_stream(self, req: dict):
+        """Yields {"text": delta} events, then {"finish_reason", usage}; or one {"error"} event."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        tokens: list[int] = []
+        stops = req.get("stop") or []
+        sent = 0
+        tok = self.model.tokenizer
+
+        def on_token(_row, token_id):
+            tokens.append(token_id)
+            loop.call_soon_threadsafe(queue.put_nowait, ("token", None))
+
+        def run():
+            try:
+                result = self._generate(req, on_token)
+                loop.call_soon_threadsafe(queue.put_nowait, ("done", result))
+            except ServeError as e:
+                loop.call_soon_threadsafe(queue.put_nowait, ("error", e.to_dict()))
+            except Exception as e:  # noqa: BLE001 - reported to the client, the replica keeps serving
+                loop.call_soon_threadsafe(queue.put_nowait, ("error", ServeError(500, str(e), "server_error").to_dict()))
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        while True:
+            kind, payload = await queue.get()
+            if kind == "token":
+                text = tok.decode(tokens, skip_special_tokens=True)
+                safe = _safe_prefix(text, stops)  # never emit what may turn out to start a stop string
+                if safe > sent:
+                    yield {"text": text[sent:safe]}
+                    sent = safe
+            elif kind == "done":
+                final = payload["text"]
+                if len(final) > sent:
+                    yield {"text": final[sent:]}
+                yield {"finish_reason": payload["finish_reason"], "prompt_tokens": payload["prompt_tokens"],
+                       "completion_tokens": payload["completion_tokens"]}
+                return
+            else:
+                yield payload
+                return
+
+    async def _call(self, fn, thread: bool = False):
+        from longmem.model import InputError
+
+        try:
+            return await asyncio.to_thread(fn) if thread else fn()
+        except ServeError as e:
+            return e.to_dict()
+        except InputError as e:
+            return ServeError(400, str(e)).to_dict()
+        except Exception as e:  # noqa: BLE001 - one failed request must not take the replica down
+            logger.exception("request failed")
+            return ServeError(500, f"internal error: {type(e).__name__}: {e}", "server_error").to_dict()
+
+    async def describe(self) -> dict:
+        return {"model": self.args.model_name, "memories": [m.info() for m in self.memories.values()],
+                "sessions": len(self.sessions), "config": self.model.config.to_dict()}
+
+
+def _safe_prefix(text: str, stops: list[str]) -> int:
+    """Length of text that can be sent: up to a stop string, and short of any tail that starts one."""
+    cut = len(text)
+    for s in stops:
+        i = text.find(s)
+        if i >= 0:
+            cut = min(cut, i)
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                cut = min(cut, len(text) - n)
+                break
+    return cut

@@ -1,0 +1,98 @@
+"""The memory shard server, and the client side that fans a search out to every shard."""
+
+from __future__ import annotations
+
+from ray import serve
+
+
+# ------------------------------------------------------------------------------ memory shards
+def split_retrieval(r, sizes: list[int]):
+    """A MemoryRetrieval of concatenated queries (along T) -> one per request.
+
+    Every per-query field, whatever it holds, has T as dim 2 (B, Hq, T, ...); `streams` has no T,
+    and `query_prev_ids` is set later by the model."""
+    import dataclasses
+
+    out, start = [], 0
+    for n in sizes:
+        cuts = {f.name: getattr(r, f.name).narrow(2, start, n) for f in dataclasses.fields(r)
+                if f.name not in ("streams", "query_prev_ids") and getattr(r, f.name) is not None}
+        out.append(dataclasses.replace(r, **cuts))
+        start += n
+    return out
+
+
+@serve.deployment(max_ongoing_requests=64)
+class MemoryShardServer:
+    """One shard of a built memory; concurrent searches are batched into one faiss call."""
+
+    def __init__(self, memory_dir: str, shard: int, nprobe: int = 32):
+        from longmem.memory.store import MemoryStore, read_manifest
+
+        self.store = MemoryStore.open(memory_dir, shards=[shard], nprobe=nprobe)
+        self.shard = self.store.shards[0]
+        self.offset = sum(s["chunks"] for s in read_manifest(memory_dir)["shards"][:shard])
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def search(self, requests: list[tuple]):
+        """requests: (queries (1, T, Hq, D) float32, k, with_next) -> MemoryRetrieval each."""
+        import torch
+
+        from longmem.memory.store import shard_retrieval
+
+        results = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for i, (_, k, with_next) in enumerate(requests):
+            groups.setdefault((k, with_next), []).append(i)
+        for (k, with_next), members in groups.items():
+            queries = torch.cat([requests[i][0] for i in members], dim=1)  # (1, sum T, Hq, D)
+            merged = shard_retrieval(self.shard, queries, k, with_next, self.offset)
+            for i, part in zip(members, split_retrieval(merged, [requests[i][0].shape[1] for i in members])):
+                results[i] = part
+        return results
+
+    def info(self) -> dict:
+        return {"chunks": self.shard.num_chunks, "offset": self.offset}
+
+
+class RemoteMemory:
+    """A built memory whose shards live in MemoryShardServer replicas: the `Memory` contract
+    (longmem/memory/base.py), read-only, like the MemoryStore it serves."""
+
+    read_only = True
+
+    def __init__(self, name: str, directory: str, handles: list):
+        import torch
+
+        from longmem.memory import MemorySpec
+        from longmem.memory.store import read_manifest
+
+        self.name, self.directory, self.handles = name, directory, handles
+        self.manifest = read_manifest(directory)
+        self.spec = MemorySpec.from_dict(self.manifest["spec"])
+        self.num_kv_heads, self.head_dim, self.chunk_size = self.spec.num_kv_heads, self.spec.head_dim, self.spec.chunk_size
+        self.device = torch.device("cpu")
+
+    def check_model(self, spec) -> None:
+        self.spec.require_compatible(spec, f"memory {self.name!r}")
+
+    def add(self, keys, values, token_ids=None, streams=None, skip_first: int = 0) -> None:
+        from longmem.memory import StoreError
+
+        raise StoreError(f"memory {self.name!r} is a built memory and read-only")
+
+    def reset(self, streams=None) -> None:
+        """Shared by every stream: nothing of one stream's own to forget."""
+
+    def search(self, queries, k: int, streams=None, with_next: bool = False):
+        """Called from the generation thread: every shard is asked at once, then merged by score."""
+        from longmem.memory import merge_retrievals
+
+        q = queries.detach().float().cpu()
+        pending = [h.search.remote((q, k, with_next)) for h in self.handles]
+        parts = [p.result(timeout_s=60) for p in pending]
+        merged = merge_retrievals(parts, k)
+        return merged if queries.device.type == "cpu" else merged.to(queries.device)
+
+    def info(self) -> dict:
+        return {"name": self.name, "shards": len(self.handles), **self.manifest["totals"]}
