@@ -183,24 +183,28 @@ class MemoryCopy(nn.Module):
 
     def forward(self, hidden: torch.Tensor, logits: torch.Tensor, readout: MemoryReadout | None) -> torch.Tensor:
         """hidden (B, T, C), logits (B, T, V) -> log-probabilities (B, T, V)."""
-        log_model = torch.log_softmax(logits.float(), dim=-1)
+        dtype, logits = logits.dtype, logits.float()
         if readout is None or readout.retrieval.next_token_ids is None:
-            return log_model.to(logits.dtype)
+            return torch.log_softmax(logits, dim=-1).to(dtype)
         # p_copy is zero outside the few ids memory read: there the mix is log(1 - g) + log p_model,
         # so only those ids need the two-term mix (no vocabulary-sized copy distribution).
         ids, mass, read = self.entries(readout)
+        if not bool(read.any()):  # nothing was read: exactly the model's own distribution
+            readout.copy_gate = torch.zeros(read.shape, device=read.device)
+            return torch.log_softmax(logits, dim=-1).to(dtype)
+        norm = torch.logsumexp(logits, dim=-1, keepdim=True)  # log p_model = logits - norm
         copy = id_totals(ids, mass)  # (B, T, N) p_copy at each entry's id
         z = self.gate_logit(hidden, readout, copy.max(-1).values)
         readout.copy_gate = torch.where(read, torch.sigmoid(z[..., 0]), torch.zeros((), device=z.device)).detach()
         keep = torch.where(read[..., None], F.logsigmoid(-z), torch.zeros((), device=z.device))  # (B, T, 1)
         index = ids.clamp_min(0)
         # log((1 - g) p + g c) in log space: stable where p or c is tiny and where g saturates
-        mixed = torch.logaddexp(keep + log_model.gather(-1, index), F.logsigmoid(z) + copy.clamp_min(1e-30).log())
+        mixed = torch.logaddexp(keep + logits.gather(-1, index) - norm, F.logsigmoid(z) + copy.clamp_min(1e-30).log())
         mixed = torch.where(read[..., None] & (ids >= 0) & (copy > 0), mixed, torch.full_like(mixed, float("-inf")))
-        # The mix is never below log(1 - g) p, so a max keeps it; entries that copy nothing leave
-        # their id alone, however many entries share it.
-        out = (log_model + keep).scatter_reduce(-1, index, mixed, reduce="amax", include_self=True)
-        return out.to(logits.dtype)
+        # One pass over the vocabulary: log(1 - g) + log p_model. The mix is never below it, so a
+        # max keeps the mix; entries that copy nothing leave their id alone, however many share it.
+        out = logits - (norm - keep)
+        return out.scatter_reduce_(-1, index, mixed, reduce="amax", include_self=True).to(dtype)
 
 
 class SideLayer(nn.Module):

@@ -517,3 +517,21 @@ def test_retrieval_trace_shows_the_original_occurrence_and_what_followed_it():
     copy = retrieval_trace(model, bank, memory[:, 10:20], position=-1)["copy"]
     assert 0 < copy["gate"] < 1 and len(copy["model_top"]) == len(copy["copy_top"]) == 3
     assert copy["copy_top"][0]["token"] == str([int(memory[0, 20])])
+
+
+def test_copy_mix_at_the_read_ids_equals_the_full_vocabulary_mix():
+    """The copy head mixes only at the ids memory read; the result is the two-distribution mix
+    log((1 - g) p_model + g p_copy) over the whole vocabulary, with its gradient."""
+    model, copy, memory, bank = copy_head_over_memory()
+    captured = {}
+    copy.register_forward_hook(lambda mod, inputs, output: captured.update(inputs=inputs))
+    x = torch.cat([memory[:, 20:30], ids(B=1, T=10, seed=5)], 1)  # a repeat, then fresh text
+    out = model(x, bank=bank, labels=x)
+    log_model, p_copy, z, read = copy.parts(*captured["inputs"])
+    dense = torch.logaddexp(torch.nn.functional.logsigmoid(-z) + log_model,
+                            torch.nn.functional.logsigmoid(z) + p_copy.clamp_min(1e-30).log())
+    dense = torch.where(read[..., None], dense, log_model)
+    torch.testing.assert_close(out.logits, dense, atol=1e-5, rtol=1e-5)
+    assert bool((torch.sigmoid(z[0, 1:10, 0]) > 0.5).any())  # the gate opens somewhere on the repeat
+    out.loss.backward()
+    assert copy.gate.bias.grad is not None and copy.head_logits.grad.abs().sum() > 0

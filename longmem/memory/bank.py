@@ -235,11 +235,12 @@ class MemoryBank:
         counts = self.count[s.cpu()]
         n = max(int(counts.max()), 1)
         first = int(s[0])
-        if torch.equal(s.cpu(), torch.arange(first, first + B)):  # consecutive streams: a view, no copy
-            chunk_keys = self.chunk_keys[first : first + B, :, :n]
-        else:
-            chunk_keys = self.chunk_keys[s][:, :, :n]
-        chunk_keys = chunk_keys.transpose(-1, -2)  # (B, Hkv, D, n)
+        consecutive = torch.equal(s.cpu(), torch.arange(first, first + B))  # a view of the streams, no copy
+
+        def keys_of(table):  # (B, Hkv, n, D)
+            return table[first : first + B, :, :n] if consecutive else table[s][:, :, :n]
+
+        chunk_keys = keys_of(self.chunk_keys).transpose(-1, -2)  # (B, Hkv, D, n)
         invalid = None
         if int(counts.min()) < n:  # rows whose stream holds fewer chunks than the fullest one
             invalid = torch.arange(n, device=self.device)[None, :] >= counts.to(self.device)[:, None]  # (B, n)
