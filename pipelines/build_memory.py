@@ -198,6 +198,51 @@ def _check_out_dir(out: Path, state: dict) -> None:
         raise StoreError(f"{out} is not empty and holds no LongMem memory; choose an empty or new folder")
 
 
+def _windows_of(docs_ds, job: BuildJob, out: Path, plan, pending: list[int], window: int):
+    """The pending shards' windows that have no part file yet, materialised."""
+    shard_of = {doc_id: i for i in pending for doc_id, _ in plan[i]}
+    # One block per encoder batch (a streaming repartition): a long document becomes many actor
+    # tasks, which is what lets the pool grow past one actor and keep every actor busy. The
+    # windowing (fused with the repartition) runs as 1-CPU tasks, so it is finished
+    # (materialised) before any encoder actor starts: otherwise actors that take every CPU of the
+    # cluster wait forever on windows that can never be cut. Windows hold token ids only, about
+    # the size of the tokenised corpus already held.
+    return docs_ds.map_batches(WindowsOf(str(out), window, shard_of), batch_size=1).repartition(
+        target_num_rows_per_block=job.batch_size).materialize()
+
+
+def _encode_pending(ray, windows, job: BuildJob, out: Path, plan, pending: list[int], finished: dict, spec: dict,
+                    window: int, progress) -> tuple[int, float, float]:
+    """Encode the windows on the actor pool and finish the pending shards (into `finished`);
+    returns tokens encoded, seconds and the encoders' peak RSS."""
+    from ray.data import ActorPoolStrategy
+
+    encoded_tokens, peak_rss = 0, 0.0
+    encoded = windows.map_batches(
+        EncodeWindows,
+        fn_constructor_kwargs={"model": job.model.to_dict(), "out": str(out),
+                               "num_threads": math.ceil(job.num_cpus_per_actor),
+                               "use_gpu": job.num_gpus_per_actor > 0},
+        compute=ActorPoolStrategy(min_size=job.min_actors, max_size=job.max_actors),
+        batch_size=job.batch_size,
+        num_gpus=job.num_gpus_per_actor,
+        num_cpus=job.num_cpus_per_actor,
+    )
+    t_encode = time.time()
+    for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
+        encoded_tokens += int(batch["tokens"].sum())
+        peak_rss = max(peak_rss, float(batch["rss_mb"].max()))
+    encode_seconds = time.time() - t_encode
+    progress(f"[build-memory] encoded {encoded_tokens:,} memory tokens in {encode_seconds:.1f} s; "
+             f"building {len(pending)} shard index(es) ({job.index})")
+    finish = ray.remote(num_cpus=1)(finish_shard)
+    refs = {i: finish.remote(str(out), i, plan[i], spec, job.index, window) for i in pending}
+    for i, ref in refs.items():
+        finished[i] = ray.get(ref)
+        progress(f"[build-memory] shard {i}: {finished[i]['chunks']:,} chunks, index {finished[i]['index']}")
+    return encoded_tokens, encode_seconds, peak_rss
+
+
 def build_memory(job: BuildJob, address: str | None = None, progress=print) -> dict:
     """Build (or finish building) the memory described by `job`; returns the build summary."""
     job.validate()
@@ -219,8 +264,6 @@ def build_memory(job: BuildJob, address: str | None = None, progress=print) -> d
     from pipelines.ray_env import init_ray
 
     ray = init_ray(address)
-    from ray.data import ActorPoolStrategy
-
     progress(f"[build-memory] reading and tokenising {len(job.corpus)} corpus path(s)")
     docs_ds = read_documents(job.corpus, job.text_field).map_batches(
         Tokenize(resolve_backbone(backbone), job.max_doc_tokens), batch_size=4
@@ -253,38 +296,10 @@ def build_memory(job: BuildJob, address: str | None = None, progress=print) -> d
 
     encoded_tokens, encode_seconds, peak_rss = 0, 0.0, 0.0
     if pending:
-        shard_of = {doc_id: i for i in pending for doc_id, _ in plan[i]}
-        # One block per encoder batch (a streaming repartition): a long document becomes many actor
-        # tasks, which is what lets the pool grow past one actor and keep every actor busy. The
-        # windowing (fused with the repartition) runs as 1-CPU tasks, so it is finished
-        # (materialised) before any encoder actor starts: otherwise actors that take every CPU of the
-        # cluster wait forever on windows that can never be cut. Windows hold token ids only, about
-        # the size of the tokenised corpus already held.
-        windows = docs_ds.map_batches(WindowsOf(str(out), config.window, shard_of), batch_size=1).repartition(
-            target_num_rows_per_block=job.batch_size).materialize()
-        del docs_ds
-        encoded = windows.map_batches(
-            EncodeWindows,
-            fn_constructor_kwargs={"model": job.model.to_dict(), "out": str(out),
-                                   "num_threads": math.ceil(job.num_cpus_per_actor),
-                                   "use_gpu": job.num_gpus_per_actor > 0},
-            compute=ActorPoolStrategy(min_size=job.min_actors, max_size=job.max_actors),
-            batch_size=job.batch_size,
-            num_gpus=job.num_gpus_per_actor,
-            num_cpus=job.num_cpus_per_actor,
-        )
-        t_encode = time.time()
-        for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
-            encoded_tokens += int(batch["tokens"].sum())
-            peak_rss = max(peak_rss, float(batch["rss_mb"].max()))
-        encode_seconds = time.time() - t_encode
-        progress(f"[build-memory] encoded {encoded_tokens:,} memory tokens in {encode_seconds:.1f} s; "
-                 f"building {len(pending)} shard index(es) ({job.index})")
-        finish = ray.remote(num_cpus=1)(finish_shard)
-        refs = {i: finish.remote(str(out), i, plan[i], asdict(spec), job.index, config.window) for i in pending}
-        for i, ref in refs.items():
-            finished[i] = ray.get(ref)
-            progress(f"[build-memory] shard {i}: {finished[i]['chunks']:,} chunks, index {finished[i]['index']}")
+        windows = _windows_of(docs_ds, job, out, plan, pending, config.window)
+        del docs_ds  # the windows hold what the encoders need
+        encoded_tokens, encode_seconds, peak_rss = _encode_pending(ray, windows, job, out, plan, pending, finished,
+                                                                   asdict(spec), config.window, progress)
     shards = [{"name": f"shard-{i:05d}", **finished[i]} for i in range(job.shards)]
     manifest = write_manifest(out, spec, shards, state["build"])
     (out / BUILD_STATE).unlink(missing_ok=True)

@@ -284,6 +284,8 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # One block of declarations per subcommand, in the order `longmem --help` lists them: long,
+    # but read as the command line's table of contents.
     parser = argparse.ArgumentParser(prog="longmem", description="Language models with long-term memory (LongMem)")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -54,6 +54,30 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
+def _complete_over_http(checkpoint: Path, memory: Path, prompt: str, new_tokens: int) -> dict:
+    """Serve the model and memory on a free loopback port; one greedy completion with and one
+    without memory, over HTTP as a client sends them."""
+    from ray import serve
+
+    from pipelines.serve import app_builder
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    completions = {}
+    try:
+        serve.run(app_builder({"model": {"checkpoint": str(checkpoint)}, "memories": {"corpus": str(memory)},
+                               "model_cpus": 1.0, "shard_cpus": 0.1, "ingress_cpus": 0.1}),
+                  name="longmem-main", route_prefix="/", blocking=False)
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        for label, extra in (("with memory", {"memory": "corpus"}), ("without memory", {})):
+            reply = _post(url, {"prompt": prompt, "max_tokens": new_tokens, "temperature": 0, **extra})
+            completions[label] = reply["choices"][0]["text"]
+    finally:
+        serve.delete("longmem-main")
+        serve.shutdown()
+    return completions
+
+
 def run_main_job(job: MainJob) -> dict:
     from longmem.demo import demo_corpus
     from pipelines.ray_env import init_ray
@@ -98,32 +122,16 @@ def run_main_job(job: MainJob) -> dict:
                                   shards=job.shards, num_cpus_per_actor=1.0),
                          address=job.address, progress=lambda m: log("   " + m))
 
-    from ray import serve
-
     from longmem.evaluation import perplexity_report
     from longmem.loading import load_model
-    from pipelines.serve import app_builder
 
     model = load_model(checkpoint)
     ids = model.encode(corpus.read_text())
     start = min(ids.shape[1] // 2, ids.shape[1] - job.prompt_tokens - job.new_tokens)
     prompt = model.tokenizer.decode(ids[0, start : start + job.prompt_tokens].tolist())
     truth = model.tokenizer.decode(ids[0, start + job.prompt_tokens : start + job.prompt_tokens + job.new_tokens].tolist())
-    port = _free_port()
-    log(f"4/5 endpoint: Ray Serve on http://127.0.0.1:{port} (ingress -> model -> {job.shards} shard deployments)")
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    completions = {}
-    try:
-        serve.run(app_builder({"model": {"checkpoint": str(checkpoint)}, "memories": {"corpus": str(memory)},
-                               "model_cpus": 1.0, "shard_cpus": 0.1, "ingress_cpus": 0.1}),
-                  name="longmem-main", route_prefix="/", blocking=False)
-        url = f"http://127.0.0.1:{port}/v1/completions"
-        for label, extra in (("with memory", {"memory": "corpus"}), ("without memory", {})):
-            reply = _post(url, {"prompt": prompt, "max_tokens": job.new_tokens, "temperature": 0, **extra})
-            completions[label] = reply["choices"][0]["text"]
-    finally:
-        serve.delete("longmem-main")
-        serve.shutdown()
+    log(f"4/5 endpoint: Ray Serve on 127.0.0.1 (ingress -> model -> {job.shards} shard deployments)")
+    completions = _complete_over_http(checkpoint, memory, prompt, job.new_tokens)
 
     log(f"5/5 perplexity on {min(job.score_tokens, ids.shape[1])} tokens (memory = the text's own past)")
     report = perplexity_report(model, ids[:, : job.score_tokens])

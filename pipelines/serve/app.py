@@ -25,6 +25,8 @@ logger = logging.getLogger("ray.serve")
 
 # ------------------------------------------------------------------------------ HTTP
 def build_api(model_handle, args: ServeArgs) -> FastAPI:
+    # The routes are closures over the model handle and the key set; kept in one function they
+    # read as the API's table of contents.
     # FastAPI resolves these annotations by name in this module's globals (postponed annotations).
     app = FastAPI(title="LongMem", version="0.1.0")
     keys = {hashlib.sha256(k.encode()).hexdigest()[:16] for k in args.api_keys}
