@@ -128,9 +128,14 @@ def _from_checkpoint(directory: Path, backbone, tokenizer, overrides, device, dt
         backbone, tokenizer = load_backbone(b.name, b.revision, b.gguf_file, dtype=dtype, device=device)
     recorded = config.backbone.fingerprint
     if recorded and not same_backbone(recorded, backbone):
+        hint = ""
+        if not recorded.startswith("v2-") and next(backbone.parameters()).dtype != torch.float32:
+            hint = ("; this checkpoint's fingerprint is of an earlier format, which only a float32 load can "
+                    "check: load it in float32 once and save it again")
         raise BackboneError(
             f"checkpoint {directory} was trained on backbone {config.backbone.name!r} (fingerprint {recorded}) "
-            "but the backbone given is another model; a SideNet only works with the frozen backbone it was adapted to"
+            "but the backbone given is another model; a SideNet only works with the frozen backbone it was "
+            f"adapted to{hint}"
         )
     config.backbone.fingerprint = None  # recomputed in today's format
     model = LongMem(backbone, config, tokenizer)

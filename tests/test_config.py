@@ -150,3 +150,22 @@ def test_a_bf16_load_of_the_default_backbone_is_the_same_backbone(real_backbone,
         assert half.dtype == dtype and half.config.backbone.fingerprint == model.config.backbone.fingerprint
         assert half.memory_spec == model.memory_spec  # the key centre stays float32: the same digest
         assert half.sidenet.key_center.dtype == torch.float32
+
+
+def test_every_job_refuses_an_override_the_checkpoint_fixes(tmp_path):
+    """Training, building memory and evaluation check their model section by the loader's rule
+    before any Ray work (serving: tests/test_serve.py; the command line: tests/test_cli.py)."""
+    from pipelines.build_memory import BuildJob
+    from pipelines.evaluate import EvalJob
+    from pipelines.train_sidenet import TrainJob
+
+    tiny_longmem("llama").save_pretrained(tmp_path / "ckpt")
+    bad = {"checkpoint": str(tmp_path / "ckpt"), "overrides": {"read.mode": "attend"}}
+    good = {"checkpoint": str(tmp_path / "ckpt"), "overrides": {"memory.capacity_tokens": 512}}
+    jobs = (lambda m: TrainJob(corpus=["x"], out=str(tmp_path / "out"), model=m),
+            lambda m: BuildJob(corpus=["x"], out=str(tmp_path / "mem"), model=m),
+            lambda m: EvalJob(task="perplexity", data=["x"], out=str(tmp_path / "report"), model=m))
+    for make in jobs:
+        with pytest.raises(ConfigError, match="read.mode comes from the checkpoint's weights"):
+            make(bad).validate()
+        assert make(good).validate().model.config().memory.capacity_tokens == 512
