@@ -220,7 +220,9 @@ def cmd_evaluate(args) -> int:
         "length_buckets": _ints(args.length_buckets), "prefix_tokens": _ints(args.prefix_tokens),
         "candidate_tokens": args.candidate_tokens, "examples_per_length": args.examples,
         "template": args.template, "shots": args.shots, "memory_shots": args.memory_shots,
-        "seeds": _ints(args.seeds), "queries": args.queries,
+        "seeds": _ints(args.seeds), "queries": args.queries, "recall_trials": args.trials,
+        "recall_lengths": _ints(args.lengths),
+        "recall_tasks": [x.strip() for x in args.recall_tasks.split(",")] if args.recall_tasks else None,
         "labels": [x.strip() for x in args.labels.split(",")] if args.labels else None,
     }.items() if v is not None}
     job = EvalJob(task=args.task, data=args.data, out=args.out, model=model_source(args), settings=settings, min_actors=args.min_actors,
@@ -367,13 +369,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_build_memory)
 
     e = sub.add_parser("evaluate", help="the paper's evaluations (perplexity, suffix, icl) spread over Ray Data actors")
-    e.add_argument("task", choices=["perplexity", "suffix", "icl"],
+    e.add_argument("task", choices=["perplexity", "suffix", "icl", "recall"],
                    help="perplexity: long documents; suffix: ChapterBreak JSON or books with chapter headings; "
-                        "icl: labelled .jsonl (text, label) or books ('which book is this passage from?')")
+                        "icl: labelled .jsonl (text, label) or books ('which book is this passage from?'); "
+                        "recall: facts planted in haystack text (any files), asked for at the end")
     e.add_argument("--data", nargs="+", required=True, help="files or folders (see the task)")
     e.add_argument("--out", required=True, help="report folder: report.json, report.md, report.png")
     add_model_args(e, device=False)
-    e.add_argument("--long-window", type=int, help="window of the backbone_long baseline (default 2048)")
+    e.add_argument("--long-window", type=int,
+                   help="window of the backbone_long baseline (default 2048; recall: 8192, the native window)")
     e.add_argument("--seed", type=int)
     e.add_argument("--max-doc-tokens", type=int, help="perplexity: cut documents to this many tokens")
     e.add_argument("--length-buckets", help="perplexity: document-length bucket edges, e.g. 4096,16384,65536")
@@ -386,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--memory-shots", type=int, help="icl: demonstrations in memory (default 200)")
     e.add_argument("--seeds", help="icl: seeds for the demonstration draw, e.g. 0,1,2")
     e.add_argument("--queries", type=int, help="icl: questions per seed (default 60)")
+    e.add_argument("--recall-tasks", help="recall: single,multikey,multivalue,multiquery,vartrack (default: all)")
+    e.add_argument("--lengths", help="recall: prompt lengths in tokens (default 4096,16384,32768,65536)")
+    e.add_argument("--trials", type=int, help="recall: trials per task and length (default 20)")
     e.add_argument("--min-actors", type=int, default=1)
     e.add_argument("--max-actors", type=int, help="model replicas to grow to (default: min)")
     e.add_argument("--cpus-per-actor", type=float, default=1.0)

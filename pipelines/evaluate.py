@@ -40,7 +40,9 @@ TITLES = {
     "perplexity": "long-text perplexity (memory = the document's own past)",
     "suffix": "suffix identification (ChapterBreak protocol)",
     "icl": "memory-augmented in-context learning",
+    "recall": "long-context recall (facts planted in a haystack, RULER-style)",
 }
+NATIVE_WINDOW = 8192  # recall's backbone_long: the default backbone's native context
 
 
 @dataclass
@@ -68,6 +70,8 @@ class EvalJob:
     def eval_settings(self) -> EvalSettings:
         settings = EvalSettings.from_dict({**self.settings, "task": self.task})
         settings.window = self.config().memory.window
+        if self.task == "recall" and "long_window" not in self.settings:
+            settings.long_window = NATIVE_WINDOW
         return settings.validate()
 
     def validate(self) -> "EvalJob":
@@ -150,6 +154,14 @@ def build_items(job: EvalJob, settings: EvalSettings, config: LongMemConfig, pro
             got, more = suffix_items_from_books([(Path(d).stem, t) for d, t in texts], tokenize, settings)
             items += got
             skipped = _merge(skipped, sk)
+    elif task == "recall":
+        from longmem.evaluation.recall import recall_items
+
+        texts, skipped = _read_texts(job.data, job.text_field)
+        try:
+            items, more = recall_items(texts, tokenize, settings)
+        except ValueError as e:
+            raise EvalError(str(e)) from None
     else:
         labelled = [p for p in job.data if p.lower().endswith((".jsonl", ".ndjson"))]
         rows, skipped = [], {}
@@ -175,6 +187,8 @@ def build_items(job: EvalJob, settings: EvalSettings, config: LongMemConfig, pro
 def _item_tokens(item: dict) -> int:
     if item["kind"] == "document":
         return len(item["tokens"])
+    if item["kind"] == "recall":
+        return len(item["prompt"])
     return len(item["memory"]) + sum(len(q["context"]) + sum(len(c) for c in q["candidates"]) for q in item["questions"])
 
 

@@ -96,9 +96,36 @@ def aggregate_choice(results: list[dict], settings: EvalSettings) -> dict:
                            **{r: int(np.argmax(q["scores"][r])) for r in READINGS}} for q in questions]}
 
 
+def aggregate_recall(results: list[dict], settings: EvalSettings) -> dict:
+    """Mean score and 95% interval per reading for every (task, length) cell, and per question style."""
+    from .recall import interval
+
+    results = sorted(results, key=lambda r: r["id"])
+
+    def rows(key):
+        cells: dict = {}
+        for r in results:
+            cells.setdefault(key(r), []).append(r)
+        out = []
+        for cell, members in sorted(cells.items()):
+            row = {"cell": list(cell), "trials": len(members)}
+            for reading in READINGS:
+                mean, half = interval([m["scores"][reading] for m in members])
+                row[reading], row[f"{reading}_ci"] = round(mean, 4), round(half, 4)
+            out.append(row)
+        return out
+
+    return {"by_cell": rows(lambda r: (r["task"], r["length"])),
+            "by_style": rows(lambda r: (r["task"], r["length"], r["style"])),
+            "trials": [{k: r[k] for k in ("id", "task", "length", "depth", "style", "answers", "scores", "texts")}
+                       for r in results]}
+
+
 def aggregate(results: list[dict], settings: EvalSettings) -> dict:
     if settings.task == "perplexity":
         return aggregate_perplexity(results, settings, settings.window)
+    if settings.task == "recall":
+        return aggregate_recall(results, settings)
     return aggregate_choice(results, settings)
 
 
@@ -106,8 +133,34 @@ def aggregate(results: list[dict], settings: EvalSettings) -> dict:
 GROUP_NAME = {"suffix": "prefix tokens", "icl": "seed"}
 
 
+RECALL_READINGS = {"longmem_memory": "LongMem, memory", "longmem_no_memory": "memory off",
+                   "backbone": "backbone, local window", "backbone_long": "backbone, native window"}
+
+
+def recall_markdown(report: dict) -> list[str]:
+    res = report["results"]
+    native = report["settings"]["long_window"]
+    lines = [f"Recall (string match; mean ± 95% interval over trials). The backbone's native window is its "
+             f"last {native} tokens; where the prompt fits it, that reading is the in-context reference.", "",
+             "| task | prompt tokens | trials | " + " | ".join(RECALL_READINGS.values()) + " |",
+             "|---" * (len(RECALL_READINGS) + 3) + "|"]
+    for row in res["by_cell"]:
+        task, length = row["cell"]
+        cells = [f"{100 * row[r]:.0f}% ± {100 * row[r + '_ci']:.0f}" for r in RECALL_READINGS]
+        lines.append(f"| {task} | {length:,} | {row['trials']} | " + " | ".join(cells) + " |")
+    lines += ["", "By question style (restate: the fact's own words; paraphrase: other words), LongMem with memory:", "",
+              "| task | prompt tokens | style | trials | LongMem, memory |", "|---|---|---|---|---|"]
+    for row in res["by_style"]:
+        task, length, style = row["cell"]
+        lines.append(f"| {task} | {length:,} | {style} | {row['trials']} | "
+                     f"{100 * row['longmem_memory']:.0f}% ± {100 * row['longmem_memory_ci']:.0f} |")
+    return lines + [""]
+
+
 def markdown_table(report: dict) -> str:
     task, res = report["task"], report["results"]
+    if task == "recall":
+        return "\n".join([f"### recall: {report.get('title', '')}".rstrip(": "), "", *recall_markdown(report)]) + "\n"
     head = "| {} | " + " | ".join(READINGS) + " | {} |"
     lines = [f"### {task}: {report.get('title', '')}".rstrip(": "), ""]
     if task == "perplexity":
@@ -143,7 +196,16 @@ def plot(report: dict, path: Path) -> None:
 
     task, res = report["task"], report["results"]
     fig, ax = plt.subplots(figsize=(7, 4))
-    if task == "perplexity":
+    if task == "recall":
+        rows = res["by_cell"]
+        width = 0.8 / len(READINGS)
+        for i, r in enumerate(READINGS):
+            ax.bar([j + i * width for j in range(len(rows))], [100 * row[r] for row in rows], width, label=r,
+                   yerr=[100 * row[f"{r}_ci"] for row in rows])
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))],
+                      [f"{row['cell'][0]}\n{row['cell'][1] // 1024}k" for row in rows], fontsize=7)
+        ax.set_ylabel("recall (%)")
+    elif task == "perplexity":
         rows = res["by_position"]
         xs = range(len(rows))
         for r in READINGS:

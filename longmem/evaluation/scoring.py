@@ -24,6 +24,9 @@ class Scorer(Protocol):
     def choice_scores(self, memory: np.ndarray, context: np.ndarray, candidates: list[np.ndarray]) -> dict[str, list[float]]:
         """Log-likelihood of each candidate after `context`, with `memory` (the far past) in memory."""
 
+    def answers(self, prompt: np.ndarray, max_new_tokens: int) -> dict[str, str]:
+        """Per reading, the greedy continuation of `prompt` (N,) as text."""
+
 
 class ModelScorer:
     """The Scorer of a LongMem model. Every reading scores exactly the same tokens."""
@@ -158,8 +161,32 @@ class ModelScorer:
         return scores
 
 
+    @torch.no_grad()
+    def answers(self, prompt: np.ndarray, max_new_tokens: int) -> dict[str, str]:
+        """Greedy answers to a long prompt, four ways: LongMem reading everything before its local
+        window from memory; LongMem with memory off (the local window only); the backbone over
+        LongMem's local window; the backbone over its long window (its native one for recall)."""
+        model, x = self.model, self._tensor(prompt)
+        out = {"longmem_memory": model.generate(x, bank=model.new_bank(1), max_new_tokens=max_new_tokens).texts[0],
+               "longmem_no_memory": model.generate(x, max_new_tokens=max_new_tokens).texts[0]}
+        tok = model.tokenizer
+        local = x[:, model.local_start(x.shape[1]):]  # exactly what LongMem holds in its window
+        for reading, ids in (("backbone", local), ("backbone_long", x[:, -(self.long_window or x.shape[1]):])):
+            ids_out = model.backbone.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                              do_sample=False, pad_token_id=tok.eos_token_id)
+            out[reading] = tok.decode(ids_out[0, ids.shape[1]:], skip_special_tokens=True)
+        return out
+
+
 def score_item(scorer: Scorer, item: dict) -> dict:
     """One work item -> its JSON-able result (what an actor sends back)."""
+    if item["kind"] == "recall":
+        from .recall import recall_score
+
+        texts = scorer.answers(np.asarray(item["prompt"]), item["max_new_tokens"])
+        keep = ("id", "group", "task", "length", "depth", "style", "value_kind", "answers")
+        return {"kind": "recall", **{k: item[k] for k in keep}, "texts": texts,
+                "scores": {r: recall_score(t, item["answers"]) for r, t in texts.items()}}
     if item["kind"] == "document":
         nll = scorer.token_nll(np.asarray(item["tokens"]))
         return {"kind": "document", "id": item["id"], "tokens": len(item["tokens"]),

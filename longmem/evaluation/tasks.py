@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 READINGS = ("backbone", "backbone_long", "longmem_no_memory", "longmem_memory")
-TASKS = ("perplexity", "suffix", "icl")
+TASKS = ("perplexity", "suffix", "icl", "recall")
 DEFAULT_TEMPLATE = "Passage: {text}\nNovel: {label}\n\n"
 
 
@@ -50,6 +50,11 @@ class EvalSettings:
     queries: int = 60
     queries_per_item: int = 20
     labels: tuple[str, ...] = ()  # allowed labels; empty = those found in the data
+    # recall (evaluation/recall.py); backbone_long is the backbone's native window there
+    recall_tasks: tuple[str, ...] = ("single", "multikey", "multivalue", "multiquery", "vartrack")
+    recall_lengths: tuple[int, ...] = (4096, 16384, 32768, 65536)  # prompt tokens
+    recall_trials: int = 20  # per task and length
+    depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)  # where the facts sit in the prompt
 
     def validate(self) -> "EvalSettings":
         if self.task not in TASKS:
@@ -63,6 +68,17 @@ class EvalSettings:
                 raise EvalError("num_candidates must be at least 2")
             if any(p < self.window for p in self.prefix_tokens):
                 raise EvalError(f"every prefix length must be at least the window ({self.window}): {self.prefix_tokens}")
+        if self.task == "recall":
+            from .recall import RECALL_TASKS
+
+            unknown = sorted(set(self.recall_tasks) - set(RECALL_TASKS))
+            if unknown or not self.recall_tasks:
+                raise EvalError(f"recall tasks must be among {', '.join(RECALL_TASKS)}, got {list(self.recall_tasks)}")
+            if self.recall_trials < 1 or not self.recall_lengths or min(self.recall_lengths) < 2 * self.window:
+                raise EvalError(f"recall needs trials >= 1 and prompt lengths of at least twice the window "
+                                f"({2 * self.window}): got {self.recall_trials}, {list(self.recall_lengths)}")
+            if not self.depths or not all(0 <= d <= 1 for d in self.depths):
+                raise EvalError(f"depths are shares of the prompt in [0, 1], got {list(self.depths)}")
         if self.task == "icl":
             if "{text}" not in self.template or "{label}" not in self.template:
                 raise EvalError("the ICL template must contain {text} and {label}")
