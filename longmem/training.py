@@ -11,6 +11,9 @@ Curriculum kinds (mixed by ratio, e.g. "plain:0.5,repeat:0.3,passkey:0.2"):
 - repeat:  the last segment carries a span (1/4 to all of a segment) copied from >= 2 segments
            back, beyond the local window: only memory can predict it.
 - passkey: a 5-digit key planted in the first segment's prose and asked for at the end of the last.
+- facts:   2-4 facts of one form (keys, numbers, words or codes; facts.TRAIN_TEMPLATES) planted in
+           the segments before the last, one asked for at the end of the last, half the time in
+           the fact's own words and half in other words; the others are distractors of its shape.
 
 Distractors (`distractor_tokens`): an episode's memory holds ~1k tokens, while a passkey 32k tokens
 back sits among 32k, where the read is learnt on far fewer competitors than it meets. Each episode's memory can start with this many tokens of other text from the corpus,
@@ -30,7 +33,7 @@ import torch
 
 from .model import InputError, LongMem
 
-CURRICULUM_KINDS = ("plain", "repeat", "passkey")
+CURRICULUM_KINDS = ("plain", "repeat", "passkey", "facts")
 PASSKEY_FACT = " The pass key is {key}. Remember it. {key} is the pass key."
 PASSKEY_QUESTION = " What is the pass key? The pass key is"
 
@@ -123,8 +126,8 @@ class EpisodeSampler:
         self.skipped = len(documents) - len(self.documents)
         self.weights = [d.numel() - self.length + 1 for d in self.documents]
         self.mix = parse_curriculum(curriculum)
-        if "passkey" in self.mix and tokenizer is None:
-            raise InputError("passkey episodes need a tokenizer")
+        if ("passkey" in self.mix or "facts" in self.mix) and tokenizer is None:
+            raise InputError("passkey and facts episodes need a tokenizer")
         self.tokenizer = tokenizer
         self.rng = random.Random(seed)
 
@@ -149,8 +152,8 @@ class EpisodeSampler:
             src = source_segment * W + self.rng.randrange(W - span + 1)
             dst = (self.segments - 1) * W + self.rng.randrange(W - span + 1)
             ids[dst : dst + span] = ids[src : src + span]
-        elif kind == "passkey":
-            ids, answer = self._passkey(ids)
+        elif kind in ("passkey", "facts"):
+            ids, answer = self._passkey(ids) if kind == "passkey" else self._facts(ids)
             return Episode(ids, ids.clone(), kind, answer)
         return Episode(ids, ids.clone(), kind)
 
@@ -164,6 +167,32 @@ class EpisodeSampler:
         ids[self.length - question.numel() :] = question
         answer = torch.zeros(self.length, dtype=torch.bool)
         answer[self.length - (question.numel() - encode(PASSKEY_QUESTION).numel()) :] = True
+        return ids, answer
+
+
+    def _encode(self, text: str) -> torch.Tensor:
+        return torch.tensor(self.tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
+
+    def _facts(self, ids: torch.Tensor):
+        from .facts import TRAIN_ADJECTIVES, TRAIN_NOUNS, TRAIN_TEMPLATES, TRAIN_WORDS, VALUE_KINDS, fact_set
+
+        rng, W = self.rng, self.window
+        template, kind = rng.choice(TRAIN_TEMPLATES), rng.choice(VALUE_KINDS)
+        facts = fact_set(rng, template, kind, rng.randint(2, 4), TRAIN_ADJECTIVES, TRAIN_NOUNS, TRAIN_WORDS)
+        # Each fact in its own stretch of the segments before the last (beyond the local window).
+        region = (self.segments - 1) * W
+        slot = region // len(facts)
+        for i, (_, _, sentence) in enumerate(facts):
+            tokens = self._encode(sentence)[: slot - 1]
+            at = i * slot + rng.randrange(slot - tokens.numel())
+            ids[at : at + tokens.numel()] = tokens
+        asked_key, asked_value, _ = facts[rng.randrange(len(facts))]
+        style = template.restate if rng.random() < 0.5 else template.paraphrase
+        prefix = style.format(kind=kind, key=asked_key)
+        question = self._encode(prefix + " " + asked_value + ".")
+        ids[self.length - question.numel() :] = question
+        answer = torch.zeros(self.length, dtype=torch.bool)
+        answer[self.length - (question.numel() - self._encode(prefix).numel()) :] = True
         return ids, answer
 
 

@@ -74,7 +74,15 @@ def test_evaluation_templates_and_haystack_are_never_trained_on():
         return {w for w in text.replace("{key}", " ").replace("{value}", " ").replace("{kind}", " ").lower().split()
                 if len(w) > 3}
 
+    from longmem import facts
+    from longmem.evaluation import recall
+
     trained = frames(PASSKEY_FACT) | frames(PASSKEY_QUESTION)
+    for t in facts.TRAIN_TEMPLATES:
+        trained |= frames(t.fact) | frames(t.restate) | frames(t.paraphrase) | frames(t.many)
+    for train_words, eval_words in ((facts.TRAIN_ADJECTIVES, recall.ADJECTIVES), (facts.TRAIN_NOUNS, recall.NOUNS),
+                                    (facts.TRAIN_WORDS, recall.WORDS)):
+        assert not set(train_words) & set(eval_words)  # no entity or word value is both trained and asked
     for t in EVAL_TEMPLATES:
         for text in (t.fact, t.restate, t.paraphrase, t.many):
             assert len(frames(text) & trained) <= 1, text  # no shared phrasing beyond a stray word

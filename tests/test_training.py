@@ -185,3 +185,26 @@ def test_copy_head_only_trains_the_copy_head_against_the_model_without_its_value
         assert moved == name.startswith("memory_copy."), name
     with pytest.raises(InputError, match="copy head"):
         make_optimizer(tiny_longmem("llama", read__copy_init=None, read__copy_match_init=None).sidenet, cfg)
+
+
+def test_facts_episodes_plant_distractors_and_ask_one_beyond_the_window(tiny_dir):
+    from transformers import AutoTokenizer
+
+    import re
+
+    from longmem.facts import TRAIN_ADJECTIVES, TRAIN_NOUNS
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    book = torch.tensor(tok(" ".join(["the quiet house by the sea"] * 120), add_special_tokens=False).input_ids)
+    sampler = EpisodeSampler([book], window=64, segments=3, curriculum="facts:1", seed=3, tokenizer=tok)
+    for _ in range(8):
+        ep = sampler.sample()
+        assert ep.kind == "facts"
+        text, answer = tok.decode(ep.ids), tok.decode(ep.ids[ep.answer]).strip()
+        asked = answer.rstrip(".")
+        assert text.count(asked) == 2  # planted once before the last segment, answered once at its end
+        early = tok.decode(ep.ids[:128])
+        assert asked in early and asked not in tok.decode(ep.ids[128 : -ep.answer.sum()])
+        # two to four keyed facts: the asked one and distractors of its shape
+        keys = re.findall(rf"the ({'|'.join(TRAIN_ADJECTIVES)}) ({'|'.join(TRAIN_NOUNS)})", early)
+        assert 2 <= len(set(keys)) <= 4, early

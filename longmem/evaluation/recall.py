@@ -10,8 +10,9 @@ question at the end; scored by string match on greedy answers):
     vartrack    a chain of assignments (VAR A = 12345, VAR B = VAR A, ...); every variable that
                 holds the value (score: the share found)
 
-Facts are written and asked with EVAL_TEMPLATES, which no training episode uses (training plants
-PASSKEY_FACT; a test checks the two never share a sentence frame). Half the trials ask in the fact's
+Facts are written and asked with EVAL_TEMPLATES and key words of their own, which no training
+episode uses (training plants PASSKEY_FACT and facts.TRAIN_TEMPLATES; a test checks they never
+share a sentence frame or a key word). Half the trials ask in the fact's
 own words and half in other words (`style`), so recall of a copied sentence and of a restated
 question are reported apart.
 """
@@ -22,22 +23,13 @@ import math
 import random
 import re
 import string
-from dataclasses import dataclass
 
 import numpy as np
 
+from ..facts import VALUE_KINDS, Template, key, value
+
 RECALL_TASKS = ("single", "multikey", "multivalue", "multiquery", "vartrack")
 STYLES = ("restate", "paraphrase")
-VALUE_KINDS = ("number", "word", "code")
-
-
-@dataclass(frozen=True)
-class Template:
-    fact: str  # one planted sentence: {key}, {value}
-    restate: str  # a question that repeats the fact's words up to the value
-    paraphrase: str  # a question in other words
-    many: str  # a question for several values (multivalue, multiquery): {keys}
-
 
 # Evaluation only: never planted in training (tests/test_recall.py checks it).
 EVAL_TEMPLATES = (
@@ -63,19 +55,11 @@ WORDS = ("marble", "cascade", "juniper", "tundra", "quartz", "saffron", "lagoon"
 
 
 def _value(kind: str, rng: random.Random) -> str:
-    if kind == "number":
-        return str(rng.randrange(1_000_000, 10_000_000))
-    if kind == "word":
-        return rng.choice(WORDS)
-    return "".join(rng.choices(string.ascii_uppercase, k=2)) + "-" + str(rng.randrange(1000, 10000))
+    return value(kind, rng, WORDS)
 
 
 def _key(rng: random.Random, taken: set) -> str:
-    while True:
-        key = f"the {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}"
-        if key not in taken:
-            taken.add(key)
-            return key
+    return key(rng, taken, ADJECTIVES, NOUNS)
 
 
 def needles(task: str, rng: random.Random, style: str, kind: str, template: Template):
@@ -89,18 +73,18 @@ def needles(task: str, rng: random.Random, style: str, kind: str, template: Temp
         chain += [VARIABLE_FACT.format(name=b, value=f"VAR {a}") for a, b in zip(names[:2], names[1:3])]
         chain.append(VARIABLE_FACT.format(name=names[3], value=str(rng.randrange(10_000, 100_000))))  # a distractor
         return chain, VARIABLE_QUESTION.format(value=value), names[:3]
-    key = _key(rng, taken)
+    first = _key(rng, taken)
     if task in ("single", "multikey"):
-        value = _value(kind, rng)
-        facts = [fill(template.fact, key=key, value=value)]
+        answer = _value(kind, rng)
+        facts = [fill(template.fact, key=first, value=answer)]
         if task == "multikey":
             facts += [fill(template.fact, key=_key(rng, taken), value=_value(kind, rng)) for _ in range(3)]
         question = template.restate if style == "restate" else template.paraphrase
-        return facts, fill(question, key=key), [value]
+        return facts, fill(question, key=first), [answer]
     if task == "multivalue":
         values = list(dict.fromkeys(_value(kind, rng) for _ in range(3)))
-        return [fill(template.fact, key=key, value=v) for v in values], fill(template.many, keys=key), values
-    keys = [key, _key(rng, taken), _key(rng, taken)]
+        return [fill(template.fact, key=first, value=v) for v in values], fill(template.many, keys=first), values
+    keys = [first, _key(rng, taken), _key(rng, taken)]
     values = [_value(kind, rng) for _ in keys]
     facts = [fill(template.fact, key=k, value=v) for k, v in zip(keys, values)]
     return facts, fill(template.many, keys=", ".join(keys[:-1]) + " and " + keys[-1]), values
