@@ -7,7 +7,7 @@ the cross-network residual is
 
 computed through the deviation D^l = S^l - H^{r*l}:  D^l = D^{l-1} + alpha_l * Block_l(H^{r*(l-1)} + D^{l-1}),
 where Block_l(x) is the layer's update (attention + MLP outputs, *without* the residual input, which
-an HF decoder layer adds itself). alpha_l = 1 for the paper's init; for side_init="zero" it is a
+an HF decoder layer adds itself). alpha_l = 1 for the paper's init; for sidenet.init="zero" it is a
 learned scalar starting at 0, so that at step 0 S^{L_s} = H^L exactly and LongMem's logits are the
 backbone's.
 

@@ -258,7 +258,7 @@ def test_bank_mismatches_are_clear_errors():
 
 
 def test_separate_memory_scale_gets_gradient_under_zero_init():
-    """side_init='zero' alone starves memory (its read sits inside a block scaled by alpha=0);
+    """sidenet.init='zero' alone starves memory (its read sits inside a block scaled by alpha=0);
     a memory scale outside alpha starts the model equal to the backbone yet learns from step 0."""
     x, past = ids(B=1), ids(B=1, seed=11)
     for scale_init, expect_grad in ((None, False), (0.0, True)):
