@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--segments", type=int, dest="segments_per_episode", help="segments per episode")
     t.add_argument("--batch", type=int, dest="batch_size", help="episodes per worker per micro-batch")
     t.add_argument("--grad-accum", type=int)
-    t.add_argument("--curriculum", help="mix of plain, repeat, passkey episodes, e.g. plain:0.3,repeat:0.3,passkey:0.4")
+    t.add_argument("--curriculum", help="mix of plain, repeat, passkey, facts episodes, e.g. plain:0.3,repeat:0.3,passkey:0.4")
     t.add_argument("--lr", type=float)
     t.add_argument("--memory-lr", type=float, help="learning rate of the gates, memory scale and copy head")
     t.add_argument("--answer-weight", type=float, help="loss weight of passkey answer tokens")

@@ -9,6 +9,7 @@ a run started again with the same name and storage path resumes from the latest 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -50,6 +51,9 @@ class TrainJob:
     # (LongMem.calibrate_key_center); a checkpoint keeps its own.
     key_center_tokens: int = 8192
     train: dict = field(default_factory=dict)  # TrainConfig fields
+    # Later stages, each continuing the one before: TrainConfig fields over `train` (the recipe's
+    # second stage trains the copy head alone). Each is its own resumable run, `<name>-stage<k>`.
+    then: list[dict] = field(default_factory=list)
 
     def __post_init__(self):
         self.model = ModelSource.from_dict(self.model)
@@ -57,9 +61,24 @@ class TrainJob:
     def train_config(self) -> TrainConfig:
         return TrainConfig(**self.train).validate()
 
+    def stages(self) -> list["TrainJob"]:
+        """One single-stage job per stage; each later one starts from the checkpoint the one before
+        writes (under the storage path), the last writes `out`."""
+        if not self.then:
+            return [self]
+        folder = Path(self.storage()) / f"{self.name}-stages"
+        outs = [str(folder / f"stage-{k + 1}") for k in range(len(self.then))] + [self.out]
+        jobs = [dataclasses.replace(self, out=outs[0], then=[])]
+        for k, extra in enumerate(self.then):
+            jobs.append(dataclasses.replace(self, out=outs[k + 1], then=[], name=f"{self.name}-stage{k + 2}",
+                                            model=ModelSource(checkpoint=outs[k], dtype=self.model.dtype),
+                                            train={**self.train, **extra}, key_center_tokens=0))
+        return jobs
+
     def validate(self) -> "TrainJob":
         """Everything that can be checked before Ray starts: settings, model, and the output folder."""
-        self.train_config()
+        for stage in self.stages():
+            stage.train_config()
         self.model.validate()
         if self.workers <= 0:
             raise InputError(f"workers must be positive, got {self.workers}")
@@ -190,10 +209,33 @@ def train_loop_per_worker(job: dict) -> None:
 
 
 def run_training(job: TrainJob, address: str | None = None) -> dict:
-    """Train (or resume) and write the final SideNet to job.out as a save_pretrained folder."""
+    """Train (or resume) every stage and write the final SideNet to job.out as a save_pretrained
+    folder. A stage whose checkpoint is already written whole is not run again."""
+    job.validate()  # before starting anything
+    stages = job.stages()
+    if len(stages) == 1:
+        return _run_stage(job, address)
+    summaries = []
+    for k, stage in enumerate(stages, 1):
+        done = Path(stage.out) / "train_summary.json"
+        if k < len(stages) and done.is_file() and json.loads(done.read_text()).get("steps") == stage.train_config().steps:
+            print(f"[train] stage {k}/{len(stages)}: reusing {stage.out}", flush=True)
+            summaries.append(json.loads(done.read_text()))
+            continue
+        print(f"[train] stage {k}/{len(stages)}: {stage.train_config().steps} steps -> {stage.out}", flush=True)
+        summaries.append(_run_stage(stage, address))
+        if job.stop_after and k == 1 and summaries[-1]["steps"] < stage.train_config().steps:
+            break  # stopped early: the run stays resumable
+    summary = {**summaries[-1], "stages": summaries, "seconds": round(sum(s["seconds"] for s in summaries), 1)}
+    if Path(job.out).is_dir() and summaries[-1].get("out") == job.out:
+        (Path(job.out) / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
+
+
+def _run_stage(job: TrainJob, address: str | None = None) -> dict:
+    """One stage: train (or resume) and write its SideNet to job.out."""
     from pipelines.ray_env import init_ray
 
-    job.validate()  # before starting anything
     cfg = job.train_config()
     init_ray(address)
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig

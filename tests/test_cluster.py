@@ -108,9 +108,10 @@ def test_job_configs_build_valid_jobs():
     assert train.model.preset == "default" and train.model.overrides == {} and train.model.checkpoint is None
     assert train.model.config() == LongMemConfig()
     assert train.train_config() == TrainConfig()
-    copy_stage = TrainJob(**load("train_copy_head.yaml")["job"])  # the second stage continues the first
-    assert copy_stage.train_config().copy_head_only and copy_stage.model.checkpoint == train.out
-    assert copy_stage.model.overrides == {}
+    first, copy_stage = train.stages()  # one job: the second stage continues the first
+    assert not first.train_config().copy_head_only and first.train_config() == TrainConfig()
+    assert copy_stage.train_config().copy_head_only and copy_stage.model.checkpoint == first.out
+    assert copy_stage.out == train.out and copy_stage.name == "longmem-sidenet-stage2"
     ServeArgs(**load("serve.yaml")["args"])
     job = load("evaluate.yaml")["job"]
     for task in ("perplexity", "suffix", "icl"):

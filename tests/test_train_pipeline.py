@@ -117,3 +117,23 @@ def test_two_workers_train_the_copy_head_alone(ray_local, tiny_dir, corpus, tmp_
     before = start.sidenet.state_dict()
     for name, p in trained.sidenet.state_dict().items():
         assert torch.equal(p, before[name]) != name.startswith("memory_copy."), name  # only the copy head moved
+
+
+def test_a_two_stage_job_trains_the_copy_head_second_and_skips_a_finished_stage(ray_local, tiny_dir, corpus, tmp_path):
+    from longmem.model import LongMem
+    from pipelines.train_sidenet import run_training
+
+    import dataclasses
+
+    j = dataclasses.replace(job(tiny_dir, corpus, tmp_path / "final", "staged", tmp_path / "runs"), workers=1,
+                            cpus_per_worker=1.0, then=[{"copy_head_only": True, "steps": 2}])
+    first_out = j.stages()[0].out
+    summary = run_training(j)
+    assert [s["steps"] for s in summary["stages"]] == [6, 2]
+    first = LongMem.from_pretrained(first_out, backbone=longmem_on(str(tiny_dir)).backbone)
+    final = LongMem.from_pretrained(tmp_path / "final", backbone=first.backbone)
+    before = first.sidenet.state_dict()
+    for name, p in final.sidenet.state_dict().items():
+        assert torch.equal(p, before[name]) != name.startswith("memory_copy."), name  # stage 2 moved the copy head only
+    again = run_training(j)  # the first stage is finished: it is not trained again
+    assert again["stages"][0]["seconds"] == summary["stages"][0]["seconds"]
