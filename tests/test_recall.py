@@ -42,7 +42,7 @@ def test_items_plant_every_fact_at_its_depth_and_end_with_the_question(tok, aust
         for answer in item["answers"]:
             assert answer in text  # every expected value (or variable) is planted
         first = item["fact_positions"][0] / len(prompt)
-        assert abs(first - item["depth"]) < 0.12, (item["id"], first, item["depth"])
+        assert abs(first - item["depth"]) < 0.15, (item["id"], first, item["depth"])  # whole sentences
         assert text.rstrip().endswith(("is:", "Answer:", "are", "lists"))  # the question closes the prompt
     styles = {i["style"] for i in items}
     assert styles == {"restate", "paraphrase"}

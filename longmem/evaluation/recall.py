@@ -68,7 +68,8 @@ def needles(task: str, rng: random.Random, style: str, kind: str, template: Temp
     fill = lambda text, **kw: text.format(kind=kind, **kw)  # noqa: E731
     if task == "vartrack":
         value = str(rng.randrange(10_000, 100_000))
-        names = rng.sample([a + b for a in string.ascii_uppercase for b in string.ascii_uppercase], 4)
+        # five capitals, as RULER names them: a name never matches an ordinary word by chance
+        names = list(dict.fromkeys("".join(rng.choices(string.ascii_uppercase, k=5)) for _ in range(4)))
         chain = [VARIABLE_FACT.format(name=names[0], value=value)]
         chain += [VARIABLE_FACT.format(name=b, value=f"VAR {a}") for a, b in zip(names[:2], names[1:3])]
         chain.append(VARIABLE_FACT.format(name=names[3], value=str(rng.randrange(10_000, 100_000))))  # a distractor
