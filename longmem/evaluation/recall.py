@@ -10,6 +10,7 @@ question at the end; scored by string match on greedy answers):
     vartrack    a chain of assignments (VAR A = 12345, VAR B = VAR A, ...); every variable that
                 holds the value (score: the share found)
 
+Every question names its key (in multikey it is what tells the asked fact from the distractors).
 Facts are written and asked with EVAL_TEMPLATES and key words of their own, which no training
 episode uses (training plants PASSKEY_FACT and facts.TRAIN_TEMPLATES; a test checks they never
 share a sentence frame or a key word). Half the trials ask in the fact's
@@ -38,7 +39,7 @@ EVAL_TEMPLATES = (
              paraphrase=" Question: which magic {kind} was given for {key}? Answer:",
              many=" Question: what are all the special magic {kind}s for {keys}? Answer:"),
     Template(fact=" The archive lists {value} as the {kind} kept for {key}.",
-             restate=" The archive lists",
+             restate=" The {kind} that the archive lists as kept for {key} is",
              paraphrase=" Question: what {kind} is kept for {key}, according to the archive? Answer:",
              many=" Question: which {kind}s does the archive keep for {keys}? Answer:"),
 )
