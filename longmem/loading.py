@@ -152,7 +152,7 @@ def _from_checkpoint(directory: Path, backbone, tokenizer, overrides, device, dt
 
 def load_source(source: ModelSource | dict | None, device: str | torch.device = "cpu") -> LongMem:
     """load_model for a job's or the server's model section."""
-    source = ModelSource.from_dict(source).validate() if not isinstance(source, ModelSource) else source.validate()
+    source = ModelSource.from_dict(source).validate()
     return load_model(checkpoint=source.checkpoint, backbone=None if source.checkpoint else source.backbone,
                       overrides=flatten_overrides(source.overrides), preset=source.preset, device=device,
                       dtype=source.dtype)
