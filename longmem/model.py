@@ -62,6 +62,7 @@ class LongMem(nn.Module):
     # ------------------------------------------------------------------ the key centre
     def _sync_key_center(self) -> None:
         self.adapter.set_key_center(self.sidenet.key_center if self.config.memory.center_keys else None)
+        self.__dict__["_memory_spec"] = None  # the centre's digest is part of the spec: recompute it
 
     def _apply(self, fn, *args, **kwargs):
         # The centre stays float32 whatever the model's dtype (a memory's spec names it by its
@@ -120,7 +121,14 @@ class LongMem(nn.Module):
 
     @property
     def memory_spec(self) -> MemorySpec:
-        """What this model's memory keys are: a memory built by another spec cannot be read."""
+        """What this model's memory keys are: a memory built by another spec cannot be read.
+        Kept between calls: every forward checks its memory against it, and hashing the centre
+        each time would copy it off the device at every decoding step."""
+        if self.__dict__.get("_memory_spec") is None:
+            self.__dict__["_memory_spec"] = self._make_memory_spec()
+        return self.__dict__["_memory_spec"]
+
+    def _make_memory_spec(self) -> MemorySpec:
         c, m = self.config, self.config.memory
         return MemorySpec(
             num_kv_heads=self.adapter.num_kv_heads, head_dim=self.adapter.head_dim, chunk_size=m.chunk_size,
