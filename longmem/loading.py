@@ -143,6 +143,9 @@ def _from_checkpoint(directory: Path, backbone, tokenizer, overrides, device, dt
     if "key_center" not in state:  # written when the centre lived in config.json
         center = torch.zeros_like(model.sidenet.key_center) if legacy_center is None else torch.tensor(legacy_center)
         state["key_center"] = center.float()
+    for name, param in model.sidenet.state_dict().items():
+        if name.endswith(".memory_rerank") and name not in state:  # written before the re-ranking map:
+            state[name] = param  # identity, which reads exactly as those models did
     missing, unexpected = model.sidenet.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ConfigError(f"checkpoint weights do not match the SideNet: missing {missing}, unexpected {unexpected}")

@@ -82,17 +82,25 @@ def memory_attention(q, retrieval: MemoryRetrieval, scale: float):
     return out.reshape(B, Hq, T, D), weights
 
 
-def retrieval_cosine(retrieval: MemoryRetrieval) -> torch.Tensor:
-    """(B, H, T, K): cosine of each search vector with each token it retrieved."""
-    q = F.normalize(retrieval.queries.float(), dim=-1)  # (B, H, T, D)
-    keys = F.normalize(retrieval.keys.float(), dim=-1)  # (B, H, T, K, D)
-    return torch.einsum("bhtd,bhtkd->bhtk", q, keys)
+def retrieval_cosine(retrieval: MemoryRetrieval, rerank: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, H, T, K): cosine of each search vector with each token it retrieved, both first mapped by
+    `rerank` (H, D, D) where given."""
+    q, keys = retrieval.queries.float(), retrieval.keys.float()  # (B, H, T, D), (B, H, T, K, D)
+    if rerank is not None:
+        rerank = rerank.float()
+        q = torch.einsum("bhtd,hde->bhte", q, rerank)
+        keys = torch.einsum("bhtkd,hde->bhtke", keys, rerank)
+    return torch.einsum("bhtd,bhtkd->bhtk", F.normalize(q, dim=-1), F.normalize(keys, dim=-1))
 
 
-def next_token_read(retrieval: MemoryRetrieval, temperature: torch.Tensor, prev_bonus: torch.Tensor | None = None):
+def next_token_read(retrieval: MemoryRetrieval, temperature: torch.Tensor, prev_bonus: torch.Tensor | None = None,
+                    rerank: torch.Tensor | None = None):
     """Match each search vector to the retrieved keys by cosine; read the value of the token after the match.
 
     temperature (Hq,); prev_bonus (Hq,) is added where a retrieved token's predecessor is the query's.
+    rerank (H, D, D) maps search vector and keys before the cosine: the search itself is the frozen
+    backbone's, and this learnt map (identity at first) is what can tell apart retrieved tokens whose
+    backbone keys are alike, such as the same sentence frame naming two different things.
     The retrieval's H heads are broadcast to the Hq query heads (each group shares its search).
     Returns out (B, Hq, T, D), weights (B, Hq, T, K) over the matched tokens, and the read-weighted
     cosine (B, Hq, T): near 1 where the read lands on tokens whose keys equal the query's.
@@ -100,7 +108,7 @@ def next_token_read(retrieval: MemoryRetrieval, temperature: torch.Tensor, prev_
     Hq, H = temperature.shape[0], retrieval.num_heads
     G = Hq // H
     mask = (retrieval.token_mask & retrieval.next_mask).repeat_interleave(G, dim=1)  # (B, Hq, T, K)
-    cos = retrieval_cosine(retrieval).repeat_interleave(G, dim=1)
+    cos = retrieval_cosine(retrieval, rerank).repeat_interleave(G, dim=1)
     logits = cos * temperature.float()[None, :, None, None]
     if prev_bonus is not None and retrieval.prev_token_ids is not None and retrieval.query_prev_ids is not None:
         query_prev = retrieval.query_prev_ids[:, None, :, None]  # (B, 1, T, 1)
@@ -219,6 +227,7 @@ class SideLayer(nn.Module):
         self.alpha = nn.Parameter(torch.zeros(())) if config.sidenet.init == "zero" else None
         self.memory_scale = None
         self.memory_prev_bonus = None
+        self.memory_rerank = None
         self.memory_read = read.mode
         self.value_read = True  # False: the read still happens (the copy head sees it) but adds nothing to the stream
         if memory_layer:
@@ -227,6 +236,8 @@ class SideLayer(nn.Module):
                 self.memory_temperature = nn.Parameter(torch.full((heads,), float(read.temperature_init)).log())
                 if read.prev_bonus_init is not None:
                     self.memory_prev_bonus = nn.Parameter(torch.full((heads,), float(read.prev_bonus_init)))
+                eye = torch.eye(adapter.head_dim)
+                self.memory_rerank = nn.Parameter(eye.repeat(adapter.num_kv_heads, 1, 1))  # (Hkv, D, D)
             self.gate = nn.Parameter(torch.full((heads,), float(read.gate_init)))
             if read.scale_init is not None:
                 self.memory_scale = nn.Parameter(torch.tensor(float(read.scale_init)))
@@ -270,7 +281,7 @@ class SideLayer(nn.Module):
         if retrieval is not None:
             if self.memory_read == "next":
                 remembered, weights, match = next_token_read(retrieval, self.memory_temperature.exp(),
-                                                             self.memory_prev_bonus)
+                                                             self.memory_prev_bonus, self.memory_rerank)
                 remembered = remembered.to(local.dtype)
                 has = (retrieval.token_mask & retrieval.next_mask).any(-1)  # (B, H, T)
             else:
@@ -317,6 +328,20 @@ class SideNet(nn.Module):
     def memory_layer(self) -> SideLayer:
         return self.layers[self.memory_side_layer]
 
+    def identity_layers(self) -> set[int]:
+        """Side layers whose update is exactly zero here (alpha = 0, not the memory layer, and alpha is
+        not being trained): skipping them leaves the output unchanged. Training only the layers from
+        the memory layer up leaves the ones below at alpha = 0, so a trained model skips them too."""
+        training = torch.is_grad_enabled()
+        key = tuple((l.alpha._version, l.alpha.data_ptr(), training and l.alpha.requires_grad)
+                    for l in self.layers if l.alpha is not None)
+        if getattr(self, "_identity_key", None) != key:
+            self._identity = {i for i, l in enumerate(self.layers)
+                              if l.alpha is not None and not l.is_memory_layer
+                              and not (training and l.alpha.requires_grad) and float(l.alpha) == 0.0}
+            self._identity_key = key
+        return self._identity
+
     @contextlib.contextmanager
     def value_read_off(self):
         """Within: memory is searched and read, so the copy head sees the read, but the read's values
@@ -341,7 +366,10 @@ class SideNet(nn.Module):
         H = states.hidden  # H^{r*l}, l = 0..L_s
         deviation = None  # D^l = S^l - H^{r*l}
         readout = None
+        skip = self.identity_layers()
         for l, layer in enumerate(self.layers):
+            if l in skip:
+                continue
             s_prev = H[l] if deviation is None else H[l] + deviation
             update, read, memory_update = layer(
                 adapter, s_prev, position_ids, None if caches is None else caches[l], retrieve

@@ -11,7 +11,7 @@ Curriculum kinds (mixed by ratio, e.g. "plain:0.5,repeat:0.3,passkey:0.2"):
 - repeat:  the last segment carries a span (1/4 to all of a segment) copied from >= 2 segments
            back, beyond the local window: only memory can predict it.
 - passkey: a 5-digit key planted in the first segment's prose and asked for at the end of the last.
-- facts:   2-4 facts of one form (keys, numbers, words or codes; facts.TRAIN_TEMPLATES) planted in
+- facts:   1-5 facts of one form (keys, numbers, words or codes; facts.TRAIN_TEMPLATES) planted in
            the segments before the last, one asked for at the end of the last, half the time in
            the fact's own words and half in other words; the others are distractors of its shape.
 
@@ -42,7 +42,7 @@ PASSKEY_QUESTION = " What is the pass key? The pass key is"
 class TrainConfig:
     """Defaults are the recipe (docs/results.md): what `jobs/train_sidenet.py` runs."""
 
-    steps: int = 1100
+    steps: int = 420
     batch_size: int = 1
     segments_per_episode: int = 3
     train_segments: int = 1  # trailing segments trained on; earlier ones only fill memory
@@ -56,7 +56,7 @@ class TrainConfig:
     grad_accum: int = 1
     bf16: bool = False
     seed: int = 0
-    curriculum: str = "plain:0.3,repeat:0.3,passkey:0.4"
+    curriculum: str = "plain:0.25,repeat:0.15,passkey:0.1,facts:0.5"
     answer_weight: float = 20.0  # loss weight of a passkey answer's tokens (1 = like any other token)
     distractor_tokens: int = 16_384  # other text put in each episode's memory first (whole segments)
     distractor_pool: int = 4  # the encoded pool holds this many episodes' worth of distractors
@@ -65,12 +65,19 @@ class TrainConfig:
     # the value path on, the gate learns to stay shut at passkey digits, because in training the
     # value path already writes them; at 32k it sometimes does not.
     copy_head_only: bool = False
+    # "from_memory": the side layers from the memory layer up (and the final norm); the layers below
+    # stay the backbone (alpha 0) and are skipped, in training and after. Reading memory happens at
+    # and above the memory layer, and the read itself is scored on frozen backbone keys, so the
+    # layers below only adapt the SideNet to the training text. "all": every side layer (the paper).
+    trained_layers: str = "from_memory"
 
     def validate(self) -> "TrainConfig":
         if self.steps <= 0 or self.batch_size <= 0 or self.grad_accum <= 0:
             raise InputError("steps, batch_size and grad_accum must be positive")
         if not 1 <= self.train_segments <= self.segments_per_episode:
             raise InputError("train_segments must lie in [1, segments_per_episode]")
+        if self.trained_layers not in ("from_memory", "all"):
+            raise InputError(f"trained_layers must be 'from_memory' or 'all', got {self.trained_layers!r}")
         if self.schedule not in ("cosine", "linear"):
             raise InputError(f"schedule must be 'cosine' or 'linear', got {self.schedule!r}")
         parse_curriculum(self.curriculum)
@@ -178,12 +185,16 @@ class EpisodeSampler:
 
         rng, W = self.rng, self.window
         template, kind = rng.choice(TRAIN_TEMPLATES), rng.choice(VALUE_KINDS)
-        facts = fact_set(rng, template, kind, rng.randint(2, 4), TRAIN_ADJECTIVES, TRAIN_NOUNS, TRAIN_WORDS)
-        # Each fact in its own stretch of the segments before the last (beyond the local window).
+        facts = fact_set(rng, template, kind, rng.randint(1, 5), TRAIN_ADJECTIVES, TRAIN_NOUNS, TRAIN_WORDS)
+        # Each fact in its own stretch of the segments before the last (beyond the local window);
+        # as many as fit whole.
         region = (self.segments - 1) * W
+        encoded = [self._encode(sentence) for _, _, sentence in facts]
+        while len(facts) > 1 and max(t.numel() for t in encoded[: len(facts)]) >= region // len(facts):
+            facts = facts[:-1]
         slot = region // len(facts)
-        for i, (_, _, sentence) in enumerate(facts):
-            tokens = self._encode(sentence)[: slot - 1]
+        for i, tokens in enumerate(encoded[: len(facts)]):
+            tokens = tokens[: slot - 1]
             at = i * slot + rng.randrange(slot - tokens.numel())
             ids[at : at + tokens.numel()] = tokens
         asked_key, asked_value, _ = facts[rng.randrange(len(facts))]
@@ -266,11 +277,22 @@ def require_copy_head(sidenet: torch.nn.Module) -> None:
 
 def make_optimizer(sidenet: torch.nn.Module, cfg: TrainConfig):
     """AdamW over the SideNet; gates, memory scale and temperature get their own learning rate, no decay.
-    With cfg.copy_head_only every parameter outside the copy head is frozen here (before any DDP wrap)."""
+    Parameters outside what cfg trains (copy_head_only, trained_layers) are frozen here, before any
+    DDP wrap."""
     if cfg.copy_head_only:
         require_copy_head(sidenet)
-        for name, p in sidenet.named_parameters():
+    below = []
+    if cfg.trained_layers == "from_memory" and not cfg.copy_head_only:
+        if sidenet.memory_layer.alpha is None:
+            raise InputError("trained_layers 'from_memory' keeps the layers below the memory layer as the backbone, "
+                             "which needs sidenet.init 'zero'; the paper's initialisation trains every layer: "
+                             "set trained_layers: all")
+        below = [f"layers.{i}." for i in range(sidenet.memory_side_layer)]
+    for name, p in sidenet.named_parameters():
+        if cfg.copy_head_only:
             p.requires_grad_(name.startswith("memory_copy."))
+        else:
+            p.requires_grad_(not name.startswith(tuple(below)))
     memory, decay, no_decay = [], [], []
     for name, p in sidenet.named_parameters():
         if not p.requires_grad:
@@ -278,7 +300,7 @@ def make_optimizer(sidenet: torch.nn.Module, cfg: TrainConfig):
         if name.endswith((".gate", ".memory_scale", ".memory_temperature", ".memory_prev_bonus")) \
                 or name.startswith("memory_copy."):
             memory.append(p)
-        elif p.dim() < 2:
+        elif p.dim() < 2 or name.endswith(".memory_rerank"):  # decay would pull the map off identity
             no_decay.append(p)
         else:
             decay.append(p)

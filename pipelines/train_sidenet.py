@@ -54,6 +54,10 @@ class TrainJob:
     # Later stages, each continuing the one before: TrainConfig fields over `train` (the recipe's
     # second stage trains the copy head alone). Each is its own resumable run, `<name>-stage<k>`.
     then: list[dict] = field(default_factory=list)
+    # After the last stage: evaluations of the final model, each written to <out>/evaluation/<name>/
+    # (report.json / .md / .png): [{task, data, settings, name (default: the task)}], as for
+    # pipelines.evaluate.EvalJob.
+    evaluate: list[dict] = field(default_factory=list)
 
     def __post_init__(self):
         self.model = ModelSource.from_dict(self.model)
@@ -68,9 +72,9 @@ class TrainJob:
             return [self]
         folder = Path(self.storage()) / f"{self.name}-stages"
         outs = [str(folder / f"stage-{k + 1}") for k in range(len(self.then))] + [self.out]
-        jobs = [dataclasses.replace(self, out=outs[0], then=[])]
+        jobs = [dataclasses.replace(self, out=outs[0], then=[], evaluate=[])]
         for k, extra in enumerate(self.then):
-            jobs.append(dataclasses.replace(self, out=outs[k + 1], then=[], name=f"{self.name}-stage{k + 2}",
+            jobs.append(dataclasses.replace(self, out=outs[k + 1], then=[], evaluate=[], name=f"{self.name}-stage{k + 2}",
                                             model=ModelSource(checkpoint=outs[k], dtype=self.model.dtype),
                                             train={**self.train, **extra}, key_center_tokens=0))
         return jobs
@@ -85,7 +89,35 @@ class TrainJob:
         if self.key_center_tokens < 0:
             raise InputError(f"key_center_tokens must be >= 0, got {self.key_center_tokens}")
         refuse_non_checkpoint(Path(self.out))
+        for eval_job in self.eval_jobs(self.model):  # before hours of training, not after
+            eval_job.validate()
+            missing = [d for d in eval_job.data if "://" not in d and not Path(d).exists()]
+            if missing:
+                raise InputError(f"evaluate data not found: {', '.join(missing)}")
         return self
+
+    def eval_jobs(self, model) -> list:
+        """job.evaluate as EvalJobs of `model` (the final checkpoint's source)."""
+        from pipelines.evaluate import EvalError, EvalJob
+
+        jobs = []
+        for spec in self.evaluate:
+            spec = dict(spec)
+            missing = {"task", "data"} - set(spec)
+            if missing:
+                raise EvalError(f"every evaluate entry needs task and data; one lacks {', '.join(sorted(missing))}")
+            task, data, name = spec.pop("task"), spec.pop("data"), spec.pop("name", None)
+            unknown = set(spec) - {"settings"}
+            if unknown:
+                raise EvalError(f"unknown evaluate field(s): {', '.join(sorted(unknown))} (use task, data, name, settings)")
+            out = Path(self.out) / "evaluation" / (name or task)
+            jobs.append(EvalJob(task=task, data=[data] if isinstance(data, str) else list(data), out=str(out),
+                                model=model, settings=spec.get("settings", {}),
+                                num_cpus_per_actor=max(1.0, self.workers * self.cpus_per_worker)))
+        names = [Path(j.out).name for j in jobs]
+        if len(set(names)) < len(names):
+            raise EvalError(f"evaluate entries need distinct names (they name the report folders): {names}")
+        return jobs
 
     def storage(self) -> str:
         return self.storage_path or str(cache_dir() / "train")
@@ -208,28 +240,44 @@ def train_loop_per_worker(job: dict) -> None:
             return
 
 
-def run_training(job: TrainJob, address: str | None = None) -> dict:
-    """Train (or resume) every stage and write the final SideNet to job.out as a save_pretrained
-    folder. A stage whose checkpoint is already written whole is not run again."""
+def run_training(job: TrainJob, address: str | None = None, progress=print) -> dict:
+    """Train (or resume) every stage, write the final SideNet to job.out as a save_pretrained folder,
+    then run job.evaluate into <out>/evaluation/. A stage whose checkpoint is already written whole
+    is not run again, so running a finished job again only evaluates."""
     job.validate()  # before starting anything
     stages = job.stages()
-    if len(stages) == 1:
-        return _run_stage(job, address)
     summaries = []
     for k, stage in enumerate(stages, 1):
         done = Path(stage.out) / "train_summary.json"
-        if k < len(stages) and done.is_file() and json.loads(done.read_text()).get("steps") == stage.train_config().steps:
-            print(f"[train] stage {k}/{len(stages)}: reusing {stage.out}", flush=True)
-            summaries.append(json.loads(done.read_text()))
+        finished = json.loads(done.read_text()) if done.is_file() else {}
+        same = finished.get("train", stage.train) == stage.train and finished.get("name", stage.name) == stage.name
+        if finished.get("steps") == stage.train_config().steps and same:
+            progress(f"[train] stage {k}/{len(stages)}: finished before, reusing {stage.out}")
+            summaries.append(finished.get("stages", [finished])[-1] if k == len(stages) else finished)
             continue
-        print(f"[train] stage {k}/{len(stages)}: {stage.train_config().steps} steps -> {stage.out}", flush=True)
+        progress(f"[train] stage {k}/{len(stages)}: {stage.train_config().steps} steps -> {stage.out}")
         summaries.append(_run_stage(stage, address))
-        if job.stop_after and k == 1 and summaries[-1]["steps"] < stage.train_config().steps:
-            break  # stopped early: the run stays resumable
+        if job.stop_after and summaries[-1]["steps"] < stage.train_config().steps:
+            return summaries[-1]  # stopped early: the run stays resumable
     summary = {**summaries[-1], "stages": summaries, "seconds": round(sum(s["seconds"] for s in summaries), 1)}
-    if Path(job.out).is_dir() and summaries[-1].get("out") == job.out:
+    if len(stages) > 1:
         (Path(job.out) / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    if job.evaluate:
+        summary["evaluation"] = evaluate_model(job, address, progress)
     return summary
+
+
+def evaluate_model(job: TrainJob, address: str | None = None, progress=print) -> dict:
+    """job.evaluate on the final model: one report folder per entry under <out>/evaluation/."""
+    from pipelines.evaluate import evaluate
+
+    results = {}
+    for eval_job in job.eval_jobs(ModelSource(checkpoint=job.out)):
+        t0 = time.time()
+        report = evaluate(eval_job, address=address, progress=progress)
+        results[Path(eval_job.out).name] = {"out": eval_job.out, "seconds": round(time.time() - t0, 1),
+                                            "overall": report["results"].get("overall")}
+    return results
 
 
 def _run_stage(job: TrainJob, address: str | None = None) -> dict:
@@ -288,7 +336,7 @@ def _run_stage(job: TrainJob, address: str | None = None) -> dict:
         with result.checkpoint.as_directory() as d:
             state = torch.load(Path(d) / STATE_NAME, map_location="cpu", weights_only=True)
             shutil.copytree(Path(d) / MODEL_DIR, tmp, dirs_exist_ok=True)
-        summary.update(steps=state["step"], seconds=round(time.time() - t0, 1), out=str(out),
+        summary.update(name=job.name, train=job.train, steps=state["step"], seconds=round(time.time() - t0, 1), out=str(out),
                        checkpoint=result.checkpoint.path, metrics=result.metrics)
         (tmp / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         replace_folder(tmp, out)  # the finished checkpoint appears whole, in one rename

@@ -38,7 +38,8 @@ def test_each_preset_builds_and_trains_a_step(preset):
         assert model.sidenet.memory_copy is None and model.adapter.key_center is None
     else:
         assert model.sidenet.memory_copy is not None and model.adapter.key_center is not None
-    cfg = TrainConfig(steps=1, warmup_steps=1, curriculum="plain:1", distractor_tokens=0, lr=1e-2, memory_lr=1e-2)
+    cfg = TrainConfig(steps=1, warmup_steps=1, curriculum="plain:1", distractor_tokens=0, lr=1e-2, memory_lr=1e-2,
+                      trained_layers="all" if preset == "paper" else "from_memory")
     docs = [torch.randint(3, 128, (200,), generator=torch.Generator().manual_seed(i)) for i in range(2)]
     episode = EpisodeSampler(docs, window=32, segments=3, curriculum="plain:1").sample()
     before = {n: p.detach().clone() for n, p in model.sidenet.named_parameters()}

@@ -535,3 +535,69 @@ def test_copy_mix_at_the_read_ids_equals_the_full_vocabulary_mix():
     assert bool((torch.sigmoid(z[0, 1:10, 0]) > 0.5).any())  # the gate opens somewhere on the repeat
     out.loss.backward()
     assert copy.gate.bias.grad is not None and copy.head_logits.grad.abs().sum() > 0
+
+
+def _deep_longmem(**overrides):
+    """Eight backbone layers: four side layers, three of them below the memory layer."""
+    settings = {"memory__window": 32, "memory__capacity_tokens": 256, "memory__dtype": "float32", **overrides}
+    return longmem_on(tiny_backbone("llama", layers=8), **settings)
+
+
+def test_layers_that_add_nothing_are_skipped_and_the_output_is_unchanged():
+    model = _deep_longmem()
+    side = model.sidenet
+    assert side.memory_side_layer == 3
+    with torch.no_grad():
+        side.layers[0].alpha.fill_(0.5)  # a trained layer below memory; layers 1 and 2 stay at alpha 0
+        side.memory_layer.memory_scale.fill_(1.0)
+    bank = model.new_bank(2)
+    model.write_memory(ids(T=64, seed=3), bank)
+    with torch.no_grad():
+        assert side.identity_layers() == {1, 2}  # never the memory layer, never a layer that acts
+        skipped = model(ids(), bank=bank).logits
+        side._identity_key, side._identity = "forced", set()
+        side.identity_layers = lambda: set()
+        full = model(ids(), bank=bank).logits
+    torch.testing.assert_close(skipped, full, rtol=0, atol=1e-6)
+    del side.identity_layers
+    assert side.identity_layers() == set()  # with gradients on, a trainable alpha is never skipped
+    with torch.no_grad():
+        side.layers[1].alpha.fill_(0.25)  # changed weights are seen at the next forward
+        assert side.identity_layers() == {2}
+
+
+def test_rerank_map_starts_as_the_plain_cosine_and_learns_to_tell_retrieved_tokens_apart():
+    from longmem.sidenet import next_token_read
+
+    model = tiny_longmem("llama", **NEXT_READ)
+    layer = model.sidenet.memory_layer
+    assert torch.equal(layer.memory_rerank, torch.eye(16).repeat(2, 1, 1))  # (Hkv, D, D)
+    bank = model.new_bank(1)
+    model.write_memory(ids(B=1, T=96, seed=5), bank)
+    out = model(ids(B=1), bank=bank, labels=ids(B=1))
+    retrieval = out.readout.retrieval
+    temperature = layer.memory_temperature.exp().detach()
+    plain = next_token_read(retrieval, temperature)
+    mapped = next_token_read(retrieval, temperature, rerank=torch.eye(16).repeat(2, 1, 1))
+    for a, b in zip(plain, mapped):
+        torch.testing.assert_close(a, b)
+    other = next_token_read(retrieval, temperature, rerank=torch.randn(2, 16, 16))
+    assert not torch.allclose(other[1], plain[1])  # another map weighs the retrieved tokens otherwise
+    out.loss.backward()
+    assert layer.memory_rerank.grad.abs().sum() > 0
+
+
+def test_a_checkpoint_saved_before_the_rerank_map_loads_with_the_identity(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_longmem("llama", **NEXT_READ)
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "sidenet.safetensors"
+    state = {k: v for k, v in load_file(str(weights)).items() if not k.endswith("memory_rerank")}
+    save_file(state, str(weights))
+    loaded = LongMem.from_pretrained(tmp_path, backbone=tiny_backbone("llama", seed=0))
+    assert torch.equal(loaded.sidenet.memory_layer.memory_rerank, model.sidenet.memory_layer.memory_rerank)
+    bank_a, bank_b = model.new_bank(2), loaded.new_bank(2)
+    for seg in (ids(seed=1), ids()):
+        assert torch.equal(model(seg, bank=bank_a, update_memory=True).logits,
+                           loaded(seg, bank=bank_b, update_memory=True).logits)

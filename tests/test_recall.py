@@ -71,7 +71,7 @@ def test_evaluation_templates_and_haystack_are_never_trained_on():
     from longmem.training import PASSKEY_FACT, PASSKEY_QUESTION
 
     def frames(text):
-        return {w for w in text.replace("{key}", " ").replace("{value}", " ").replace("{kind}", " ").lower().split()
+        return {w for w in text.replace("{keys}", " ").replace("{key}", " ").replace("{value}", " ").replace("{kind}", " ").lower().split()
                 if len(w) > 3}
 
     from longmem import facts

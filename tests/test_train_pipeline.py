@@ -1,5 +1,6 @@
 """Ray Train on a real local Ray: 2 CPU workers (gloo), a tiny SideNet, real tokenised text."""
 
+import json
 
 import pytest
 import torch
@@ -126,7 +127,9 @@ def test_a_two_stage_job_trains_the_copy_head_second_and_skips_a_finished_stage(
     import dataclasses
 
     j = dataclasses.replace(job(tiny_dir, corpus, tmp_path / "final", "staged", tmp_path / "runs"), workers=1,
-                            cpus_per_worker=1.0, then=[{"copy_head_only": True, "steps": 2}])
+                            cpus_per_worker=1.0, then=[{"copy_head_only": True, "steps": 2}],
+                            evaluate=[{"task": "perplexity", "data": str(corpus / "part0.txt"),
+                                       "settings": {"max_doc_tokens": 256}}])
     first_out = j.stages()[0].out
     summary = run_training(j)
     assert [s["steps"] for s in summary["stages"]] == [6, 2]
@@ -135,5 +138,10 @@ def test_a_two_stage_job_trains_the_copy_head_second_and_skips_a_finished_stage(
     before = first.sidenet.state_dict()
     for name, p in final.sidenet.state_dict().items():
         assert torch.equal(p, before[name]) != name.startswith("memory_copy."), name  # stage 2 moved the copy head only
-    again = run_training(j)  # the first stage is finished: it is not trained again
-    assert again["stages"][0]["seconds"] == summary["stages"][0]["seconds"]
+    report = json.loads((tmp_path / "final" / "evaluation" / "perplexity" / "report.json").read_text())
+    assert report["results"]["overall"]["scored_tokens"] > 0  # the job evaluated its model, next to it
+    assert summary["evaluation"]["perplexity"]["out"] == str(tmp_path / "final" / "evaluation" / "perplexity")
+    again = run_training(j)  # both stages are finished: neither is trained again, only the evaluation runs
+    assert [s["seconds"] for s in again["stages"]] == [s["seconds"] for s in summary["stages"]]
+    changed = dataclasses.replace(j, then=[{"copy_head_only": True, "steps": 2, "lr": 1e-3}], evaluate=[])
+    assert run_training(changed)["stages"][1]["seconds"] != summary["stages"][1]["seconds"]  # new settings: trained

@@ -52,7 +52,7 @@ def test_training_lowers_loss_and_keeps_backbone_frozen():
     model = tiny_longmem("llama", sidenet__init="paper")
     frozen = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     cfg = TrainConfig(steps=30, segments_per_episode=3, lr=3e-3, memory_lr=3e-2, warmup_steps=2,
-                      curriculum="plain:1", batch_size=2, distractor_tokens=0)
+                      curriculum="plain:1", batch_size=2, distractor_tokens=0, trained_layers="all")
     sampler = EpisodeSampler(docs(n=2, length=200), window=32, segments=3, curriculum=cfg.curriculum, seed=0)
     optimizer, scheduler = make_optimizer(model.sidenet, cfg)
     losses = [train_step(model, [[sampler.sample() for _ in range(2)]], optimizer, scheduler, cfg)["loss"]
@@ -99,7 +99,8 @@ def test_passkey_answer_tokens_can_weigh_more_in_the_loss(tiny_dir):
         nll = F.cross_entropy(logits[0, :-1].float(), ep.ids[129:], reduction="none")
     in_answer = ep.answer[129:].float()
     for w in (1.0, 8.0):
-        cfg = TrainConfig(steps=1, answer_weight=w, curriculum="passkey:1", lr=0.0, memory_lr=0.0, distractor_tokens=0)
+        cfg = TrainConfig(steps=1, answer_weight=w, curriculum="passkey:1", lr=0.0, memory_lr=0.0, distractor_tokens=0,
+                          trained_layers="all")
         m = copy.deepcopy(model)
         optimizer, scheduler = make_optimizer(m.sidenet, cfg)
         loss = train_step(m, [[ep]], optimizer, scheduler, cfg)["loss"]
@@ -197,6 +198,7 @@ def test_facts_episodes_plant_distractors_and_ask_one_beyond_the_window(tiny_dir
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     book = torch.tensor(tok(" ".join(["the quiet house by the sea"] * 120), add_special_tokens=False).input_ids)
     sampler = EpisodeSampler([book], window=64, segments=3, curriculum="facts:1", seed=3, tokenizer=tok)
+    counts = []
     for _ in range(8):
         ep = sampler.sample()
         assert ep.kind == "facts"
@@ -205,6 +207,31 @@ def test_facts_episodes_plant_distractors_and_ask_one_beyond_the_window(tiny_dir
         assert text.count(asked) == 2  # planted once before the last segment, answered once at its end
         early = tok.decode(ep.ids[:128])
         assert asked in early and asked not in tok.decode(ep.ids[128 : -ep.answer.sum()])
-        # two to four keyed facts: the asked one and distractors of its shape
+        # one to five keyed facts: the asked one and distractors of its shape
         keys = re.findall(rf"the ({'|'.join(TRAIN_ADJECTIVES)}) ({'|'.join(TRAIN_NOUNS)})", early)
-        assert 2 <= len(set(keys)) <= 4, early
+        assert 1 <= len(set(keys)) <= 5, early
+        counts.append(len(set(keys)))
+    assert max(counts) >= 3  # distractors of the asked fact's shape
+
+
+def test_from_memory_trains_the_memory_layer_and_above_and_leaves_the_layers_below_the_backbone():
+    from conftest import tiny_backbone
+
+    model = longmem_on(tiny_backbone("llama", layers=8), memory__window=32, memory__capacity_tokens=256,
+                       memory__dtype="float32")
+    before = {n: p.detach().clone() for n, p in model.sidenet.named_parameters()}
+    cfg = TrainConfig(steps=3, warmup_steps=1, curriculum="plain:1", distractor_tokens=0, lr=1e-2, memory_lr=1e-2)
+    optimizer, scheduler = make_optimizer(model.sidenet, cfg)
+    sampler = EpisodeSampler(docs(), window=32, segments=3, curriculum="plain:1")
+    for _ in range(3):
+        train_step(model, [[sampler.sample()]], optimizer, scheduler, cfg)
+    changed = {n for n, p in model.sidenet.named_parameters() if not torch.equal(p, before[n])}
+    assert model.sidenet.memory_side_layer == 3
+    assert not any(n.startswith(("layers.0.", "layers.1.", "layers.2.")) for n in changed)  # below memory
+    assert {"layers.3.alpha", "layers.3.memory_rerank", "final_norm.weight"} <= changed
+    with torch.no_grad():
+        assert model.sidenet.identity_layers() == {0, 1, 2}  # a trained model skips them
+    with pytest.raises(InputError, match="set trained_layers: all"):
+        make_optimizer(tiny_longmem("llama", sidenet__init="paper").sidenet, cfg)
+    with pytest.raises(InputError, match="trained_layers must be"):
+        TrainConfig(trained_layers="some").validate()
