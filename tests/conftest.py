@@ -96,7 +96,7 @@ def tiny_dir(tmp_path_factory):
                                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
     model.save_pretrained(folder)
     real = resolve_backbone("smollm2-135m-instruct")
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
         try:
             shutil.copy(f"{real}/{name}", folder / name)
         except FileNotFoundError:

@@ -131,6 +131,8 @@ def test_session_memory_lifecycle_and_isolation(served):
     (dict(json={"prompt": "Hi", "session": "mem-nope"}), 404),
     (dict(json={"prompt": "Hi", "model": "gpt-4"}), 404),
     (dict(json={"prompt": "Hi", "surprise": 1}), 400),
+    (dict(json={"prompt": "Hi", "frequency_penalty": 1.0}), 400),  # a known field at an unsupported value
+    (dict(json={"prompt": "Hi", "echo": True}), 400),
 ])
 def test_bad_completion_requests_answer_4xx_and_service_keeps_serving(served, send, status):
     client, _, _ = served
@@ -164,6 +166,52 @@ def test_openai_client_plain_and_streaming(served):
         model="longmem", prompt="It is a truth", max_tokens=8, temperature=0, stream=True,
         extra_body={"memory": "one"}))
     assert streamed == text
+
+
+def test_chat_completions_use_the_chat_template_stream_and_read_memory(served):
+    """/v1/chat/completions: the reply is the completion of the tokenizer's chat template (what
+    /v1/completions answers for that prompt), streamed as chat.completion.chunk deltas."""
+    from openai import OpenAI
+
+    client, base, _ = served
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who is Anne?"}]
+    prompt = SERVED["model"].tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert prompt.startswith("<|im_start|>system") and prompt.endswith("<|im_start|>assistant\n")
+    r = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 8, "temperature": 0,
+                                                  "memory": "three", "presence_penalty": 0, "frequency_penalty": 0,
+                                                  "logprobs": False, "user": "u1", "seed": 3, "n": 1})
+    assert r.status_code == 200, r.text
+    reply = r.json()
+    assert reply["object"] == "chat.completion" and reply["choices"][0]["message"]["role"] == "assistant"
+    text = reply["choices"][0]["message"]["content"]
+    assert text == complete(client, prompt=prompt, max_tokens=8, memory="three")["choices"][0]["text"]
+    assert reply["usage"]["prompt_tokens"] == len(SERVED["model"].tokenizer(prompt, add_special_tokens=False).input_ids)
+
+    openai = OpenAI(base_url=f"{base}/v1", api_key=KEY1)
+    chunks = list(openai.chat.completions.create(model="longmem", messages=messages, max_tokens=8, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True},
+                                                 extra_body={"memory": "three"}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == reply["usage"]["completion_tokens"]
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"messages": []}, "messages is empty"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "role must be one of"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, "the last message"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "only text parts"),
+    ({"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 0.5}, "presence_penalty"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "logprobs are not supported"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n must be 1"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "max_completion_tokens": 5}, "disagree"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 10_000}, "exceeds the limit"),
+])
+def test_bad_chat_requests_are_clear_400s(served, body, message):
+    client, _, _ = served
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
 
 
 def shard_replicas(name: str) -> list[dict]:

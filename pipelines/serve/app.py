@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 import uuid
 
@@ -17,7 +18,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 # build_api's routes name these in their annotations: they must be globals of this module.
 from pipelines.serve.model_server import LongMemServer
-from pipelines.serve.schemas import CompletionRequest, DocumentRequest, ServeArgs, ServeError, _normalise
+from pipelines.serve.schemas import (ChatRequest, CompletionRequest, DocumentRequest, ServeArgs, ServeError, _normalise,
+                                     _normalise_chat)
 from pipelines.serve.shard_server import MemoryShardServer
 
 logger = logging.getLogger("ray.serve")
@@ -28,8 +30,10 @@ def build_api(model_handle, args: ServeArgs) -> FastAPI:
     # The routes are closures over the model handle and the key set; kept in one function they
     # read as the API's table of contents.
     # FastAPI resolves these annotations by name in this module's globals (postponed annotations).
-    app = FastAPI(title="LongMem", version="0.1.0")
     keys = {hashlib.sha256(k.encode()).hexdigest()[:16] for k in args.api_keys}
+    # With keys, the schema pages are closed too: they are routes like any other.
+    hidden = {"docs_url": None, "redoc_url": None, "openapi_url": None} if keys else {}
+    app = FastAPI(title="LongMem", version="0.1.0", **hidden)
 
     def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
         return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind}})
@@ -80,12 +84,50 @@ def build_api(model_handle, args: ServeArgs) -> FastAPI:
         return {"object": "list", "data": [{"id": args.model_name, "object": "model", "owned_by": "longmem",
                                             "memories": info["memories"]}]}
 
+    def usage_of(event: dict) -> dict:
+        return {"prompt_tokens": event["prompt_tokens"], "completion_tokens": event["completion_tokens"],
+                "total_tokens": event["prompt_tokens"] + event["completion_tokens"]}
+
+    async def generate(req: dict, body, plain, delta, final, start=None):
+        """One generation for either route: `plain(result)` the whole reply; streamed, SSE events of
+        `start()` (if any), `delta(text)` per piece, `final(reason, usage)`, a usage-only chunk when
+        asked (stream_options.include_usage), then [DONE]."""
+        if body.model not in (None, args.model_name):
+            raise ServeError(404, f"unknown model {body.model!r}; this endpoint serves {args.model_name!r}", "not_found")
+        if not body.stream:
+            result = await model_handle.complete.remote(req)
+            return reply(result) if "error" in result else plain(result, usage_of(result))
+        events = model_handle.options(stream=True).complete_stream.remote(req)
+        first = await events.__anext__()
+        if "error" in first:  # fail before the stream starts: a proper status code
+            return reply(first)
+
+        async def sse():
+            if start is not None:
+                yield f"data: {json.dumps(start())}\n\n"
+            event = first
+            while True:
+                if "error" in event:
+                    yield f"data: {json.dumps(event)}\n\n"
+                    break
+                if "finish_reason" in event:
+                    yield f"data: {json.dumps(final(event['finish_reason'], usage_of(event)))}\n\n"
+                    if req.get("include_usage"):
+                        yield f"data: {json.dumps({**final(None, None), 'choices': [], 'usage': usage_of(event)})}\n\n"
+                    break
+                yield f"data: {json.dumps(delta(event['text']))}\n\n"
+                try:
+                    event = await events.__anext__()
+                except StopAsyncIteration:
+                    break
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         owner = await owner_of(request)
         req = {**_normalise(body), "owner": owner}
-        if body.model not in (None, args.model_name):
-            raise ServeError(404, f"unknown model {body.model!r}; this endpoint serves {args.model_name!r}", "not_found")
         cid, created = "cmpl-" + uuid.uuid4().hex[:24], int(time.time())
 
         def chunk(text: str, finish=None, usage=None) -> dict:
@@ -95,38 +137,33 @@ def build_api(model_handle, args: ServeArgs) -> FastAPI:
                 out["usage"] = usage
             return out
 
-        if not body.stream:
-            result = await model_handle.complete.remote(req)
-            if "error" in result:
-                return reply(result)
-            usage = {"prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"],
-                     "total_tokens": result["prompt_tokens"] + result["completion_tokens"]}
-            return chunk(result["text"], result["finish_reason"], usage)
+        return await generate(req, body, plain=lambda r, usage: chunk(r["text"], r["finish_reason"], usage),
+                              delta=chunk, final=lambda reason, usage: chunk("", reason, usage))
 
-        events = model_handle.options(stream=True).complete_stream.remote(req)
-        first = await events.__anext__()
-        if "error" in first:  # fail before the stream starts: a proper status code
-            return reply(first)
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request):
+        owner = await owner_of(request)
+        req = {**_normalise_chat(body), "owner": owner}
+        cid, created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
 
-        async def sse():
-            event = first
-            while True:
-                if "error" in event:
-                    yield f"data: {json.dumps(event)}\n\n"
-                    break
-                if "finish_reason" in event:
-                    usage = {"prompt_tokens": event["prompt_tokens"], "completion_tokens": event["completion_tokens"],
-                             "total_tokens": event["prompt_tokens"] + event["completion_tokens"]}
-                    yield f"data: {json.dumps(chunk('', event['finish_reason'], usage))}\n\n"
-                    break
-                yield f"data: {json.dumps(chunk(event['text']))}\n\n"
-                try:
-                    event = await events.__anext__()
-                except StopAsyncIteration:
-                    break
-            yield "data: [DONE]\n\n"
+        def head(kind: str) -> dict:
+            return {"id": cid, "object": kind, "created": created, "model": args.model_name}
 
-        return StreamingResponse(sse(), media_type="text/event-stream")
+        def plain(result, usage):
+            message = {"role": "assistant", "content": result["text"]}
+            return {**head("chat.completion"), "usage": usage,
+                    "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": result["finish_reason"]}]}
+
+        def chunk(delta: dict, finish=None, usage=None) -> dict:
+            out = {**head("chat.completion.chunk"),
+                   "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            if usage and not req.get("include_usage"):  # asked for: it comes in its own last chunk instead
+                out["usage"] = usage
+            return out
+
+        return await generate(req, body, plain=plain, delta=lambda text: chunk({"content": text}),
+                              final=lambda reason, usage: chunk({}, reason, usage),
+                              start=lambda: chunk({"role": "assistant", "content": ""}))
 
     @app.post("/v1/memories")
     async def create_memory(request: Request):
@@ -168,17 +205,26 @@ class LongMemIngress:
     """The HTTP front: a FastAPI app built on each replica around the model's handle."""
 
     def __init__(self, model_handle, args: dict):
-        self.model_handle, self.args = model_handle, ServeArgs(**args)
+        self.model_handle, self.args = model_handle, with_env_keys(ServeArgs(**args))
 
     def __serve_build_asgi_app__(self):
         return build_api(self.model_handle, self.args)
+
+
+def with_env_keys(args: ServeArgs) -> ServeArgs:
+    """args with the keys of LONGMEM_API_KEYS (comma-separated) added: read where the app is built
+    (`serve run` / `serve deploy` of a config) and again in each ingress replica (a runtime_env's
+    env_vars), so a deployed config is as closed as `longmem serve --api-key`."""
+    extra = [k.strip() for k in os.environ.get("LONGMEM_API_KEYS", "").split(",") if k.strip()]
+    keys = list(dict.fromkeys([*args.api_keys, *extra]))
+    return args if keys == args.api_keys else args.model_copy(update={"api_keys": keys})
 
 
 def app_builder(args: dict):
     """Serve application: ingress -> model -> one shard deployment per shard of each memory."""
     from longmem.memory.store import read_manifest
 
-    a = ServeArgs(**(args or {}))
+    a = with_env_keys(ServeArgs(**(args or {})))
     a.model.validate()  # a setting the checkpoint fixes is refused here, not in a failed replica
     shards = {}
     for name, directory in a.memories.items():

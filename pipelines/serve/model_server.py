@@ -91,14 +91,25 @@ class LongMemServer:
         return await self._call(run, thread=True)
 
     # --- completions
+    def _prompt(self, req: dict) -> str:
+        """The completion's prompt, or the chat's messages through the tokenizer's chat template."""
+        if "messages" not in req:
+            return req["prompt"]
+        tok = self.model.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise ServeError(400, "this model's tokenizer has no chat template: use /v1/completions")
+        return tok.apply_chat_template(req["messages"], tokenize=False, add_generation_prompt=True)
+
     def _prepare(self, req: dict):
         from longmem.memory import CombinedMemory
 
-        ids = self.model.encode(req["prompt"])
+        ids = self.model.encode(self._prompt(req))
         if ids.shape[1] == 0:
             raise ServeError(400, "the prompt is empty")
         if ids.shape[1] > self.args.max_prompt_tokens:
             raise ServeError(400, f"the prompt has {ids.shape[1]} tokens; the limit is {self.args.max_prompt_tokens}")
+        if req["max_tokens"] is None:
+            req["max_tokens"] = self.args.max_new_tokens
         if req["max_tokens"] > self.args.max_new_tokens:
             raise ServeError(400, f"max_tokens {req['max_tokens']} exceeds the limit of {self.args.max_new_tokens}")
         names = req.get("memory") or []

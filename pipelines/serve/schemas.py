@@ -41,34 +41,103 @@ class ServeError(Exception):
 
 
 # ------------------------------------------------------------------------------ HTTP
-class CompletionRequest(BaseModel):
+def _number(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError("must be a number")
+    return float(v)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    """The fields both OpenAI routes share, including those popular clients send by default: each is
+    accepted at its neutral value, and any other value is a clear 400 (not an unknown field)."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
-    prompt: str | list[str]
-    max_tokens: int = 16
+    max_tokens: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
     stop: str | list[str] | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     seed: int | None = None
     user: str | None = None
     n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: bool | int | None = None
+    logit_bias: dict | None = None
     # extensions: which memories to read
     memory: str | list[str] | None = None  # built memory name(s)
     session: str | None = None  # a session memory id from POST /v1/memories
 
-    @field_validator("temperature", "top_p", mode="before")
+    @field_validator("temperature", "top_p", "presence_penalty", "frequency_penalty", mode="before")
     @classmethod
     def _numbers(cls, v):
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ValueError("must be a number")
-        return float(v)
+        return _number(v)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: str
+    content: str | list[dict] | None = None
+    name: str | None = None
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    top_logprobs: int | None = None
 
 
 class DocumentRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     text: str
+
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def _chat_messages(req: ChatRequest) -> list[dict]:
+    """OpenAI messages -> [{role, content}] for the tokenizer's chat template (text parts only)."""
+    if not req.messages:
+        raise ServeError(400, "messages is empty")
+    out = []
+    for i, m in enumerate(req.messages):
+        if m.role not in CHAT_ROLES:
+            raise ServeError(400, f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {m.role!r}")
+        content = m.content or ""
+        if isinstance(content, list):
+            if any(part.get("type") != "text" or not isinstance(part.get("text"), str) for part in content):
+                raise ServeError(400, f"messages[{i}].content: only text parts are supported")
+            content = "".join(part["text"] for part in content)
+        out.append({"role": m.role, "content": content})
+    if out[-1]["role"] == "assistant":
+        raise ServeError(400, "the last message must be the user's (or system's): the reply is the assistant's")
+    return out
+
+
+def _normalise_chat(req: ChatRequest) -> dict:
+    if req.max_tokens is not None and req.max_completion_tokens is not None and req.max_tokens != req.max_completion_tokens:
+        raise ServeError(400, "max_tokens and max_completion_tokens disagree; send one")
+    if req.top_logprobs:
+        raise ServeError(400, "top_logprobs is not supported")
+    limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    # unset: the server's own limit (OpenAI's chat default is "until the model stops")
+    return {**_sampling(req, limit), "messages": _chat_messages(req)}
 
 
 def _normalise(req: CompletionRequest) -> dict:
@@ -80,15 +149,28 @@ def _normalise(req: CompletionRequest) -> dict:
         prompt = req.prompt
     if not prompt:
         raise ServeError(400, "the prompt is empty")
+    if req.echo or (req.best_of not in (None, 1)) or req.suffix:
+        raise ServeError(400, "echo, best_of > 1 and suffix are not supported")
+    return {**_sampling(req, 16 if req.max_tokens is None else req.max_tokens), "prompt": prompt}
+
+
+def _sampling(req: _Sampling, max_tokens: int | None) -> dict:
     if req.n != 1:
         raise ServeError(400, "n must be 1")
-    if req.max_tokens <= 0:
-        raise ServeError(400, f"max_tokens must be positive, got {req.max_tokens}")
+    if req.presence_penalty or req.frequency_penalty:
+        raise ServeError(400, "presence_penalty and frequency_penalty are not supported (send 0 or leave them out)")
+    if req.logprobs:
+        raise ServeError(400, "logprobs are not supported (send false or leave it out)")
+    if req.logit_bias:
+        raise ServeError(400, "logit_bias is not supported")
+    if max_tokens is not None and max_tokens <= 0:
+        raise ServeError(400, f"max_tokens must be positive, got {max_tokens}")
     if req.temperature < 0 or not 0 < req.top_p <= 1:
         raise ServeError(400, "need temperature >= 0 and 0 < top_p <= 1")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if any(not s for s in stop) or len(stop) > 4:
         raise ServeError(400, "stop must be up to 4 non-empty strings")
     memory = [req.memory] if isinstance(req.memory, str) else list(req.memory or [])
-    return {"prompt": prompt, "max_tokens": req.max_tokens, "temperature": req.temperature, "top_p": req.top_p,
-            "stop": stop, "seed": req.seed, "memory": memory, "session": req.session}
+    return {"max_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p, "stop": stop,
+            "seed": req.seed, "memory": memory, "session": req.session,
+            "include_usage": bool(req.stream_options and req.stream_options.include_usage)}
