@@ -224,3 +224,36 @@ def test_text_shorter_than_the_skipped_sink_is_counted_not_stored():
     k, v = random_kv(1, 3, H=1, D=4)
     bank.add(k, v, skip_first=4)
     assert bank.num_tokens(0) == 0 and int(bank.tokens_seen[0]) == 3
+
+
+@pytest.mark.parametrize("c", [1, 4])
+def test_storage_grows_as_streams_fill_and_searches_exactly_like_a_preallocated_bank(c):
+    """A bank allocates a few slots and doubles them as chunks arrive: an empty session costs little.
+    Through growth, a ring that wraps, uneven streams and resets, it retrieves exactly what a bank
+    with all its slots allocated up front retrieves (neighbours included)."""
+    settings = dict(num_streams=2, num_kv_heads=2, head_dim=8, capacity_tokens=96 * c, chunk_size=c,
+                    dtype=torch.float32, metric="cosine")
+    growing, full = MemoryBank(**settings, initial_chunks=4), MemoryBank(**settings, initial_chunks=10**9)
+    assert growing.allocated_chunks == 4 and full.allocated_chunks == 96
+    assert growing.nbytes() * 20 < full.nbytes()
+    seen = []
+    for step, (T, streams) in enumerate([(5, [0]), (23, [0, 1]), (70, [1]), (150, [0, 1]), (9, [1, 0])]):
+        k, v = random_kv(len(streams), T * c, seed=step)  # about T chunks
+        ids = torch.randint(0, 50, k.shape[:2], generator=torch.Generator().manual_seed(step))
+        for bank in (growing, full):
+            bank.add(k, v, token_ids=ids, streams=streams, skip_first=1)
+        seen.append(growing.allocated_chunks)
+        q = random_kv(2, 6, seed=100 + step)[0].repeat_interleave(2, dim=2)  # 4 query heads
+        a, b = growing.search(q, k=8, with_next=True), full.search(q, k=8, with_next=True)
+        assert torch.equal(a.token_mask, b.token_mask) and torch.equal(a.scores, b.scores)
+        hit = a.token_mask  # (B, Hq, T, K): what was retrieved must be the same; padding is masked
+        for name in ("keys", "values", "next_values"):
+            assert torch.equal(getattr(a, name)[hit], getattr(b, name)[hit]), (step, name)
+        for name in ("token_ids", "next_token_ids", "prev_token_ids", "next_mask"):
+            x, y = (getattr(r, name).reshape(hit.shape) for r in (a, b))
+            assert torch.equal(x[hit], y[hit]), (step, name)
+        assert torch.equal(a.positions, b.positions)
+        if step == 2:
+            for bank in (growing, full):
+                bank.reset([0])
+    assert seen == sorted(seen) and seen[-1] == 96  # grown by doubling, never past capacity

@@ -19,6 +19,7 @@ import torch
 
 from .base import MemoryRetrieval, MemorySpec, StoreError, neighbour_tokens
 
+INITIAL_CHUNKS = 512  # slots allocated at first; storage doubles as a stream fills, up to capacity
 SCORE_BLOCK = 4 * 2**20  # query-chunk scores computed at once in search() (16 MB in float32)
 MIN_SCORE_ROWS = 64  # but never fewer query rows per block than this (GEMM efficiency)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -58,6 +59,7 @@ class MemoryBank:
         dtype: torch.dtype | str = torch.float16,
         device: str | torch.device = "cpu",
         metric: str = "ip",
+        initial_chunks: int = INITIAL_CHUNKS,
     ):
         if isinstance(dtype, str):
             if dtype not in _DTYPES:
@@ -74,12 +76,16 @@ class MemoryBank:
         self.num_streams, self.num_kv_heads, self.head_dim = S, H, D
         self.chunk_size, self.capacity_chunks = c, C
         self.dtype, self.device = dtype, torch.device(device)
-        self.keys = torch.zeros(S, H, C, c, D, dtype=dtype, device=device)
-        self.values = torch.zeros(S, H, C, c, D, dtype=dtype, device=device)
+        # Storage is allocated as chunks arrive (doubling), so an empty session costs little; until
+        # the ring first wraps the filled slots are a prefix, so growing copies that prefix and
+        # nothing else changes.
+        A = min(C, max(1, initial_chunks))
+        self.keys = torch.zeros(S, H, A, c, D, dtype=dtype, device=device)
+        self.values = torch.zeros(S, H, A, c, D, dtype=dtype, device=device)
         # Chunk keys stay float32: they decide what is retrieved, and they are small.
-        self.chunk_keys = torch.zeros(S, H, C, D, dtype=torch.float32, device=device)
-        self.token_ids = torch.full((S, C, c), -1, dtype=torch.long, device=device)
-        self.chunk_positions = torch.full((S, C), -1, dtype=torch.long, device=device)
+        self.chunk_keys = torch.zeros(S, H, A, D, dtype=torch.float32, device=device)
+        self.token_ids = torch.full((S, A, c), -1, dtype=torch.long, device=device)
+        self.chunk_positions = torch.full((S, A), -1, dtype=torch.long, device=device)
         self.count = torch.zeros(S, dtype=torch.long)  # filled slots per stream (<= C)
         self.next_slot = torch.zeros(S, dtype=torch.long)  # ring write pointer
         self.tokens_seen = torch.zeros(S, dtype=torch.long)  # every token ever added, partial included
@@ -88,6 +94,28 @@ class MemoryBank:
     @property
     def capacity_tokens(self) -> int:
         return self.capacity_chunks * self.chunk_size
+
+    @property
+    def allocated_chunks(self) -> int:
+        return self.chunk_positions.shape[1]
+
+    def _reserve(self, chunks: int) -> None:
+        """Make room for `chunks` slots (at most the capacity), doubling the storage."""
+        A = self.allocated_chunks
+        if chunks <= A:
+            return
+        new = min(self.capacity_chunks, max(chunks, 2 * A))
+
+        def grown(t: torch.Tensor, dim: int, fill) -> torch.Tensor:
+            shape = list(t.shape)
+            shape[dim] = new
+            out = torch.full(shape, fill, dtype=t.dtype, device=t.device)
+            out.narrow(dim, 0, A).copy_(t)
+            return out
+
+        self.keys, self.values = grown(self.keys, 2, 0), grown(self.values, 2, 0)
+        self.chunk_keys = grown(self.chunk_keys, 2, 0)
+        self.token_ids, self.chunk_positions = grown(self.token_ids, 1, -1), grown(self.chunk_positions, 1, -1)
 
     def num_tokens(self, stream: int = 0) -> int:
         """Tokens searchable in a stream (whole chunks only)."""
@@ -154,6 +182,7 @@ class MemoryBank:
                 continue
             first = max(0, n - C)  # more chunks than capacity: only the newest C survive
             m = n - first
+            self._reserve(min(C, int(self.next_slot[s]) + m))
             kc = k[first * c : rest].reshape(m, c, self.num_kv_heads, self.head_dim).permute(2, 0, 1, 3)
             vc = v[first * c : rest].reshape(m, c, self.num_kv_heads, self.head_dim).permute(2, 0, 1, 3)
             slots = ((self.next_slot[s] + torch.arange(m)) % C).to(self.device)
@@ -182,8 +211,8 @@ class MemoryBank:
             raise MemoryBankError(f"{Hq} query heads cannot share {Hkv} KV heads evenly")
         if k <= 0:
             raise MemoryBankError(f"k must be positive, got {k}")
-        G, C, c = Hq // Hkv, self.capacity_chunks, self.chunk_size
-        k = min(k, C)
+        G, C, c = Hq // Hkv, self.allocated_chunks, self.chunk_size  # C: the slots there are now
+        k = min(k, self.capacity_chunks)
         s = self._streams(streams, B).to(self.device)
         top, slots = self._top_chunks(queries, s, k)  # (B, Hq, T, k) each
         # Gather straight into (B, Hq, T, k, csz, D) from the small index tensors: no big copies.
@@ -196,7 +225,8 @@ class MemoryBank:
         ids = self.token_ids[b_idx, slots]  # (B, Hq, T, k, c)
         neighbours = (None,) * 4
         if with_next:
-            # A ring slot's neighbours are the slots beside it, when they hold the adjacent positions.
+            # A ring slot's neighbours are the slots beside it, when they hold the adjacent positions
+            # (before the storage is full, the slot past the last is the first: never adjacent).
             following, preceding = (slots + 1) % C, (slots - 1) % C
             neighbours = neighbour_tokens(
                 values, ids, hit,
@@ -256,6 +286,8 @@ class MemoryBank:
             if n < k:  # pad so that every query gets k (masked) results
                 scores = torch.nn.functional.pad(scores, (0, k - n), value=float("-inf"))
             top, slots = exact_topk(scores, k)
+            if n < k:  # padding's slots point past the filled ones: keep them in the storage (masked)
+                slots = slots.clamp_max(n - 1)
             tops.append(top)
             slot_list.append(slots)
         top, slots = (tops[0], slot_list[0]) if len(tops) == 1 else (torch.cat(tops, 2), torch.cat(slot_list, 2))
