@@ -10,7 +10,7 @@ import json
 
 import torch
 
-from common import fill_bank_with_real_keys, interleaved, machine, real_text_ids
+from common import as_trained, fill_bank_with_real_keys, interleaved, machine, real_text_ids
 from longmem.loading import load_model
 
 
@@ -20,12 +20,17 @@ def main():
     ap.add_argument("--segment", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--memory-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    ap.add_argument("--checkpoint", help="a trained checkpoint (default: a fresh model shaped like one)")
     args = ap.parse_args()
 
     torch.manual_seed(0)
     # The defaults (the recipe: token-level search, the copy head), on a full memory of real keys.
-    model = load_model(overrides={"memory.window": args.segment, "memory.capacity_tokens": args.memory_tokens,
-                                  "memory.dtype": args.memory_dtype}).eval()
+    settings = {"memory.window": args.segment, "memory.capacity_tokens": args.memory_tokens,
+                "memory.dtype": args.memory_dtype}
+    if args.checkpoint:
+        model = load_model(checkpoint=args.checkpoint, overrides=settings).eval()
+    else:
+        model = as_trained(load_model(overrides=settings)).eval()
     bank = model.new_bank(1)
     fill_bank_with_real_keys(model, bank, args.memory_tokens)
     seg = real_text_ids(model.tokenizer, args.segment)

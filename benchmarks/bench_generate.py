@@ -11,7 +11,7 @@ import json
 
 import torch
 
-from common import fill_bank_with_real_keys, interleaved, machine, real_text_ids
+from common import as_trained, fill_bank_with_real_keys, interleaved, machine, real_text_ids
 from longmem.loading import load_model
 
 
@@ -21,9 +21,14 @@ def main():
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--memory-tokens", type=int, default=65_536)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--checkpoint", help="a trained checkpoint (default: a fresh model shaped like one)")
     args = ap.parse_args()
 
-    model = load_model(overrides={"memory.capacity_tokens": args.memory_tokens}).eval()  # the defaults (the recipe)
+    settings = {"memory.capacity_tokens": args.memory_tokens}
+    if args.checkpoint:
+        model = load_model(checkpoint=args.checkpoint, overrides=settings).eval()
+    else:  # the defaults (the recipe), shaped like a trained model
+        model = as_trained(load_model(overrides=settings)).eval()
     bank = model.new_bank(1)
     fill_bank_with_real_keys(model, bank, args.memory_tokens)
     prompt = real_text_ids(model.tokenizer, args.prompt, "emma.txt")

@@ -72,3 +72,14 @@ def fill_bank_with_real_keys(model, bank, tokens: int, distinct: int = 4096) -> 
     while bank.num_tokens(0) < tokens:
         n = min(k.shape[1], tokens - bank.num_tokens(0))
         bank.add(k[:, :n], v[:, :n], token_ids=ids[:, :n])
+
+
+def as_trained(model):
+    """A fresh model shaped like the recipe's trained one, for timing: the side layers from the memory
+    layer up act (alpha != 0, as training leaves them), the ones below stay the backbone and are
+    skipped. A fresh model alone would skip every layer but the memory layer's."""
+    with torch.no_grad():
+        for layer in model.sidenet.layers[model.sidenet.memory_side_layer:]:
+            if layer.alpha is not None and float(layer.alpha) == 0.0:
+                layer.alpha.fill_(0.1)
+    return model
