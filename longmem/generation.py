@@ -20,7 +20,7 @@ from .sidenet import LayerCache
 class GenerationOutput:
     token_ids: list[list[int]]  # new tokens per row (stop string and EOS excluded)
     texts: list[str] | None  # decoded new text per row, when a tokenizer is attached
-    finish_reasons: list[str]  # "length" | "stop" | "eos" per row
+    finish_reasons: list[str]  # "length" | "stop" | "eos" | "cancelled" per row
 
 
 @dataclass
@@ -79,12 +79,15 @@ def generate(
     seed: int | None = None,
     return_logits: bool = False,
     on_token=None,
+    should_stop=None,
 ):
     """Decode from prompts (B, P) of equal length.
 
     temperature 0 is greedy; otherwise sample with nucleus `top_p`. Returns GenerationOutput, and
     also the per-step logits (steps, B, V) when return_logits=True. `on_token(row, token_id)` is
-    called for every kept token as it is decided (streaming).
+    called for every kept token as it is decided (streaming). `should_stop()` is asked before every
+    step: once true, decoding ends there and unfinished rows end with reason "cancelled" (a client
+    that went away).
     """
     model._check_input(input_ids, None)
     if memory is not None:
@@ -99,13 +102,13 @@ def generate(
     model.eval()
     try:
         return _decode(model, input_ids, memory, streams, max_new_tokens, temperature, top_p, stop or [], on_token,
-                       use_cache, seed, return_logits)
+                       use_cache, seed, return_logits, should_stop)
     finally:
         model.train(was_training)
 
 
 def _decode(model, ids, memory, streams, max_new_tokens, temperature, top_p, stop, on_token, use_cache, seed,
-            return_logits):
+            return_logits, should_stop=None):
     B, P = ids.shape
     local_start = model.local_start(P)
     if local_start and memory is not None and memory.read_only:
@@ -127,6 +130,9 @@ def _decode(model, ids, memory, streams, max_new_tokens, temperature, top_p, sto
     done = [False] * B
     steps = []
     for step in range(max_new_tokens):
+        if should_stop is not None and should_stop():
+            reasons = [r if d else "cancelled" for r, d in zip(reasons, done)]
+            break
         if return_logits:
             steps.append(logits.float().clone())
         token = sample(logits, temperature, top_p, generator)  # (B,)

@@ -601,3 +601,12 @@ def test_a_checkpoint_saved_before_the_rerank_map_loads_with_the_identity(tmp_pa
     for seg in (ids(seed=1), ids()):
         assert torch.equal(model(seg, bank=bank_a, update_memory=True).logits,
                            loaded(seg, bank=bank_b, update_memory=True).logits)
+
+
+def test_should_stop_ends_decoding_at_the_next_step_as_cancelled():
+    model = tiny_longmem("llama")
+    kept = []
+    out = model.generate(ids(B=1, T=8), max_new_tokens=20, on_token=lambda row, t: kept.append(t),
+                         should_stop=lambda: len(kept) >= 3)
+    assert out.finish_reasons == ["cancelled"] and out.token_ids[0] == kept and len(kept) == 3
+    assert model.generate(ids(B=1, T=8), max_new_tokens=5, should_stop=lambda: False).finish_reasons == ["length"]

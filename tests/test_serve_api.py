@@ -34,3 +34,42 @@ def test_chat_requests_normalise_to_the_template_messages():
     assert out["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
     assert (out["max_tokens"], out["include_usage"], out["temperature"]) == (7, True, 0.0)
     assert _normalise_chat(ChatRequest(messages=[{"role": "user", "content": "x"}]))["max_tokens"] is None  # the server's
+
+
+def _request(**kw):
+    return {"prompt": "It is a truth universally acknowledged", "max_tokens": 2, "temperature": 0.0, "top_p": 1.0,
+            "stop": [], "seed": None, "memory": [], "session": None, "owner": "anonymous", **kw}
+
+
+def test_a_stream_closed_early_stops_its_generation_and_frees_the_replica(tiny_dir):
+    """The model deployment's class itself (no cluster): a client that drops a long stream after its
+    first piece frees the replica at the next decode step; the next request does not wait for the
+    abandoned generation to run to its end."""
+    import asyncio
+
+    from pipelines.serve.model_server import LongMemServer
+
+    args = ServeArgs(model={"backbone": str(tiny_dir), "overrides": {"memory.window": 64, "memory.capacity_tokens": 256}},
+                     max_new_tokens=400)
+    server = LongMemServer.func_or_class(args.model_dump(), {})
+    finished = []
+    generate = server.model.generate
+
+    def recording(*a, **kw):
+        out = generate(*a, **kw)
+        finished.append((out.finish_reasons[0], len(out.token_ids[0])))
+        return out
+
+    server.model.generate = recording
+    server.model.tokenizer.eos_token_id = None  # a random model may end early: here it must run long
+
+    async def drop_then_ask():
+        stream = server.complete_stream(_request(max_tokens=400))
+        assert "text" in await stream.__anext__()
+        await stream.aclose()
+        return await server.complete(_request())
+
+    second = asyncio.run(drop_then_ask())
+    assert second["completion_tokens"] == 2
+    assert finished[0][0] == "cancelled" and finished[0][1] < 400  # stopped where the client left
+    assert finished[1] == ("length", 2)

@@ -122,17 +122,24 @@ class LongMemServer:
         memory = CombinedMemory(bank, [self.memories[n] for n in names])
         return ids, memory
 
-    def _generate(self, req: dict, on_token=None) -> dict:
+    def _generate(self, req: dict, on_token=None, cancelled: threading.Event | None = None) -> dict:
         ids, memory = self._prepare(req)
         with self.lock:
+            # A client that went away (while this waited, or mid-generation) frees the replica at the
+            # next step instead of holding the lock to the end.
             out = self.model.generate(ids, bank=memory, max_new_tokens=req["max_tokens"],
                                       temperature=req["temperature"], top_p=req["top_p"], stop=req.get("stop") or None,
-                                      seed=req.get("seed"), on_token=on_token)
+                                      seed=req.get("seed"), on_token=on_token,
+                                      should_stop=None if cancelled is None else cancelled.is_set)
         return {"text": out.texts[0], "finish_reason": "length" if out.finish_reasons[0] == "length" else "stop",
                 "prompt_tokens": int(ids.shape[1]), "completion_tokens": len(out.token_ids[0])}
 
     async def complete(self, req: dict) -> dict:
-        return await self._call(lambda: self._generate(req), thread=True)
+        cancelled = threading.Event()
+        try:
+            return await self._call(lambda: self._generate(req, cancelled=cancelled), thread=True)
+        finally:  # a cancelled call (the client disconnected) stops its generation too
+            cancelled.set()
 
     async def complete_stream(self, req: dict):
         """Yields {"text": delta} events, then {"finish_reason", usage}; or one {"error"} event."""
@@ -140,8 +147,8 @@ class LongMemServer:
         queue: asyncio.Queue = asyncio.Queue()
         tokens: list[int] = []
         stops = req.get("stop") or []
-        sent = 0
         tok = self.model.tokenizer
+        cancelled = threading.Event()
 
         def on_token(_row, token_id):
             tokens.append(token_id)
@@ -149,7 +156,7 @@ class LongMemServer:
 
         def run():
             try:
-                result = self._generate(req, on_token)
+                result = self._generate(req, on_token, cancelled)
                 loop.call_soon_threadsafe(queue.put_nowait, ("done", result))
             except ServeError as e:
                 loop.call_soon_threadsafe(queue.put_nowait, ("error", e.to_dict()))
@@ -158,6 +165,15 @@ class LongMemServer:
 
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
+        try:
+            async for event in self._stream_events(queue, tokens, stops, tok):
+                yield event
+        finally:  # the stream was closed early (the client disconnected): stop generating
+            cancelled.set()
+
+    @staticmethod
+    async def _stream_events(queue: asyncio.Queue, tokens: list[int], stops: list[str], tok):
+        sent = 0
         while True:
             kind, payload = await queue.get()
             if kind == "token":
