@@ -1,7 +1,7 @@
 """Ray Serve: memory-augmented completions over HTTP.
 
     Ingress (FastAPI: auth, validation, OpenAI-style JSON and SSE)
-      -> LongMemServer (backbone + SideNet, KV-cached decoding, session banks with LRU eviction)
+      -> LongMemServer (backbone + SideNet, KV-cached decoding, session banks under per-key quotas)
            -> MemoryShardServer x shards of each built memory (faiss search, batched queries)
 
 A completion reads a CombinedMemory: the session's bank (or a fresh one for a one-off request) and

@@ -1,4 +1,4 @@
-"""The model server: backbone + SideNet, KV-cached decoding, session banks with LRU eviction."""
+"""The model server: backbone + SideNet, KV-cached decoding, session banks under per-key quotas."""
 
 from __future__ import annotations
 
@@ -59,11 +59,16 @@ class LongMemServer:
                 "capacity_tokens": s.bank.capacity_tokens}
 
     async def create_session(self, owner: str) -> dict:
+        mine = sum(s.owner == owner for s in self.sessions.values())
+        if mine >= self.args.max_sessions_per_key:
+            return ServeError(429, f"this key holds {mine} session memories, its limit: delete one "
+                                   "(DELETE /v1/memories/ID) before creating another", "rate_limit_error").to_dict()
+        if len(self.sessions) >= self.args.max_sessions:
+            return ServeError(503, f"this replica holds its limit of {self.args.max_sessions} session memories; "
+                                   "try again later", "server_error").to_dict()
         session_id = "mem-" + uuid.uuid4().hex[:24]
-        bank = self.model.new_bank(1, capacity_tokens=self.args.session_tokens)
+        bank = self.model.new_bank(1, capacity_tokens=self.args.session_tokens)  # storage grows as it fills
         self.sessions[session_id] = Session(owner, bank)
-        while len(self.sessions) > self.args.max_sessions:
-            self.sessions.popitem(last=False)
         return self._info(session_id, self.sessions[session_id])
 
     async def session_info(self, owner: str, session_id: str) -> dict:

@@ -17,7 +17,11 @@ class ServeArgs(BaseModel):
     model_name: str = "longmem"
     memories: dict[str, str] = Field(default_factory=dict)  # name -> built memory folder
     api_keys: list[str] = Field(default_factory=list)  # bearer tokens; empty: no auth
-    max_sessions: int = 64  # session memories kept; the least recently used is evicted
+    # Session memories live in the replica's RAM. A key may hold max_sessions_per_key of them and the
+    # replica max_sessions in all; beyond either a new session is refused (429 / 503), never made by
+    # dropping another session, so one key cannot push out another's memory.
+    max_sessions: int = 64
+    max_sessions_per_key: int = 16
     session_tokens: int = 65_536  # memory capacity of one session
     max_prompt_tokens: int = 4096
     max_new_tokens: int = 512
