@@ -148,7 +148,7 @@ def cmd_train(args) -> int:
     from pipelines.train_sidenet import TrainJob, run_training
 
     names = ("steps", "segments_per_episode", "batch_size", "grad_accum", "curriculum", "lr", "memory_lr",
-             "answer_weight", "distractor_tokens", "warmup_steps", "seed")
+             "answer_weight", "distractor_tokens", "warmup_steps", "seed", "trained_layers")
     train = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.copy_head_only:
         train["copy_head_only"] = True
@@ -322,15 +322,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--segments", type=int, dest="segments_per_episode", help="segments per episode")
     t.add_argument("--batch", type=int, dest="batch_size", help="episodes per worker per micro-batch")
     t.add_argument("--grad-accum", type=int)
-    t.add_argument("--curriculum", help="mix of plain, repeat, passkey, facts episodes, e.g. plain:0.3,repeat:0.3,passkey:0.4")
+    t.add_argument("--curriculum", help="mix of plain, repeat, passkey, facts episodes, e.g. plain:0.25,repeat:0.15,passkey:0.1,facts:0.5")
     t.add_argument("--lr", type=float)
     t.add_argument("--memory-lr", type=float, help="learning rate of the gates, memory scale and copy head")
-    t.add_argument("--answer-weight", type=float, help="loss weight of passkey answer tokens")
+    t.add_argument("--answer-weight", type=float, help="loss weight of the answer tokens of passkey and facts episodes")
     t.add_argument("--distractor-tokens", type=int, metavar="TOKENS",
                    help="TOKENS of other corpus text in every episode's memory first (reads learnt "
                         "among as many unrelated tokens as at a long test distance)")
     t.add_argument("--warmup", type=int, dest="warmup_steps")
     t.add_argument("--seed", type=int)
+    t.add_argument("--trained-layers", choices=["from_memory", "all"],
+                   help="side layers trained: from the memory layer up (default; the ones below stay the "
+                        "backbone and are skipped) or all (the paper; needed with --preset paper)")
     t.add_argument("--center-keys", type=int, default=8192, metavar="TOKENS",
                    help="a fresh model's key centre: the mean key of the corpus's first TOKENS tokens (default 8192)")
     t.add_argument("--copy-head-only", action="store_true",
