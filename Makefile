@@ -2,9 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# CPU build by default; on a CUDA machine use e.g. `make demo TORCH_SPEC=torch` and EXTRAS=dev,gpu.
+# CPU build by default; on a CUDA machine use e.g. `make demo TORCH_SPEC=torch EXTRAS=dev,gpu`.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev
+EXTRAS ?= dev,cpu
 STAMP := $(VENV)/.longmem-installed
 
 .PHONY: setup demo test test-fast bench clean

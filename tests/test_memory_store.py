@@ -196,3 +196,14 @@ def test_every_memory_keeps_the_contract_and_returns_the_same_retrieval(tmp_path
         CombinedMemory(None, [store]).add(torch.zeros(1, 4, 2, 16), torch.zeros(1, 4, 2, 16))
     CombinedMemory(bank, [store]).reset()  # resets the session bank only
     assert bank.num_tokens(0) == 0 and store.num_chunks > 0
+
+
+def test_a_missing_faiss_is_a_clear_error_naming_the_extras(monkeypatch):
+    import sys
+
+    from longmem.memory.base import StoreError, import_faiss
+
+    assert import_faiss().__name__ == "faiss"
+    monkeypatch.setitem(sys.modules, "faiss", None)  # as if neither extra were installed
+    with pytest.raises(StoreError, match=r"longmem\[cpu\]"):
+        import_faiss()

@@ -27,6 +27,17 @@ class StoreError(ValueError):
     """A memory that cannot be used as asked (missing, damaged, or made for another model)."""
 
 
+def import_faiss():
+    """faiss, or a clear error: it comes from the `cpu` or the `gpu` extra (each provides the
+    `faiss` module, so the project installs exactly one of them)."""
+    try:
+        import faiss
+    except ImportError:
+        raise StoreError("built memories need faiss: pip install 'longmem[cpu]' (or 'longmem[gpu]' on a CUDA "
+                         "machine); `make setup` installs the cpu one") from None
+    return faiss
+
+
 @dataclass
 class MemoryRetrieval:
     """Top-k chunks per query token and search head. H = search heads, k = chunks, c = chunk size."""

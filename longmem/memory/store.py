@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import MemoryRetrieval, MemorySpec, StoreError, merge_retrievals, neighbour_tokens
+from .base import MemoryRetrieval, MemorySpec, StoreError, import_faiss, merge_retrievals, neighbour_tokens
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -91,7 +91,7 @@ class MemoryShard:
 
     def __init__(self, directory: str | Path, spec: MemorySpec, meta: dict | None = None, nprobe: int = 32,
                  mmap: bool = True, device: str = "cpu", rerank: int = 4):
-        import faiss
+        faiss = import_faiss()
         import pyarrow.parquet as pq
 
         self.directory = Path(directory)
@@ -243,7 +243,7 @@ def shard_retrieval(shard: "MemoryShard", queries: torch.Tensor, k: int, with_ne
 def _to_device(index, device: str):
     if not str(device).startswith("cuda"):
         return index
-    import faiss
+    faiss = import_faiss()
 
     if not hasattr(faiss, "StandardGpuResources"):
         raise StoreError("a CUDA device was asked for but this faiss has no GPU support; install the 'gpu' extra")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import MemorySpec, StoreError
+from .base import MemorySpec, StoreError, import_faiss
 from .store import _NP_DTYPES, FORMAT_VERSION, INDEX_KINDS, MANIFEST, SHARD_META, sha256_file
 
 
@@ -57,7 +57,7 @@ def _ivf_lists(n: int) -> int:
 def build_index(vectors: np.ndarray, kind: str, seed: int = 0):
     """A faiss inner-product index over (N, D) float32 vectors. Returns (index, kind actually built):
     IVF needs >= 39 vectors per list and PQ >= 9,984 training vectors; smaller shards fall back."""
-    import faiss
+    faiss = import_faiss()
 
     n, d = vectors.shape
     if kind == "ivfpq" and (n < 39 * 256 or d % 8):
@@ -85,7 +85,7 @@ def write_shard(directory: str | Path, spec: MemorySpec, documents: list[dict], 
                 docs_digest: str = "") -> dict:
     """Write one shard from documents in order: dicts of doc_id, keys, values (N, Hkv, D),
     token_ids, positions (N,). Files first, shard.json last. Returns the shard's metadata."""
-    import faiss
+    faiss = import_faiss()
     import pyarrow as pa
     import pyarrow.parquet as pq
 
