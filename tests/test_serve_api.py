@@ -96,3 +96,18 @@ def test_session_quotas_are_per_key_and_never_evict_another_keys_memory(tiny_dir
     assert full["error"]["status"] == 503
     assert all(s["id"] in server.sessions for s in a + b)  # nobody's session was dropped
     assert server.sessions[a[0]["id"]].bank.allocated_chunks < 8192 // 8  # an empty session holds little
+
+
+def test_a_full_model_queue_is_a_503_with_retry_after():
+    from ray.serve.exceptions import BackPressureError
+
+    class Busy:  # a model handle whose queue is full, as Serve reports it
+        class complete:
+            @staticmethod
+            def remote(_req):
+                raise BackPressureError(num_queued_requests=64, max_queued_requests=64)
+
+    client = TestClient(build_api(Busy, ServeArgs()))
+    r = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+    assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
+    assert "retry" in r.json()["error"]["message"]

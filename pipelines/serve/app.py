@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 # build_api's routes name these in their annotations: they must be globals of this module.
@@ -62,6 +63,12 @@ def build_api(model_handle, args: ServeArgs) -> FastAPI:
     @app.exception_handler(ServeError)
     async def _serve_error(_request, exc: ServeError):
         return error(exc.status, exc.message, exc.kind)
+
+    @app.exception_handler(BackPressureError)
+    async def _busy(_request, exc: BackPressureError):
+        response = error(503, "the model replicas are busy (their queue is full); retry shortly", "server_error")
+        response.headers["Retry-After"] = str(max(1, round(getattr(exc, "retry_after_s", None) or 1)))
+        return response
 
     async def owner_of(request: Request) -> str:
         if not keys:
@@ -234,7 +241,8 @@ def app_builder(args: dict):
             .bind(directory, i, a.nprobe)
             for i in range(n)
         ]
-    options = {"ray_actor_options": {"num_cpus": a.model_cpus}}
+    options = {"ray_actor_options": {"num_cpus": a.model_cpus}, "max_ongoing_requests": a.max_ongoing_requests,
+               "max_queued_requests": a.max_queued_requests}
     if a.autoscaling:
         options["autoscaling_config"] = a.autoscaling
     else:

@@ -26,6 +26,10 @@ class ServeArgs(BaseModel):
     max_prompt_tokens: int = 4096
     max_new_tokens: int = 512
     max_document_bytes: int = 2_000_000
+    # Requests a model replica takes at once (generation is one at a time; quick calls interleave),
+    # and how many may wait beyond that; past both, a 503 with Retry-After instead of a long wait.
+    max_ongoing_requests: int = 32
+    max_queued_requests: int = 64
     model_replicas: int = 1
     autoscaling: dict | None = None  # Serve autoscaling_config for the model deployment
     model_cpus: float = 1.0
