@@ -164,21 +164,23 @@ class EpisodeSampler:
             return Episode(ids, ids.clone(), kind, answer)
         return Episode(ids, ids.clone(), kind)
 
-    def _passkey(self, ids: torch.Tensor) -> torch.Tensor:
-        W = self.window
-        key = f"{self.rng.randrange(10_000, 100_000)}"
-        encode = lambda s: torch.tensor(self.tokenizer(s, add_special_tokens=False).input_ids)  # noqa: E731
-        fact, question = encode(PASSKEY_FACT.format(key=key)), encode(PASSKEY_QUESTION + " " + key + ".")
-        at = self.rng.randrange(W - fact.numel())
-        ids[at : at + fact.numel()] = fact
-        ids[self.length - question.numel() :] = question
-        answer = torch.zeros(self.length, dtype=torch.bool)
-        answer[self.length - (question.numel() - encode(PASSKEY_QUESTION).numel()) :] = True
-        return ids, answer
-
-
     def _encode(self, text: str) -> torch.Tensor:
         return torch.tensor(self.tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
+
+    def _ask(self, ids: torch.Tensor, prefix: str, value: str):
+        """End the episode with `prefix` and its answer `value`; returns ids and the answer's mask."""
+        question = self._encode(prefix + " " + value + ".")
+        ids[self.length - question.numel() :] = question
+        answer = torch.zeros(self.length, dtype=torch.bool)
+        answer[self.length - (question.numel() - self._encode(prefix).numel()) :] = True
+        return ids, answer
+
+    def _passkey(self, ids: torch.Tensor):
+        key = f"{self.rng.randrange(10_000, 100_000)}"
+        fact = self._encode(PASSKEY_FACT.format(key=key))
+        at = self.rng.randrange(self.window - fact.numel())
+        ids[at : at + fact.numel()] = fact
+        return self._ask(ids, PASSKEY_QUESTION, key)
 
     def _facts(self, ids: torch.Tensor):
         from .facts import TRAIN_ADJECTIVES, TRAIN_NOUNS, TRAIN_TEMPLATES, TRAIN_WORDS, VALUE_KINDS, fact_set
@@ -199,12 +201,7 @@ class EpisodeSampler:
             ids[at : at + tokens.numel()] = tokens
         asked_key, asked_value, _ = facts[rng.randrange(len(facts))]
         style = template.restate if rng.random() < 0.5 else template.paraphrase
-        prefix = style.format(kind=kind, key=asked_key)
-        question = self._encode(prefix + " " + asked_value + ".")
-        ids[self.length - question.numel() :] = question
-        answer = torch.zeros(self.length, dtype=torch.bool)
-        answer[self.length - (question.numel() - self._encode(prefix).numel()) :] = True
-        return ids, answer
+        return self._ask(ids, style.format(kind=kind, key=asked_key), asked_value)
 
 
 def distractor_segments(documents, window: int, cfg: TrainConfig) -> list[torch.Tensor]:
