@@ -1,10 +1,12 @@
-"""Serving: latency per generated token with a 3-shard memory ÷ without memory (same replica), and
-8 concurrent clients for 60 s (requests/s, p50/p99 latency, errors).
+"""Serving: generated tokens/s with 8 and 32 concurrent clients ÷ 1 client (continuous batching,
+one replica), p50/p99 latency and errors at each; latency per generated token with a 3-shard
+memory ÷ without memory (same replica, one client).
 
     python benchmarks/bench_serve.py [--checkpoint DIR] [--memory-tokens 32768] [--seconds 60]
 
 The memory is built in-process from real text (Emma) into 3 shards; the model is the checkpoint
-given, else a fresh SideNet on the default backbone. Prints one JSON object.
+given, else a fresh SideNet on the default backbone. Half the clients read the memory. Prints one
+summary line per figure, then one JSON object.
 """
 
 import argparse
@@ -34,7 +36,7 @@ def main():
     ap.add_argument("--memory-tokens", type=int, default=32768)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--clients", default="1,8,32")
     ap.add_argument("--seconds", type=float, default=60)
     args = ap.parse_args()
 
@@ -62,7 +64,8 @@ def main():
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(app_builder({"model": {"checkpoint": checkpoint}, "memories": {"emma": str(root / "memory")},
-                           "model_cpus": 1.0, "shard_cpus": 0.1, "ingress_cpus": 0.1}),
+                           "model_cpus": 1.0, "shard_cpus": 0.1, "ingress_cpus": 0.1,
+                           "max_ongoing_requests": 64, "max_queued_requests": 64}),
               name="bench", route_prefix="/", blocking=False)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300)
     body = {"prompt": prompt, "max_tokens": args.new_tokens, "temperature": 0}
@@ -82,40 +85,66 @@ def main():
               "ms_per_token_without_memory": 1000 * statistics.median(without)}
     report["ratio_with_over_without"] = report["ms_per_token_with_memory"] / report["ms_per_token_without_memory"]
 
-    latencies, errors, stop = [], [0], time.time() + args.seconds
+    base = f"http://127.0.0.1:{port}"
+    load = {}
+    for n in [int(x) for x in args.clients.split(",")]:
+        load[n] = run_clients(base, body, n, args.seconds)
+    one = load.get(1)
+    for n, r in load.items():
+        if one and n != 1:
+            r["tokens_per_s_over_1_client"] = r["tokens_per_s"] / one["tokens_per_s"]
+    report["load"] = load
+    serve.shutdown()
+    print(f"ms per generated token, 3-shard memory / none: {report['ratio_with_over_without']:.2f} "
+          f"({report['ms_per_token_with_memory']:.1f} / {report['ms_per_token_without_memory']:.1f} ms)")
+    for n, r in load.items():
+        ratio = f", {r['tokens_per_s_over_1_client']:.2f}x 1 client" if "tokens_per_s_over_1_client" in r else ""
+        print(f"{n} clients: {r['tokens_per_s']:.1f} tokens/s{ratio}; p50 {r['p50_s']:.2f} s, p99 {r['p99_s']:.2f} s; "
+              f"{r['requests']} requests, {r['errors']} errors, mean batch {r.get('mean_batch', 0):.1f}")
+    print(json.dumps(report, indent=2))
+
+
+def run_clients(base: str, body: dict, clients: int, seconds: float) -> dict:
+    """`clients` threads each sending one request after another for `seconds`; half read memory."""
+    latencies, tokens, errors, stop = [], [0], [0], time.time() + seconds
     lock = threading.Lock()
 
     def worker(i):
-        c = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300)
+        c = httpx.Client(base_url=base, timeout=300)
         while time.time() < stop:
             t0 = time.perf_counter()
             try:
-                r = c.post("/v1/completions", json={**body, "max_tokens": 8, "memory": "emma" if i % 2 else []})
+                r = c.post("/v1/completions", json={**body, "memory": "emma" if i % 2 else []})
                 ok = r.status_code == 200
             except httpx.HTTPError:
                 ok = False
             with lock:
                 if ok:
                     latencies.append(time.perf_counter() - t0)
+                    tokens[0] += r.json()["usage"]["completion_tokens"]
                 else:
                     errors[0] += 1
 
+    from ray import serve
+
+    handle = serve.get_deployment_handle("LongMemServer", "bench")
+    before = handle.describe.remote().result()["batching"]
     t0 = time.time()
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(args.clients)]
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     elapsed = time.time() - t0
+    after = handle.describe.remote().result()["batching"]
     latencies.sort()
-    report.update({
-        "clients": args.clients, "seconds": round(elapsed, 1), "requests": len(latencies), "errors": errors[0],
-        "requests_per_s": len(latencies) / elapsed,
-        "p50_s": latencies[len(latencies) // 2] if latencies else None,
-        "p99_s": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] if latencies else None,
-    })
-    serve.shutdown()
-    print(json.dumps(report, indent=2))
+    steps = after["steps"] - before["steps"]
+    return {"clients": clients, "seconds": round(elapsed, 1), "requests": len(latencies), "errors": errors[0],
+            "tokens": tokens[0], "tokens_per_s": tokens[0] / elapsed, "requests_per_s": len(latencies) / elapsed,
+            "p50_s": latencies[len(latencies) // 2] if latencies else None,
+            "p99_s": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] if latencies else None,
+            "mean_batch": (after["tokens"] - before["tokens"]) / steps if steps else 0.0,
+            "max_batch": after["max_batch"]}
 
 
 if __name__ == "__main__":

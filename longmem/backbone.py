@@ -133,8 +133,14 @@ class BackboneAdapter:
         memory_layer: int,
         cache=None,
         stop_after_memory: bool = False,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> BackboneStates:
         """One frozen pass over input_ids (B, T), continuing `cache` if given (HF Cache, updated in place).
+
+        Rows of a batch that continue contexts of different lengths (batched decoding) pass
+        `attention_mask` (B, cached + T), 0 on the padding before a row's context, and their own
+        `position_ids` (B, T).
 
         Returns hidden states H^j for j in keep_layers (H^0 = input of layer 0, H^j = output of layer j-1)
         and the memory layer's pre-rotary q/k/v. The LM head is not run. `stop_after_memory` skips
@@ -172,7 +178,12 @@ class BackboneAdapter:
                     handles.append(self.layers[j - 1].register_forward_hook(layer_output(j)))
             for i, module in enumerate(modules):
                 handles.append(module.register_forward_hook(capture(i)))
-            self.base(input_ids=input_ids, cache=cache, use_cache=cache is not None)
+            extra = {}
+            if attention_mask is not None:
+                extra["attention_mask"] = attention_mask.long()
+            if position_ids is not None:
+                extra["position_ids"] = position_ids
+            self.base(input_ids=input_ids, cache=cache, use_cache=cache is not None, **extra)
         except _StopForward:
             pass
         finally:

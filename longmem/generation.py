@@ -107,8 +107,10 @@ def generate(
         model.train(was_training)
 
 
-def _decode(model, ids, memory, streams, max_new_tokens, temperature, top_p, stop, on_token, use_cache, seed,
-            return_logits, should_stop=None):
+def read_prompt(model: LongMem, ids: torch.Tensor, memory, streams, use_cache: bool = True):
+    """Read prompts (B, P): all but the last (possibly whole) window goes through memory, the rest
+    is the local context. Returns the memory decoding writes to, its streams, the decode state and
+    the last logits (B, V)."""
     B, P = ids.shape
     local_start = model.local_start(P)
     if local_start and memory is not None and memory.read_only:
@@ -119,10 +121,25 @@ def _decode(model, ids, memory, streams, max_new_tokens, temperature, top_p, sto
         model.write_memory(ids[:, :local_start], memory, streams)
     previous = ids[:, local_start - 1] if local_start else None
     state, logits = prefill(model, ids[:, local_start:], memory, streams, use_cache, previous)
+    return memory, streams, state, logits
 
-    generator = torch.Generator(device=model.device)
-    if seed is not None:
+
+def new_generator(device, seed: int | None) -> torch.Generator:
+    """A sampling generator: seeded for reproducible sampling, otherwise from fresh entropy (an
+    unseeded torch.Generator would start every request from the same default seed)."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
         generator.manual_seed(seed)
+    return generator
+
+
+def _decode(model, ids, memory, streams, max_new_tokens, temperature, top_p, stop, on_token, use_cache, seed,
+            return_logits, should_stop=None):
+    B = ids.shape[0]
+    memory, streams, state, logits = read_prompt(model, ids, memory, streams, use_cache)
+    generator = new_generator(model.device, seed)
     tokenizer = model.tokenizer
     eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
     new = [[] for _ in range(B)]

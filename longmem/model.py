@@ -187,12 +187,16 @@ class LongMem(nn.Module):
         side_caches: list[LayerCache] | None = None,
         states: BackboneStates | None = None,
         previous_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> LongMemOutput:
         """One segment (B, T <= window): read memory first, then (optionally) write this segment to it.
 
         `states` reuses a backbone pass already made for these ids (see `backbone_states`).
         `previous_ids` (B,) is the token before input_ids[:, 0] where there is one (the next read's
-        two-token match uses it)."""
+        two-token match uses it). Batched decoding of rows whose contexts differ in length passes
+        each row's `position_ids` (B, T) and an `attention_mask` (B, cached + T), False on the
+        padding before a row's context (see longmem/batching.py)."""
         self._check_input(input_ids, None if backbone_cache is not None else self.config.memory.window)
         if bank is not None:
             self.check_memory(bank)
@@ -200,11 +204,14 @@ class LongMem(nn.Module):
             raise InputError("update_memory=True needs a writable memory bank (a built memory is read-only)")
         B, T = input_ids.shape
         if states is None:
-            states = self.backbone_states(input_ids, cache=backbone_cache)
-        position_ids = torch.arange(position_offset, position_offset + T, device=self.device)[None]
+            states = self.adapter.run(input_ids, self._keep_layers, self.memory_layer, cache=backbone_cache,
+                                      attention_mask=attention_mask, position_ids=position_ids)
+        if position_ids is None:
+            position_ids = torch.arange(position_offset, position_offset + T, device=self.device)[None]
         retrieve = None if bank is None else self._retriever(bank, states, input_ids, streams, previous_ids)
         sidenet = self._side_runner if self._side_runner is not None else self.sidenet
-        logits, readout = sidenet(self.adapter, states, position_ids, side_caches, retrieve)
+        key_mask = None if attention_mask is None else attention_mask.bool()
+        logits, readout = sidenet(self.adapter, states, position_ids, side_caches, retrieve, key_mask)
 
         loss = None
         if labels is not None:

@@ -246,9 +246,10 @@ class SideLayer(nn.Module):
         self,
         adapter: BackboneAdapter,
         x: torch.Tensor,  # (B, T, C)
-        position_ids: torch.Tensor,  # (1, T)
+        position_ids: torch.Tensor,  # (1, T) or (B, T)
         cache: LayerCache | None = None,
         retrieve: Callable[[torch.Tensor], MemoryRetrieval | None] | None = None,
+        key_mask: torch.Tensor | None = None,  # (B, past + T) False on padding (batched decoding)
     ) -> tuple[torch.Tensor, MemoryReadout | None, torch.Tensor | None]:
         """Returns the layer's update Block(x) (B, T, C), what the memory layer read, and, with a
         separate memory scale, the memory read's own update (B, T, C) to add outside alpha."""
@@ -267,7 +268,11 @@ class SideLayer(nn.Module):
                 k = torch.cat([cache.keys, k], dim=2)
                 v = torch.cat([cache.values, v], dim=2)
             cache.keys, cache.values = k, v
-        if T == 1:
+        if key_mask is not None:
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            mask = mask[None, None] & key_mask[:, None, None, :]  # (B, 1, T, past + T)
+            local = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        elif T == 1:
             local = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
         elif past == 0:
             local = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
@@ -360,6 +365,7 @@ class SideNet(nn.Module):
         position_ids: torch.Tensor,
         caches: list[LayerCache] | None = None,
         retrieve: Callable[[torch.Tensor], MemoryRetrieval | None] | None = None,
+        key_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MemoryReadout | None]:
         """Backbone states -> logits (B, T, V) from the shared LM head (log-probabilities with
         memory_copy), and what the memory layer read."""
@@ -372,7 +378,7 @@ class SideNet(nn.Module):
                 continue
             s_prev = H[l] if deviation is None else H[l] + deviation
             update, read, memory_update = layer(
-                adapter, s_prev, position_ids, None if caches is None else caches[l], retrieve
+                adapter, s_prev, position_ids, None if caches is None else caches[l], retrieve, key_mask
             )
             readout = read or readout
             if layer.alpha is not None:

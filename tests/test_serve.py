@@ -272,3 +272,30 @@ def test_a_deployment_that_overrides_a_trained_setting_is_refused(served):
 
     with pytest.raises(ConfigError, match="read.mode comes from the checkpoint's weights"):
         app_builder({"model": {"checkpoint": str(SERVED["root"] / "ckpt"), "overrides": {"read.mode": "attend"}}})
+
+
+def test_concurrent_requests_decode_in_one_batch_and_equal_one_at_a_time(served):
+    """Eight clients at once, over HTTP, with different prompts, lengths and memories: the replica
+    decodes them together (its observed batch size reaches 8) and each gets the greedy text it
+    gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    client, base, text = served
+    bodies = [{"prompt": text[4000 + 300 * i : 4000 + 300 * i + 40 + 60 * i], "max_tokens": 40 + 3 * i,
+               "temperature": 0, **({"memory": "three"} if i % 2 else {})} for i in range(8)]
+    alone = [complete(client, **b)["choices"][0]["text"] for b in bodies]
+    handle = serve.get_deployment_handle("LongMemServer", "longmem-test")
+    before = handle.describe.remote().result()["batching"]
+
+    def ask(body):
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY2}"}, timeout=120) as c:
+            return complete(c, **body)["choices"][0]["text"]
+
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(ask, bodies))
+    after = handle.describe.remote().result()["batching"]
+    assert together == alone
+    assert after["max_batch"] == 8 and before["max_batch"] < 8
+    assert after["finished"]["error"] == 0

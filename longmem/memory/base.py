@@ -17,7 +17,7 @@ returns one result per KV head; the SideNet's read broadcasts it to the group's 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -234,3 +234,139 @@ class CombinedMemory:
     def check_model(self, spec: MemorySpec) -> None:
         for part in ([self.bank] if self.bank is not None else []) + self.stores:
             part.check_model(spec)
+
+
+def split_retrieval(r: MemoryRetrieval, sizes: list[int]) -> list[MemoryRetrieval]:
+    """A retrieval of queries concatenated along T -> one per part of `sizes` tokens.
+
+    Every per-query field has T as dim 2 (B, H, T, ...); `streams` has no T, and
+    `query_prev_ids` is set later by the model."""
+    out, start = [], 0
+    for n in sizes:
+        cuts = {f.name: getattr(r, f.name).narrow(2, start, n) for f in fields(r)
+                if f.name not in ("streams", "query_prev_ids") and getattr(r, f.name) is not None}
+        out.append(replace(r, **cuts))
+        start += n
+    return out
+
+
+# What an empty retrieved slot holds, per field that has a chunk or token axis (the axis after T).
+_EMPTY = {"keys": 0, "values": 0, "token_mask": False, "scores": float("-inf"), "slots": 0, "positions": -1,
+          "token_ids": -1, "next_values": 0, "next_mask": False, "prev_token_ids": -1, "next_token_ids": -1}
+
+
+def stack_retrievals(rows: list[MemoryRetrieval]) -> MemoryRetrieval:
+    """One retrieval per row (B = 1 each) -> one of B rows; rows that found fewer chunks are padded
+    with empty slots."""
+    if len(rows) == 1:
+        return rows[0]
+    k = max(r.scores.shape[-1] for r in rows)
+    c = rows[0].token_mask.shape[-1] // rows[0].scores.shape[-1]
+    out = {}
+    for f in fields(MemoryRetrieval):
+        xs = [getattr(r, f.name) for r in rows]
+        if any(x is None for x in xs):
+            if not all(x is None for x in xs):
+                raise StoreError(f"rows of a batch disagree on the retrieval's {f.name}")
+            out[f.name] = None
+            continue
+        if f.name in _EMPTY:
+            per_chunk = f.name in ("scores", "slots", "positions", "token_ids")  # axis 3 counts chunks, else tokens
+            padded = []
+            for r, x in zip(rows, xs):
+                missing = (k - r.scores.shape[-1]) * (1 if per_chunk else c)
+                if missing:
+                    shape = list(x.shape)
+                    shape[3] = missing
+                    x = torch.cat([x, torch.full(shape, _EMPTY[f.name], dtype=x.dtype, device=x.device)], dim=3)
+                padded.append(x.to(xs[0].dtype))
+            xs = padded
+        out[f.name] = torch.cat(xs, dim=0)
+    return MemoryRetrieval(**out)
+
+
+class RowMemories:
+    """The memory of a batch whose rows each read their own: row b searches `memories[b]` (a bank,
+    a built memory, a CombinedMemory of both, or None for no memory).
+
+    A built memory that several rows read is searched once for all of them (their queries side by
+    side), and the searches of different built memories are all sent before any is waited for
+    (remote shards search in parallel). Writing goes through each row's own memory."""
+
+    read_only = False
+
+    def __init__(self, memories: list, spec: MemorySpec | None = None):
+        present = [m for m in memories if m is not None]
+        if not present:
+            raise StoreError("RowMemories needs at least one row with a memory")
+        shapes = {(m.num_kv_heads, m.head_dim, m.chunk_size) for m in present}
+        if len(shapes) > 1:
+            raise StoreError(f"rows' memories have different shapes (kv_heads, head_dim, chunk_size): {shapes}")
+        self.num_kv_heads, self.head_dim, self.chunk_size = shapes.pop()
+        self.memories = list(memories)
+        self.device = next((m.device for m in present if not m.read_only), torch.device("cpu"))
+        self._empty = None  # a bank with nothing in it, for rows without memory
+
+    @staticmethod
+    def _parts(memory) -> tuple[list, list]:
+        """(row-private parts, shared read-only parts) of one row's memory."""
+        if memory is None:
+            return [], []
+        if isinstance(memory, CombinedMemory):
+            return ([memory.bank] if memory.bank is not None else []), list(memory.stores)
+        return ([], [memory]) if memory.read_only else ([memory], [])
+
+    def check_model(self, spec: MemorySpec) -> None:
+        for m in self.memories:
+            if m is not None:
+                m.check_model(spec)
+
+    def add(self, keys, values, token_ids=None, streams=None, skip_first: int = 0) -> None:
+        for b, m in enumerate(self.memories):
+            if m is not None and not m.read_only:
+                m.add(keys[b : b + 1], values[b : b + 1], None if token_ids is None else token_ids[b : b + 1],
+                      skip_first=skip_first)
+
+    def reset(self, streams=None) -> None:
+        for m in self.memories:
+            if m is not None:
+                m.reset()
+
+    def search(self, queries: torch.Tensor, k: int, streams=None, with_next: bool = False) -> MemoryRetrieval:
+        """queries (B, T, H, D) -> MemoryRetrieval (B, H, T, ...)."""
+        B, T = queries.shape[:2]
+        if B != len(self.memories):
+            raise StoreError(f"{B} rows of queries for {len(self.memories)} rows of memories")
+        parts: list[list[MemoryRetrieval]] = [[] for _ in range(B)]
+        shared: dict[int, tuple] = {}  # id(store) -> (store, rows)
+        for b, m in enumerate(self.memories):
+            for store in self._parts(m)[1]:
+                shared.setdefault(id(store), (store, []))[1].append(b)
+        pending = []
+        for store, rows in shared.values():
+            q = queries[rows].reshape(1, len(rows) * T, *queries.shape[2:])  # shared: streams do not matter
+            submit = getattr(store, "submit", None)
+            pending.append((rows, submit(q, k, with_next) if submit else store.search(q, k, with_next=with_next)))
+        for b, m in enumerate(self.memories):
+            private = self._parts(m)[0]
+            if m is None:
+                private = [self._empty_bank(queries)]
+            for bank in private:
+                parts[b].append(bank.search(queries[b : b + 1], k, with_next=with_next))
+        for rows, result in pending:
+            result = result() if callable(result) else result
+            for b, part in zip(rows, split_retrieval(result, [T] * len(rows))):
+                parts[b].append(part.to(queries.device) if part.keys.device != queries.device else part)
+        merged = [merge_retrievals(p, k) for p in parts]
+        out = stack_retrievals(merged)
+        out.streams = torch.arange(B, device=out.streams.device)
+        return out
+
+    def _empty_bank(self, queries):
+        if self._empty is None:
+            from .bank import MemoryBank
+
+            self._empty = MemoryBank(num_streams=1, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                                     capacity_tokens=self.chunk_size, chunk_size=self.chunk_size,
+                                     dtype=torch.float32, device=queries.device)
+        return self._empty

@@ -1,4 +1,4 @@
-"""The model server: backbone + SideNet, KV-cached decoding, session banks under per-key quotas."""
+"""The model server: backbone + SideNet, continuous batching, session banks under per-key quotas."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from ray import serve
 
+from pipelines.serve.engine import Engine
 from pipelines.serve.schemas import ServeArgs, ServeError
 from pipelines.serve.shard_server import RemoteMemory
 
@@ -43,7 +44,9 @@ class LongMemServer:
         for memory in self.memories.values():
             memory.check_model(self.model.memory_spec)
         self.sessions: OrderedDict[str, Session] = OrderedDict()
-        self.lock = threading.Lock()  # one forward at a time per replica; requests queue here
+        # Every use of the model runs in the engine's thread: generations decode there together,
+        # a document is written to its session's bank between two steps.
+        self.engine = Engine(self.model, max_rows=self.args.max_batch_size)
 
     # --- sessions
     def _session(self, owner: str, session_id: str) -> Session:
@@ -87,8 +90,7 @@ class LongMemServer:
             s = self._session(owner, session_id)
             if not text.strip():
                 raise ServeError(400, "the document is empty")
-            with self.lock:
-                added = self.model.remember_text(text, s.bank)
+            added = self.model.remember_text(text, s.bank)
             s.documents += 1
             s.tokens += added
             return self._info(session_id, s)
@@ -127,93 +129,117 @@ class LongMemServer:
         memory = CombinedMemory(bank, [self.memories[n] for n in names])
         return ids, memory
 
-    def _generate(self, req: dict, on_token=None, cancelled: threading.Event | None = None) -> dict:
+    def _sampling(self, req: dict):
+        from longmem.batching import Sampling
+
+        return Sampling(max_new_tokens=req["max_tokens"], temperature=req["temperature"], top_p=req["top_p"],
+                        stop=req.get("stop") or [], seed=req.get("seed"))
+
+    def _submit(self, req: dict, on_token=None, cancelled: threading.Event | None = None):
+        """Queue the request's row in the batch; returns (prompt tokens, future of its RowResult)."""
         ids, memory = self._prepare(req)
-        with self.lock:
-            # A client that went away (while this waited, or mid-generation) frees the replica at the
-            # next step instead of holding the lock to the end.
-            out = self.model.generate(ids, bank=memory, max_new_tokens=req["max_tokens"],
-                                      temperature=req["temperature"], top_p=req["top_p"], stop=req.get("stop") or None,
-                                      seed=req.get("seed"), on_token=on_token,
-                                      should_stop=None if cancelled is None else cancelled.is_set)
-        return {"text": out.texts[0], "finish_reason": "length" if out.finish_reasons[0] == "length" else "stop",
-                "prompt_tokens": int(ids.shape[1]), "completion_tokens": len(out.token_ids[0])}
+        future = self.engine.submit(ids, memory, self._sampling(req), on_token=on_token,
+                                    should_stop=None if cancelled is None else cancelled.is_set)
+        return int(ids.shape[1]), future
+
+    @staticmethod
+    def _reply(result, prompt_tokens: int) -> dict:
+        from longmem.model import InputError
+
+        if result.finish_reason == "error":
+            if isinstance(result.error, (InputError, ServeError)):
+                raise ServeError(400, str(result.error)) if isinstance(result.error, InputError) else result.error
+            raise ServeError(500, f"internal error: {type(result.error).__name__}: {result.error}", "server_error")
+        return {"text": result.text, "finish_reason": "length" if result.finish_reason == "length" else "stop",
+                "prompt_tokens": prompt_tokens, "completion_tokens": len(result.token_ids)}
 
     async def complete(self, req: dict) -> dict:
         cancelled = threading.Event()
         try:
-            return await self._call(lambda: self._generate(req, cancelled=cancelled), thread=True)
-        finally:  # a cancelled call (the client disconnected) stops its generation too
+            async def run():
+                prompt_tokens, future = self._submit(req, cancelled=cancelled)
+                return self._reply(await asyncio.wrap_future(future), prompt_tokens)
+
+            return await self._call(run)
+        finally:  # a cancelled call (the client disconnected) frees its row at the next step
             cancelled.set()
 
     async def complete_stream(self, req: dict):
         """Yields {"text": delta} events, then {"finish_reason", usage}; or one {"error"} event."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        tokens: list[int] = []
-        stops = req.get("stop") or []
-        tok = self.model.tokenizer
         cancelled = threading.Event()
 
-        def on_token(_row, token_id):
-            tokens.append(token_id)
-            loop.call_soon_threadsafe(queue.put_nowait, ("token", None))
+        def on_token(token_id):  # called in the engine thread
+            loop.call_soon_threadsafe(queue.put_nowait, ("token", token_id))
 
-        def run():
-            try:
-                result = self._generate(req, on_token, cancelled)
-                loop.call_soon_threadsafe(queue.put_nowait, ("done", result))
-            except ServeError as e:
-                loop.call_soon_threadsafe(queue.put_nowait, ("error", e.to_dict()))
-            except Exception as e:  # noqa: BLE001 - reported to the client, the replica keeps serving
-                loop.call_soon_threadsafe(queue.put_nowait, ("error", ServeError(500, str(e), "server_error").to_dict()))
-
-        worker = threading.Thread(target=run, daemon=True)
-        worker.start()
         try:
-            async for event in self._stream_events(queue, tokens, stops, tok):
+            try:
+                prompt_tokens, future = self._submit(req, on_token, cancelled)
+            except ServeError as e:
+                yield e.to_dict()
+                return
+            except Exception as e:  # noqa: BLE001 - reported to the client, the replica keeps serving
+                yield _error_reply(e)
+                return
+
+            def done(f):
+                loop.call_soon_threadsafe(queue.put_nowait, ("done", f))
+
+            future.add_done_callback(done)
+            async for event in self._stream_events(queue, req.get("stop") or [], self.model.tokenizer, prompt_tokens):
                 yield event
-        finally:  # the stream was closed early (the client disconnected): stop generating
+        finally:  # the stream was closed early (the client disconnected): its row leaves the batch
             cancelled.set()
 
-    @staticmethod
-    async def _stream_events(queue: asyncio.Queue, tokens: list[int], stops: list[str], tok):
-        sent = 0
+    async def _stream_events(self, queue: asyncio.Queue, stops: list[str], tok, prompt_tokens: int):
+        sent, tokens = 0, []
         while True:
             kind, payload = await queue.get()
             if kind == "token":
+                tokens.append(payload)
                 text = tok.decode(tokens, skip_special_tokens=True)
                 safe = _safe_prefix(text, stops)  # never emit what may turn out to start a stop string
                 if safe > sent:
                     yield {"text": text[sent:safe]}
                     sent = safe
-            elif kind == "done":
-                final = payload["text"]
-                if len(final) > sent:
-                    yield {"text": final[sent:]}
-                yield {"finish_reason": payload["finish_reason"], "prompt_tokens": payload["prompt_tokens"],
-                       "completion_tokens": payload["completion_tokens"]}
+                continue
+            result = await self._call(lambda: self._reply(payload.result(), prompt_tokens))
+            if "error" in result:
+                yield result
                 return
-            else:
-                yield payload
-                return
+            final = result["text"]
+            if len(final) > sent:
+                yield {"text": final[sent:]}
+            yield {"finish_reason": result["finish_reason"], "prompt_tokens": result["prompt_tokens"],
+                   "completion_tokens": result["completion_tokens"]}
+            return
 
     async def _call(self, fn, thread: bool = False):
-        from longmem.model import InputError
-
+        """fn's result, or its error as a reply. A coroutine function is awaited; `thread` runs fn
+        in the engine thread between decoding steps (it uses the model or a session's bank)."""
         try:
-            return await asyncio.to_thread(fn) if thread else fn()
-        except ServeError as e:
-            return e.to_dict()
-        except InputError as e:
-            return ServeError(400, str(e)).to_dict()
+            if thread:
+                return await asyncio.wrap_future(self.engine.call(fn))
+            out = fn()
+            return await out if asyncio.iscoroutine(out) else out
         except Exception as e:  # noqa: BLE001 - one failed request must not take the replica down
-            logger.exception("request failed")
-            return ServeError(500, f"internal error: {type(e).__name__}: {e}", "server_error").to_dict()
+            return _error_reply(e)
 
     async def describe(self) -> dict:
         return {"model": self.args.model_name, "memories": [m.info() for m in self.memories.values()],
-                "sessions": len(self.sessions), "config": self.model.config.to_dict()}
+                "sessions": len(self.sessions), "batching": self.engine.stats(), "config": self.model.config.to_dict()}
+
+
+def _error_reply(e: Exception) -> dict:
+    from longmem.model import InputError
+
+    if isinstance(e, ServeError):
+        return e.to_dict()
+    if isinstance(e, InputError):
+        return ServeError(400, str(e)).to_dict()
+    logger.exception("request failed", exc_info=e)
+    return ServeError(500, f"internal error: {type(e).__name__}: {e}", "server_error").to_dict()
 
 
 def _safe_prefix(text: str, stops: list[str]) -> int:

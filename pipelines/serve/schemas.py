@@ -26,8 +26,10 @@ class ServeArgs(BaseModel):
     max_prompt_tokens: int = 4096
     max_new_tokens: int = 512
     max_document_bytes: int = 2_000_000
-    # Requests a model replica takes at once (generation is one at a time; quick calls interleave),
-    # and how many may wait beyond that; past both, a 503 with Retry-After instead of a long wait.
+    # Generations a replica decodes together (continuous batching: a request joins at the next
+    # step, a finished one leaves); requests a replica takes at once, and how many may wait
+    # beyond that. Past both, a 503 with Retry-After instead of a long wait.
+    max_batch_size: int = 32
     max_ongoing_requests: int = 32
     max_queued_requests: int = 64
     model_replicas: int = 1

@@ -6,22 +6,6 @@ from ray import serve
 
 
 # ------------------------------------------------------------------------------ memory shards
-def split_retrieval(r, sizes: list[int]):
-    """A MemoryRetrieval of concatenated queries (along T) -> one per request.
-
-    Every per-query field, whatever it holds, has T as dim 2 (B, Hq, T, ...); `streams` has no T,
-    and `query_prev_ids` is set later by the model."""
-    import dataclasses
-
-    out, start = [], 0
-    for n in sizes:
-        cuts = {f.name: getattr(r, f.name).narrow(2, start, n) for f in dataclasses.fields(r)
-                if f.name not in ("streams", "query_prev_ids") and getattr(r, f.name) is not None}
-        out.append(dataclasses.replace(r, **cuts))
-        start += n
-    return out
-
-
 @serve.deployment(max_ongoing_requests=64)
 class MemoryShardServer:
     """One shard of a built memory; concurrent searches are batched into one faiss call."""
@@ -38,6 +22,7 @@ class MemoryShardServer:
         """requests: (queries (1, T, Hq, D) float32, k, with_next) -> MemoryRetrieval each."""
         import torch
 
+        from longmem.memory import split_retrieval
         from longmem.memory.store import shard_retrieval
 
         results = [None] * len(requests)
@@ -86,13 +71,21 @@ class RemoteMemory:
 
     def search(self, queries, k: int, streams=None, with_next: bool = False):
         """Called from the generation thread: every shard is asked at once, then merged by score."""
+        return self.submit(queries, k, with_next)()
+
+    def submit(self, queries, k: int, with_next: bool = False):
+        """Send the search to every shard now; returns a function that waits for the merged result
+        (a batch reading several memories sends all their searches before waiting for any)."""
         from longmem.memory import merge_retrievals
 
         q = queries.detach().float().cpu()
         pending = [h.search.remote((q, k, with_next)) for h in self.handles]
-        parts = [p.result(timeout_s=60) for p in pending]
-        merged = merge_retrievals(parts, k)
-        return merged if queries.device.type == "cpu" else merged.to(queries.device)
+
+        def collect():
+            merged = merge_retrievals([p.result(timeout_s=60) for p in pending], k)
+            return merged if queries.device.type == "cpu" else merged.to(queries.device)
+
+        return collect
 
     def info(self) -> dict:
         return {"name": self.name, "shards": len(self.handles), **self.manifest["totals"]}
