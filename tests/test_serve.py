@@ -46,7 +46,8 @@ def served(ray_local, tiny_dir, tmp_path_factory, austen_text):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"model": {"checkpoint": str(root / "ckpt")}, "memories": {"one": str(root / "mem1"), "three": str(root / "mem3")},
             "api_keys": [KEY1, KEY2], "model_cpus": 0.5, "shard_cpus": 0.1, "ingress_cpus": 0.1,
-            "max_prompt_tokens": 300, "max_new_tokens": 64, "max_document_bytes": 20_000}
+            "max_prompt_tokens": 300, "max_new_tokens": 64, "max_document_bytes": 20_000,
+            "sessions_path": str(root / "sessions")}
     serve.run(app_builder(args), name="longmem-test", route_prefix="/", blocking=False)
     base = f"http://127.0.0.1:{port}"
     client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY1}"}, timeout=120)
@@ -299,3 +300,70 @@ def test_concurrent_requests_decode_in_one_batch_and_equal_one_at_a_time(served)
     assert together == alone
     assert after["max_batch"] == 8 and before["max_batch"] < 8
     assert after["finished"]["error"] == 0
+
+
+def test_two_replicas_serve_a_session_and_killed_replicas_lose_none_of_it(served):
+    """Two model replicas share the sessions path: 50 requests on one session all find it, and
+    after both replicas are killed and replaced the session and its document are still there."""
+    import ray
+    from ray import serve
+
+    from pipelines.serve import app_builder
+
+    _, base, text = served
+    root = SERVED["root"]
+    args = {"model": {"checkpoint": str(root / "ckpt")}, "api_keys": [KEY1], "model_replicas": 2,
+            "model_cpus": 0.4, "ingress_cpus": 0.1, "max_new_tokens": 16, "sessions_path": str(root / "sessions")}
+    serve.run(app_builder(args), name="longmem-two", route_prefix="/two", blocking=False)
+    client = httpx.Client(base_url=f"{base}/two", headers={"Authorization": f"Bearer {KEY1}"}, timeout=120)
+    try:
+        sid = client.post("/v1/memories").json()["id"]
+        info = client.post(f"/v1/memories/{sid}/documents", json={"text": text[9000:10500]}).json()
+        body = {"prompt": text[10500:10600], "max_tokens": 6, "temperature": 0, "session": sid}
+        statuses = [client.post("/v1/completions", json=body).status_code for _ in range(50)]
+        assert statuses == [200] * 50
+        before = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+
+        victims = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                   if "longmem-two" in a["name"] and "LongMemServer" in a["name"]]
+        assert len(victims) == 2, victims
+        for v in victims:
+            ray.kill(ray.get_actor(v["name"], namespace=v["namespace"]), no_restart=True)
+        deadline, after = time.time() + 240, None
+        while time.time() < deadline and after is None:
+            try:
+                r = client.get(f"/v1/memories/{sid}")
+                if r.status_code == 200:
+                    after = r.json()
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        assert after is not None, "the replaced replicas did not serve the session"
+        assert after["documents"] == 1 and after["tokens_added"] == info["tokens_added"]
+        assert after["tokens_in_memory"] == info["tokens_in_memory"]
+        again = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        assert again == before
+    finally:
+        client.close()
+        serve.delete("longmem-two")
+
+
+def test_session_quotas_are_per_key_and_never_evict_another_keys_memory(served):
+    """A key at its quota is refused a new session (429); the other key's sessions stay, however
+    many sessions exist."""
+    client, base, _ = served
+    other = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY2}"}, timeout=60)
+    mine = client.post("/v1/memories").json()["id"]
+    client.post(f"/v1/memories/{mine}/documents", json={"text": "The lighthouse keeper's code is 4471."})
+    made = []
+    while True:
+        r = other.post("/v1/memories")
+        if r.status_code != 200:
+            break
+        made.append(r.json()["id"])
+    assert r.status_code == 429 and "delete one" in r.json()["error"]["message"]
+    assert 0 < len(made) <= 16
+    assert client.get(f"/v1/memories/{mine}").json()["documents"] == 1  # nobody's session was dropped
+    for sid in made:
+        assert other.delete(f"/v1/memories/{sid}").status_code == 200
+    assert other.post("/v1/memories").status_code == 200

@@ -308,6 +308,36 @@ class MemoryBank:
             self.chunk_positions[s] = -1
             self.token_ids[s] = -1
 
+    # ------------------------------------------------------------------ saving
+    STATE = ("keys", "values", "chunk_keys", "token_ids", "chunk_positions", "count", "next_slot", "tokens_seen")
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything the bank holds, as tensors (a token still waiting for its chunk included):
+        `load_state_dict` of it gives a bank that searches and grows exactly like this one."""
+        out = {name: getattr(self, name).detach().cpu().contiguous() for name in self.STATE}
+        for s, pending in enumerate(self._pending):
+            if pending is not None:
+                for name, t in zip(("keys", "values", "token_ids", "positions"), pending):
+                    out[f"pending.{s}.{name}"] = t.detach().cpu().contiguous()
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        shape = tuple(state["keys"].shape)
+        S, H, A, c, D = shape
+        if (S, H, c, D) != (self.num_streams, self.num_kv_heads, self.chunk_size, self.head_dim) or A > self.capacity_chunks:
+            raise MemoryBankError(f"a saved bank of shape {shape} does not fit this bank "
+                                  f"({self.num_streams}, {self.num_kv_heads}, <= {self.capacity_chunks}, "
+                                  f"{self.chunk_size}, {self.head_dim})")
+        for name in self.STATE:
+            t = state[name]
+            setattr(self, name, t.to(self.device) if name not in ("count", "next_slot", "tokens_seen") else t.clone())
+        self.keys, self.values = self.keys.to(self.dtype), self.values.to(self.dtype)
+        self._pending = [None] * S
+        for s in range(S):
+            if f"pending.{s}.keys" in state:
+                self._pending[s] = tuple(state[f"pending.{s}.{n}"].to(self.device)
+                                         for n in ("keys", "values", "token_ids", "positions"))
+
     def check_model(self, spec: MemorySpec) -> None:
         """A bank holds whatever keys it is given: refuse a model whose keys have another shape or metric."""
         mine = MemorySpec(self.num_kv_heads, self.head_dim, self.chunk_size, self.metric)

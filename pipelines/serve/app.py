@@ -91,6 +91,13 @@ def build_api(model_handle, args: ServeArgs) -> FastAPI:
         return {"object": "list", "data": [{"id": args.model_name, "object": "model", "owned_by": "longmem",
                                             "memories": info["memories"]}]}
 
+    def for_session(owner: str, session_id: str | None):
+        """The model handle for a request on a session: Serve's model multiplexing routes it to a
+        replica that has the session loaded (any replica can load it from storage)."""
+        if not session_id:
+            return model_handle
+        return model_handle.options(multiplexed_model_id=f"{owner}/{session_id}")
+
     def usage_of(event: dict) -> dict:
         return {"prompt_tokens": event["prompt_tokens"], "completion_tokens": event["completion_tokens"],
                 "total_tokens": event["prompt_tokens"] + event["completion_tokens"]}
@@ -101,10 +108,11 @@ def build_api(model_handle, args: ServeArgs) -> FastAPI:
         asked (stream_options.include_usage), then [DONE]."""
         if body.model not in (None, args.model_name):
             raise ServeError(404, f"unknown model {body.model!r}; this endpoint serves {args.model_name!r}", "not_found")
+        handle = for_session(req["owner"], req.get("session"))
         if not body.stream:
-            result = await model_handle.complete.remote(req)
+            result = await handle.complete.remote(req)
             return reply(result) if "error" in result else plain(result, usage_of(result))
-        events = model_handle.options(stream=True).complete_stream.remote(req)
+        events = handle.options(stream=True).complete_stream.remote(req)
         first = await events.__anext__()
         if "error" in first:  # fail before the stream starts: a proper status code
             return reply(first)
@@ -191,12 +199,12 @@ def build_api(model_handle, args: ServeArgs) -> FastAPI:
             raise ServeError(400, 'the body must be a JSON object {"text": "..."}') from None
         except ValidationError as e:
             raise ServeError(400, f"invalid document: {e.errors()[0]['msg']}") from None
-        return reply(await model_handle.append_document.remote(owner, session_id, body.text))
+        return reply(await for_session(owner, session_id).append_document.remote(owner, session_id, body.text))
 
     @app.get("/v1/memories/{session_id}")
     async def memory_info(session_id: str, request: Request):
         owner = await owner_of(request)
-        return reply(await model_handle.session_info.remote(owner, session_id))
+        return reply(await for_session(owner, session_id).session_info.remote(owner, session_id))
 
     @app.delete("/v1/memories/{session_id}")
     async def delete_memory(session_id: str, request: Request):

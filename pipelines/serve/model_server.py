@@ -5,10 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
-import uuid
-from collections import OrderedDict
-from dataclasses import dataclass, field
 
 from ray import serve
 
@@ -20,13 +16,7 @@ logger = logging.getLogger("ray.serve")
 
 
 # ------------------------------------------------------------------------------ the model
-@dataclass
-class Session:
-    owner: str
-    bank: object
-    created: float = field(default_factory=time.time)
-    documents: int = 0
-    tokens: int = 0
+LOADED_SESSIONS = 64  # session memories a replica keeps in RAM; the least recent is unloaded (never deleted)
 
 
 @serve.deployment(max_ongoing_requests=32)
@@ -35,6 +25,7 @@ class LongMemServer:
         import torch
 
         from longmem.loading import load_source
+        from longmem.memory.sessions import SessionStore
 
         self.args = ServeArgs(**args)
         torch.set_num_threads(max(1, int(self.args.model_cpus)))
@@ -43,59 +34,73 @@ class LongMemServer:
                          for name, handles in shard_handles.items()}
         for memory in self.memories.values():
             memory.check_model(self.model.memory_spec)
-        self.sessions: OrderedDict[str, Session] = OrderedDict()
+        # Session memories are written through to storage: any replica can load one, a restart
+        # loses none, and the router sends a session's requests to a replica that has it loaded.
+        self.sessions = SessionStore(self.args.resolved_sessions_path(),
+                                     new_bank=lambda: self.model.new_bank(1, capacity_tokens=self.args.session_tokens))
         # Every use of the model runs in the engine's thread: generations decode there together,
         # a document is written to its session's bank between two steps.
         self.engine = Engine(self.model, max_rows=self.args.max_batch_size)
 
     # --- sessions
-    def _session(self, owner: str, session_id: str) -> Session:
-        s = self.sessions.get(session_id)
-        if s is None or s.owner != owner:  # another key's session is reported as missing, not as forbidden
-            raise ServeError(404, f"no memory session {session_id!r}", "not_found")
-        self.sessions.move_to_end(session_id)
-        return s
+    @serve.multiplexed(max_num_models_per_replica=LOADED_SESSIONS)
+    async def _loaded_session(self, key: str):
+        """The session `owner/id` from storage (Serve's multiplexing keeps the most recent loaded)."""
+        owner, session_id = key.split("/", 1)
+        return await asyncio.wrap_future(self.engine.call(lambda: self.sessions.open(owner, session_id)))
 
-    def _info(self, session_id: str, s: Session) -> dict:
-        return {"id": session_id, "object": "memory", "created": int(s.created), "documents": s.documents,
-                "tokens_added": s.tokens, "tokens_in_memory": s.bank.num_tokens(0),
-                "capacity_tokens": s.bank.capacity_tokens}
+    async def _session(self, owner: str, session_id: str):
+        """The session's bank, up to date with what other replicas wrote; 404 if there is none
+        (another key's session is reported as missing, not as forbidden)."""
+        missing = ServeError(404, f"no memory session {session_id!r}", "not_found")
+        if not self.sessions.exists(owner, session_id):
+            raise missing
+        try:
+            bank = await self._loaded_session(f"{owner}/{session_id}")
+            await asyncio.wrap_future(self.engine.call(bank.sync))
+        except KeyError:
+            raise missing from None
+        return bank
 
     async def create_session(self, owner: str) -> dict:
-        mine = sum(s.owner == owner for s in self.sessions.values())
+        mine = len(self.sessions.sessions_of(owner))
         if mine >= self.args.max_sessions_per_key:
             return ServeError(429, f"this key holds {mine} session memories, its limit: delete one "
                                    "(DELETE /v1/memories/ID) before creating another", "rate_limit_error").to_dict()
-        if len(self.sessions) >= self.args.max_sessions:
-            return ServeError(503, f"this replica holds its limit of {self.args.max_sessions} session memories; "
-                                   "try again later", "server_error").to_dict()
-        session_id = "mem-" + uuid.uuid4().hex[:24]
-        bank = self.model.new_bank(1, capacity_tokens=self.args.session_tokens)  # storage grows as it fills
-        self.sessions[session_id] = Session(owner, bank)
-        return self._info(session_id, self.sessions[session_id])
+        meta = self.sessions.create(owner)
+        return {"id": meta["id"], "object": "memory", "created": meta["created"], "documents": 0, "tokens_added": 0,
+                "tokens_in_memory": 0, "capacity_tokens": self.args.session_tokens}
 
     async def session_info(self, owner: str, session_id: str) -> dict:
-        return await self._call(lambda: self._info(session_id, self._session(owner, session_id)))
-
-    async def delete_session(self, owner: str, session_id: str) -> dict:
-        def run():
-            self._session(owner, session_id)
-            del self.sessions[session_id]
-            return {"id": session_id, "object": "memory", "deleted": True}
+        async def run():
+            return (await self._session(owner, session_id)).info()
 
         return await self._call(run)
 
-    async def append_document(self, owner: str, session_id: str, text: str) -> dict:
+    async def delete_session(self, owner: str, session_id: str) -> dict:
         def run():
-            s = self._session(owner, session_id)
-            if not text.strip():
-                raise ServeError(400, "the document is empty")
-            added = self.model.remember_text(text, s.bank)
-            s.documents += 1
-            s.tokens += added
-            return self._info(session_id, s)
+            try:
+                self.sessions.delete(owner, session_id)
+            except KeyError:
+                raise ServeError(404, f"no memory session {session_id!r}", "not_found") from None
+            return {"id": session_id, "object": "memory", "deleted": True}
 
         return await self._call(run, thread=True)
+
+    async def append_document(self, owner: str, session_id: str, text: str) -> dict:
+        async def run():
+            if not text.strip():
+                raise ServeError(400, "the document is empty")
+            bank = await self._session(owner, session_id)
+
+            def write():
+                added = self.model.remember_text(text, bank)
+                bank.flush(documents=1, tokens=added)  # stored before the reply says it is
+                return bank.info()
+
+            return await asyncio.wrap_future(self.engine.call(write))
+
+        return await self._call(run)
 
     # --- completions
     def _prompt(self, req: dict) -> str:
@@ -107,7 +112,7 @@ class LongMemServer:
             raise ServeError(400, "this model's tokenizer has no chat template: use /v1/completions")
         return tok.apply_chat_template(req["messages"], tokenize=False, add_generation_prompt=True)
 
-    def _prepare(self, req: dict):
+    async def _prepare(self, req: dict):
         from longmem.memory import CombinedMemory
 
         ids = self.model.encode(self._prompt(req))
@@ -124,10 +129,11 @@ class LongMemServer:
         if unknown:
             raise ServeError(404, f"unknown memory {unknown[0]!r}; available: {sorted(self.memories) or 'none'}",
                              "not_found")
-        session = self._session(req["owner"], req["session"]) if req.get("session") else None
-        bank = session.bank if session else self.model.new_bank(1, capacity_tokens=self.args.session_tokens)
-        memory = CombinedMemory(bank, [self.memories[n] for n in names])
-        return ids, memory
+        session = await self._session(req["owner"], req["session"]) if req.get("session") else None
+        # Without a session the prompt's own past still goes through memory: a bank that lives as
+        # long as the request (it grows as it fills).
+        bank = session or self.model.new_bank(1, capacity_tokens=self.args.session_tokens)
+        return ids, CombinedMemory(bank, [self.memories[n] for n in names]), session
 
     def _sampling(self, req: dict):
         from longmem.batching import Sampling
@@ -135,11 +141,18 @@ class LongMemServer:
         return Sampling(max_new_tokens=req["max_tokens"], temperature=req["temperature"], top_p=req["top_p"],
                         stop=req.get("stop") or [], seed=req.get("seed"))
 
-    def _submit(self, req: dict, on_token=None, cancelled: threading.Event | None = None):
-        """Queue the request's row in the batch; returns (prompt tokens, future of its RowResult)."""
-        ids, memory = self._prepare(req)
+    async def _submit(self, req: dict, on_token=None, cancelled: threading.Event | None = None):
+        """Queue the request's row in the batch; returns (prompt tokens, future of its RowResult).
+        What the generation wrote to a session's memory (a prompt longer than the window) is
+        stored once it has finished."""
+        ids, memory, session = await self._prepare(req)
         future = self.engine.submit(ids, memory, self._sampling(req), on_token=on_token,
                                     should_stop=None if cancelled is None else cancelled.is_set)
+        if session is not None:
+            def store(_done):
+                self.engine.call(lambda: session.flush() if session.unsaved else None)
+
+            future.add_done_callback(store)
         return int(ids.shape[1]), future
 
     @staticmethod
@@ -157,7 +170,7 @@ class LongMemServer:
         cancelled = threading.Event()
         try:
             async def run():
-                prompt_tokens, future = self._submit(req, cancelled=cancelled)
+                prompt_tokens, future = await self._submit(req, cancelled=cancelled)
                 return self._reply(await asyncio.wrap_future(future), prompt_tokens)
 
             return await self._call(run)
@@ -175,7 +188,7 @@ class LongMemServer:
 
         try:
             try:
-                prompt_tokens, future = self._submit(req, on_token, cancelled)
+                prompt_tokens, future = await self._submit(req, on_token, cancelled)
             except ServeError as e:
                 yield e.to_dict()
                 return
@@ -228,7 +241,7 @@ class LongMemServer:
 
     async def describe(self) -> dict:
         return {"model": self.args.model_name, "memories": [m.info() for m in self.memories.values()],
-                "sessions": len(self.sessions), "batching": self.engine.stats(), "config": self.model.config.to_dict()}
+                "sessions_path": self.sessions.uri, "batching": self.engine.stats(), "config": self.model.config.to_dict()}
 
 
 def _error_reply(e: Exception) -> dict:

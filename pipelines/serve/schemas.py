@@ -17,10 +17,11 @@ class ServeArgs(BaseModel):
     model_name: str = "longmem"
     memories: dict[str, str] = Field(default_factory=dict)  # name -> built memory folder
     api_keys: list[str] = Field(default_factory=list)  # bearer tokens; empty: no auth
-    # Session memories live in the replica's RAM. A key may hold max_sessions_per_key of them and the
-    # replica max_sessions in all; beyond either a new session is refused (429 / 503), never made by
-    # dropping another session, so one key cannot push out another's memory.
-    max_sessions: int = 64
+    # Session memories are written through to `sessions_path` (a local folder, a shared mount or
+    # an object-store URI such as s3://bucket/sessions; default: the local cache), so they outlive
+    # replicas and any replica can serve them. A key may hold max_sessions_per_key of them; beyond
+    # that a new session is refused (429). A replica unloads the least recent from RAM, never deletes.
+    sessions_path: str | None = None
     max_sessions_per_key: int = 16
     session_tokens: int = 65_536  # memory capacity of one session
     max_prompt_tokens: int = 4096
@@ -39,6 +40,12 @@ class ServeArgs(BaseModel):
     ingress_cpus: float = 0.25
     device: str = "cpu"
     nprobe: int = 32
+
+
+    def resolved_sessions_path(self) -> str:
+        from longmem.backbone import cache_dir
+
+        return self.sessions_path or str(cache_dir() / "sessions")
 
 
 class ServeError(Exception):
