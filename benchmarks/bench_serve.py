@@ -35,6 +35,8 @@ def main():
     ap.add_argument("--checkpoint")
     ap.add_argument("--memory-tokens", type=int, default=32768)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--torch-threads", type=int, default=None, help="the model replica's (default: 1, its CPUs)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--clients", default="1,8,32")
     ap.add_argument("--seconds", type=float, default=60)
@@ -57,7 +59,8 @@ def main():
     third = len(ids) // 3
     docs = [(f"emma-{i}", ids[i * third : (i + 1) * third]) for i in range(3)]
     write_memory_dir(root / "memory", encoder, docs, shards=3)
-    prompt = model.tokenizer.decode(ids[5000:5064].tolist())
+    prompt = model.tokenizer.decode(ids[5000 : 5000 + args.prompt_tokens].tolist())
+    chunk = model.config.memory.chunk_size
     del model, encoder
 
     init_ray(num_cpus=2, log_to_driver=False)
@@ -65,7 +68,8 @@ def main():
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(app_builder({"model": {"checkpoint": checkpoint}, "memories": {"emma": str(root / "memory")},
                            "model_cpus": 1.0, "shard_cpus": 0.1, "ingress_cpus": 0.1,
-                           "max_ongoing_requests": 64, "max_queued_requests": 64}),
+                           "max_ongoing_requests": 64, "max_queued_requests": 64,
+                           "torch_threads": args.torch_threads}),
               name="bench", route_prefix="/", blocking=False)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300)
     body = {"prompt": prompt, "max_tokens": args.new_tokens, "temperature": 0}
@@ -80,7 +84,8 @@ def main():
     for _ in range(args.rounds):  # interleaved, so drift hits both alike
         with_mem.append(per_token({"memory": "emma"}))
         without.append(per_token({}))
-    report = {"machine": machine(), "memory_chunks_per_shard": third // 4, "shards": 3,
+    report = {"machine": machine(), "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+              "torch_threads": args.torch_threads or 1, "memory_chunks_per_shard": third // chunk, "shards": 3,
               "ms_per_token_with_memory": 1000 * statistics.median(with_mem),
               "ms_per_token_without_memory": 1000 * statistics.median(without)}
     report["ratio_with_over_without"] = report["ms_per_token_with_memory"] / report["ms_per_token_without_memory"]

@@ -116,7 +116,8 @@ class BatchDecoder:
     def step(self) -> list[Row]:
         """Admit waiting rows, pick every row's next token, retire the finished ones, and run one
         forward for the rest. Returns the rows that finished in this step."""
-        self.model.eval()
+        if self.model.training:
+            self.model.eval()
         finished = []
         while self.waiting and len(self.rows) < self.max_rows:
             row = self.waiting.popleft()

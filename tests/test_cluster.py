@@ -131,3 +131,42 @@ def test_set_overrides_reach_the_config_and_a_misspelt_path_is_an_error():
     assert TrainJob(**config["job"]).model.config().memory.chunk_size == 4
     with pytest.raises(SystemExit, match="the config has no 'train'; its top-level keys are job"):
         load_config("train_sidenet", ["--set", "train.steps=40"])
+
+
+def test_the_service_runs_models_on_gpus_and_shares_the_data_volume_and_key_secret():
+    """The RayService's app asks a GPU per model replica and keeps its CPU pieces on a CPU group;
+    every pod mounts the claim pvc.yaml defines and the key secret the ingress reads, and the
+    image recipe installs the package with one faiss extra."""
+    from pipelines.serve import ServeArgs
+
+    kuberay = ROOT / "cluster" / "kuberay"
+    service = yaml.safe_load((kuberay / "rayservice.yaml").read_text())
+    args = ServeArgs(**yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"])
+    assert args.model_gpus >= 1 and args.device == "auto" and args.dtype == "auto"
+    assert args.sessions_path.startswith("/data/") and not args.api_keys and not args.docs
+    groups = {g["groupName"]: g for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    assert set(groups) == {"gpu", "cpu"} and groups["cpu"]["minReplicas"] >= 1
+    assert "nvidia.com/gpu" not in groups["cpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+
+    claim = yaml.safe_load((kuberay / "pvc.yaml").read_text())
+    secret = yaml.safe_load((kuberay / "secret-api-keys.yaml").read_text())
+    assert claim["kind"] == "PersistentVolumeClaim" and "ReadWriteMany" in claim["spec"]["accessModes"]
+    assert secret["kind"] == "Secret" and "api-keys" in secret["stringData"]
+    pods = [service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]]
+    pods += [g["template"]["spec"] for g in groups.values()]
+    for name in ("raycluster.yaml", "rayjob-build-memory.yaml", "rayjob-train.yaml"):
+        spec = yaml.safe_load((kuberay / name).read_text())["spec"]
+        cluster = spec.get("rayClusterSpec") or spec
+        pods += [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+    for pod in pods:
+        claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
+        assert claims == [claim["metadata"]["name"]]
+    for pod in pods[:3]:  # the service's pods read the keys from the mounted secret
+        env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+        mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+        assert env["LONGMEM_API_KEYS_FILE"].rsplit("/", 1)[0] in mounts
+        assert any(v.get("secret", {}).get("secretName") == secret["metadata"]["name"] for v in pod["volumes"])
+
+    dockerfile = (ROOT / "cluster" / "Dockerfile").read_text()
+    assert "FROM ${BASE}" in dockerfile and "rayproject/ray:2.60.0" in dockerfile
+    assert 'pip install --no-cache-dir -e ".[${FAISS}]"' in dockerfile and "resolve_backbone" in dockerfile

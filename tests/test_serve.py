@@ -116,6 +116,9 @@ def test_session_memory_lifecycle_and_isolation(served):
     assert httpx.post(f"{base}/v1/memories", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert client.delete(f"/v1/memories/{sid}").json()["deleted"] is True
     assert client.get(f"/v1/memories/{sid}").status_code == 404
+    short = client.post("/v1/memories").json()["id"]  # every token of a short document reaches memory
+    info = client.post(f"/v1/memories/{short}/documents", json={"text": "The vault code is 5521, said Anne."}).json()
+    assert info["tokens_in_memory"] == info["tokens_added"] // 4 * 4  # whole chunks of 4
 
 
 @pytest.mark.parametrize("send, status", [

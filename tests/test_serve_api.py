@@ -14,6 +14,54 @@ def test_keys_come_from_the_args_and_the_environment(monkeypatch):
     assert with_env_keys(ServeArgs()).api_keys == ["b", "a", "c"]
 
 
+def test_a_built_application_carries_key_hashes_never_keys(monkeypatch, tmp_path):
+    """What a deployed config shows (its deployments' arguments) holds no key, wherever the keys
+    came from: the arguments, LONGMEM_API_KEYS or a key file; and the hashes open the routes."""
+    import json
+
+    from pipelines.serve.app import app_builder, key_hash
+
+    secret = tmp_path / "keys"
+    secret.write_text("# one per line\nfrom-file\n")
+    monkeypatch.setenv("LONGMEM_API_KEYS", "from-env")
+    app = app_builder({"api_keys": ["from-args"], "api_keys_file": str(secret)})
+    shown = json.dumps(app._bound_deployment.init_args[1])
+    assert not any(k in shown for k in ("from-args", "from-env", "from-file"))
+    bound = ServeArgs(**app._bound_deployment.init_args[1])
+    assert set(bound.api_key_hashes) == {key_hash(k) for k in ("from-args", "from-env", "from-file")}
+    monkeypatch.delenv("LONGMEM_API_KEYS")
+    client = TestClient(build_api(None, bound), raise_server_exceptions=False)  # no model behind it: past auth, 500
+    assert client.get("/v1/models", headers={"Authorization": "Bearer from-env"}).status_code == 500
+    assert client.get("/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
+
+
+def test_a_missing_or_empty_key_file_is_a_clear_error(tmp_path):
+    import pytest
+
+    from pipelines.serve.schemas import ServeError
+
+    (tmp_path / "empty").write_text("\n")
+    for path in (tmp_path / "absent", tmp_path / "empty"):
+        with pytest.raises(ServeError, match="API key file"):
+            with_env_keys(ServeArgs(api_keys_file=str(path)))
+
+
+def test_schema_pages_can_be_turned_off_and_devices_resolve_on_a_cpu_machine():
+    import pytest
+    from pydantic import ValidationError
+
+    from longmem.model import InputError
+
+    assert TestClient(build_api(None, ServeArgs(docs=False))).get("/openapi.json").status_code == 404
+    args = ServeArgs()
+    assert args.resolved_device() == "cpu" and args.resolved_dtype("cpu") == "float32"
+    assert ServeArgs(dtype="bfloat16").resolved_dtype("cpu") == "bfloat16"
+    with pytest.raises(InputError, match="sees no GPU"):
+        ServeArgs(device="cuda").resolved_device()
+    with pytest.raises(ValidationError):
+        ServeArgs(device="tpu")
+
+
 def test_with_keys_every_route_but_health_is_closed_including_the_schema_pages():
     closed = TestClient(build_api(None, ServeArgs(api_keys=["k"])))
     assert closed.get("/healthz").status_code == 200

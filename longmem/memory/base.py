@@ -236,6 +236,12 @@ class CombinedMemory:
             part.check_model(spec)
 
 
+def _is_empty(memory) -> bool:
+    """True for a writable memory known to hold nothing searchable yet."""
+    num_tokens = getattr(memory, "num_tokens", None)
+    return callable(num_tokens) and getattr(memory, "num_streams", 1) == 1 and num_tokens(0) == 0
+
+
 def split_retrieval(r: MemoryRetrieval, sizes: list[int]) -> list[MemoryRetrieval]:
     """A retrieval of queries concatenated along T -> one per part of `sizes` tokens.
 
@@ -348,9 +354,10 @@ class RowMemories:
             submit = getattr(store, "submit", None)
             pending.append((rows, submit(q, k, with_next) if submit else store.search(q, k, with_next=with_next)))
         for b, m in enumerate(self.memories):
-            private = self._parts(m)[0]
-            if m is None:
-                private = [self._empty_bank(queries)]
+            private, stores = self._parts(m)
+            # An empty bank retrieves nothing: it is searched only where the row has nothing else
+            # (a request's own bank stays empty until its context outgrows the window).
+            private = [p for p in private if not _is_empty(p)] or ([] if stores else [self._empty_bank(queries)])
             for bank in private:
                 parts[b].append(bank.search(queries[b : b + 1], k, with_next=with_next))
         for rows, result in pending:

@@ -31,9 +31,9 @@ def build_api(model_handle, args: ServeArgs) -> FastAPI:
     # The routes are closures over the model handle and the key set; kept in one function they
     # read as the API's table of contents.
     # FastAPI resolves these annotations by name in this module's globals (postponed annotations).
-    keys = {hashlib.sha256(k.encode()).hexdigest()[:16] for k in args.api_keys}
+    keys = set(args.api_key_hashes) | {key_hash(k) for k in args.api_keys}
     # With keys, the schema pages are closed too: they are routes like any other.
-    hidden = {"docs_url": None, "redoc_url": None, "openapi_url": None} if keys else {}
+    hidden = {"docs_url": None, "redoc_url": None, "openapi_url": None} if keys or not args.docs else {}
     app = FastAPI(title="LongMem", version="0.1.0", **hidden)
 
     def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
@@ -75,10 +75,10 @@ def build_api(model_handle, args: ServeArgs) -> FastAPI:
             return "anonymous"
         header = request.headers.get("authorization", "")
         token = header[7:] if header.lower().startswith("bearer ") else ""
-        owner = hashlib.sha256(token.encode()).hexdigest()[:16]
-        if owner not in keys:
+        digest = key_hash(token)
+        if digest not in keys:
             raise ServeError(401, "missing or invalid API key (Authorization: Bearer <key>)", "authentication_error")
-        return owner
+        return digest[:16]  # who owns a session: the key's hash, never the key
 
     @app.get("/healthz")
     async def healthz():
@@ -227,12 +227,31 @@ class LongMemIngress:
 
 
 def with_env_keys(args: ServeArgs) -> ServeArgs:
-    """args with the keys of LONGMEM_API_KEYS (comma-separated) added: read where the app is built
+    """args with the keys of LONGMEM_API_KEYS (comma-separated) and of the key file (api_keys_file
+    or LONGMEM_API_KEYS_FILE, one per line: a mounted secret) added: read where the app is built
     (`serve run` / `serve deploy` of a config) and again in each ingress replica (a runtime_env's
-    env_vars), so a deployed config is as closed as `longmem serve --api-key`."""
+    env_vars), so a deployed config is as closed as `longmem serve --api-key`. The keys never go
+    into the deployments' arguments: the ingress reads them itself."""
     extra = [k.strip() for k in os.environ.get("LONGMEM_API_KEYS", "").split(",") if k.strip()]
+    key_file = args.api_keys_file or os.environ.get("LONGMEM_API_KEYS_FILE")
+    if key_file:
+        try:
+            with open(key_file, encoding="utf-8") as f:
+                extra += [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        except OSError as e:
+            raise ServeError(500, f"cannot read the API key file {key_file}: {e.strerror}", "server_error") from None
+        if not extra:
+            raise ServeError(500, f"the API key file {key_file} holds no key", "server_error")
     keys = list(dict.fromkeys([*args.api_keys, *extra]))
     return args if keys == args.api_keys else args.model_copy(update={"api_keys": keys})
+
+
+def key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def resources(cpus: float, gpus: float) -> dict:
+    return {"num_cpus": cpus, **({"num_gpus": gpus} if gpus else {})}
 
 
 def app_builder(args: dict):
@@ -241,22 +260,27 @@ def app_builder(args: dict):
 
     a = with_env_keys(ServeArgs(**(args or {})))
     a.model.validate()  # a setting the checkpoint fixes is refused here, not in a failed replica
+    logs = {"encoding": a.log_encoding}
     shards = {}
     for name, directory in a.memories.items():
         n = len(read_manifest(directory)["shards"])
         shards[name] = [
-            MemoryShardServer.options(name=f"MemoryShard-{name}-{i}", ray_actor_options={"num_cpus": a.shard_cpus})
-            .bind(directory, i, a.nprobe)
+            MemoryShardServer.options(name=f"MemoryShard-{name}-{i}", ray_actor_options=resources(a.shard_cpus, a.shard_gpus),
+                                      logging_config=logs)
+            .bind(directory, i, a.nprobe, "cpu" if a.device == "cpu" else "auto")
             for i in range(n)
         ]
-    options = {"ray_actor_options": {"num_cpus": a.model_cpus}, "max_ongoing_requests": a.max_ongoing_requests,
-               "max_queued_requests": a.max_queued_requests}
+    options = {"ray_actor_options": resources(a.model_cpus, a.model_gpus), "max_ongoing_requests": a.max_ongoing_requests,
+               "max_queued_requests": a.max_queued_requests, "logging_config": logs}
     if a.autoscaling:
         options["autoscaling_config"] = a.autoscaling
     else:
         options["num_replicas"] = a.model_replicas
-    model = LongMemServer.options(**options).bind(a.model_dump(), shards)
-    return LongMemIngress.options(ray_actor_options={"num_cpus": a.ingress_cpus}).bind(model, a.model_dump())
+    # Keys (given, from LONGMEM_API_KEYS or from the key file) reach the deployments as hashes only.
+    hashes = sorted(set(a.api_key_hashes) | {key_hash(k) for k in a.api_keys})
+    bound = a.model_copy(update={"api_keys": [], "api_keys_file": None, "api_key_hashes": hashes}).model_dump()
+    model = LongMemServer.options(**options).bind(bound, shards)
+    return LongMemIngress.options(ray_actor_options={"num_cpus": a.ingress_cpus}, logging_config=logs).bind(model, bound)
 
 
 def run_local(args: dict, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
+import time
 
 from ray import serve
 
@@ -28,8 +30,10 @@ class LongMemServer:
         from longmem.memory.sessions import SessionStore
 
         self.args = ServeArgs(**args)
-        torch.set_num_threads(max(1, int(self.args.model_cpus)))
-        self.model = load_source(self.args.model, device=self.args.device).eval()
+        torch.set_num_threads(self.args.torch_threads or max(1, int(self.args.model_cpus)))
+        device = self.args.resolved_device()
+        source = dataclasses.replace(self.args.model, dtype=self.args.resolved_dtype(device))
+        self.model = load_source(source, device=device).eval()
         self.memories = {name: RemoteMemory(name, self.args.memories[name], handles)
                          for name, handles in shard_handles.items()}
         for memory in self.memories.values():
@@ -167,21 +171,23 @@ class LongMemServer:
                 "prompt_tokens": prompt_tokens, "completion_tokens": len(result.token_ids)}
 
     async def complete(self, req: dict) -> dict:
-        cancelled = threading.Event()
+        cancelled, start, out = threading.Event(), time.perf_counter(), None
         try:
             async def run():
                 prompt_tokens, future = await self._submit(req, cancelled=cancelled)
                 return self._reply(await asyncio.wrap_future(future), prompt_tokens)
 
-            return await self._call(run)
+            out = await self._call(run)
+            return out
         finally:  # a cancelled call (the client disconnected) frees its row at the next step
             cancelled.set()
+            _log_request(req, out, start, streamed=False)
 
     async def complete_stream(self, req: dict):
         """Yields {"text": delta} events, then {"finish_reason", usage}; or one {"error"} event."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        cancelled = threading.Event()
+        cancelled, start, last = threading.Event(), time.perf_counter(), None
 
         def on_token(token_id):  # called in the engine thread
             loop.call_soon_threadsafe(queue.put_nowait, ("token", token_id))
@@ -201,9 +207,12 @@ class LongMemServer:
 
             future.add_done_callback(done)
             async for event in self._stream_events(queue, req.get("stop") or [], self.model.tokenizer, prompt_tokens):
+                last = event
                 yield event
         finally:  # the stream was closed early (the client disconnected): its row leaves the batch
             cancelled.set()
+            _log_request(req, last if last and ("finish_reason" in last or "error" in last) else None, start,
+                         streamed=True)
 
     async def _stream_events(self, queue: asyncio.Queue, stops: list[str], tok, prompt_tokens: int):
         sent, tokens = 0, []
@@ -242,6 +251,19 @@ class LongMemServer:
     async def describe(self) -> dict:
         return {"model": self.args.model_name, "memories": [m.info() for m in self.memories.values()],
                 "sessions_path": self.sessions.uri, "batching": self.engine.stats(), "config": self.model.config.to_dict()}
+
+
+def _log_request(req: dict, out: dict | None, start: float, streamed: bool) -> None:
+    """One line per generation (Serve adds the request id; JSON with log_encoding JSON)."""
+    if out is None:
+        outcome = "finish_reason=cancelled"
+    elif "error" in out:
+        outcome = f"status={out['error']['status']} error={out['error']['type']}"
+    else:
+        outcome = (f"finish_reason={out['finish_reason']} prompt_tokens={out['prompt_tokens']} "
+                   f"completion_tokens={out['completion_tokens']}")
+    logger.info(f"generation {outcome} seconds={time.perf_counter() - start:.3f} streamed={streamed} "
+                f"session={bool(req.get('session'))} memories={','.join(req.get('memory') or []) or '-'}")
 
 
 def _error_reply(e: Exception) -> dict:

@@ -36,10 +36,65 @@ class ServeArgs(BaseModel):
     model_replicas: int = 1
     autoscaling: dict | None = None  # Serve autoscaling_config for the model deployment
     model_cpus: float = 1.0
+    model_gpus: float = 0.0  # GPUs per model replica (Ray shows a replica only the GPUs it asked for)
+    torch_threads: int | None = None  # the model replica's compute threads; default: model_cpus, at least 1
     shard_cpus: float = 0.25
+    shard_gpus: float = 0.0  # GPUs per shard replica: its faiss index is searched there (the gpu extra)
     ingress_cpus: float = 0.25
-    device: str = "cpu"
+    # "auto": CUDA where the replica sees a GPU, else the CPU. dtype "auto": bfloat16 on CUDA
+    # (float16 where bfloat16 is not supported), the model source's dtype on the CPU.
+    device: str = "auto"
+    dtype: str = "auto"
     nprobe: int = 32
+    log_encoding: str = "TEXT"  # the deployments' logs: "TEXT" or "JSON" (one object a line, with request ids)
+    docs: bool = True  # /docs, /redoc and /openapi.json (always closed when API keys are set)
+    api_keys_file: str | None = None  # one key per line (a mounted secret); added to api_keys
+    # sha256 of accepted keys: what app_builder hands the deployments instead of the keys, so a
+    # deployed application's visible arguments never hold a key
+    api_key_hashes: list[str] = Field(default_factory=list)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v):
+        if v not in ("auto", "cpu") and not v.startswith("cuda"):
+            raise ValueError("device must be auto, cpu, cuda or cuda:N")
+        return v
+
+    @field_validator("log_encoding")
+    @classmethod
+    def _log_encoding(cls, v):
+        if v not in ("TEXT", "JSON"):
+            raise ValueError("log_encoding must be TEXT or JSON")
+        return v
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v):
+        if v not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError("dtype must be auto, float32, bfloat16 or float16")
+        return v
+
+    def resolved_device(self) -> str:
+        """Where this process serves: resolved in the replica, which sees only its own GPUs."""
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            from longmem.model import InputError
+
+            raise InputError(f"device {self.device!r} was asked for but this replica sees no GPU: give the "
+                             "deployment GPUs (model_gpus / shard_gpus) or serve on device cpu")
+        return self.device
+
+    def resolved_dtype(self, device: str) -> str:
+        import torch
+
+        if self.dtype != "auto":
+            return self.dtype
+        if device.startswith("cuda"):
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return self.model.dtype
 
 
     def resolved_sessions_path(self) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import deque
+
 from ray import serve
 
 
@@ -10,12 +12,20 @@ from ray import serve
 class MemoryShardServer:
     """One shard of a built memory; concurrent searches are batched into one faiss call."""
 
-    def __init__(self, memory_dir: str, shard: int, nprobe: int = 32):
+    def __init__(self, memory_dir: str, shard: int, nprobe: int = 32, device: str = "auto"):
+        import torch
+
         from longmem.memory.store import MemoryStore, read_manifest
 
-        self.store = MemoryStore.open(memory_dir, shards=[shard], nprobe=nprobe)
+        if device == "auto":  # a replica sees only the GPUs it asked for
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device
+        self.store = MemoryStore.open(memory_dir, shards=[shard], nprobe=nprobe, device=device)
+        self.dtype = torch.float16 if self.store.spec.dtype == "float16" else torch.float32
         self.shard = self.store.shards[0]
         self.offset = sum(s["chunks"] for s in read_manifest(memory_dir)["shards"][:shard])
+        self.latency = _histogram("longmem_shard_search_seconds", "one batched faiss search of a shard", ("shard",))
+        self.tags = {"shard": f"{memory_dir.rstrip('/').rsplit('/', 1)[-1]}-{shard}"}
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def search(self, requests: list[tuple]):
@@ -25,19 +35,26 @@ class MemoryShardServer:
         from longmem.memory import split_retrieval
         from longmem.memory.store import shard_retrieval
 
+        import time
+
+        start = time.perf_counter()
         results = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
         for i, (_, k, with_next) in enumerate(requests):
             groups.setdefault((k, with_next), []).append(i)
         for (k, with_next), members in groups.items():
             queries = torch.cat([requests[i][0] for i in members], dim=1)  # (1, sum T, Hq, D)
-            merged = shard_retrieval(self.shard, queries, k, with_next, self.offset)
+            # The reply is lean: keys and values in the memory's dtype, the queries not echoed back.
+            merged = shard_retrieval(self.shard, queries, k, with_next, self.offset, dtype=self.dtype)
+            merged.queries = None
             for i, part in zip(members, split_retrieval(merged, [requests[i][0].shape[1] for i in members])):
                 results[i] = part
+        if self.latency is not None:
+            self.latency.observe(time.perf_counter() - start, tags=self.tags)
         return results
 
     def info(self) -> dict:
-        return {"chunks": self.shard.num_chunks, "offset": self.offset}
+        return {"chunks": self.shard.num_chunks, "offset": self.offset, "device": self.device}
 
 
 class RemoteMemory:
@@ -57,6 +74,10 @@ class RemoteMemory:
         self.spec = MemorySpec.from_dict(self.manifest["spec"])
         self.num_kv_heads, self.head_dim, self.chunk_size = self.spec.num_kv_heads, self.spec.head_dim, self.spec.chunk_size
         self.device = torch.device("cpu")
+        # bytes received per search, for a decode step (one query token a row) and for a prompt
+        self.traffic = {"decode": deque(maxlen=1000), "prompt": deque(maxlen=1000)}
+        self.latency = _histogram("longmem_retrieval_seconds", "a search of every shard of a memory, as the model "
+                                  "replica waits for it", ("memory",))
 
     def check_model(self, spec) -> None:
         self.spec.require_compatible(spec, f"memory {self.name!r}")
@@ -78,14 +99,44 @@ class RemoteMemory:
         (a batch reading several memories sends all their searches before waiting for any)."""
         from longmem.memory import merge_retrievals
 
+        import time
+
+        start = time.perf_counter()
         q = queries.detach().float().cpu()
         pending = [h.search.remote((q, k, with_next)) for h in self.handles]
 
         def collect():
-            merged = merge_retrievals([p.result(timeout_s=60) for p in pending], k)
+            parts = [p.result(timeout_s=60) for p in pending]
+            received = sum(_nbytes(p) for p in parts)
+            self.traffic["prompt" if queries.shape[1] > 1 else "decode"].append(received)
+            merged = merge_retrievals(parts, k)
+            merged.queries = queries.detach().transpose(1, 2)  # (B, H, T, D): the shards do not send them back
+            if self.latency is not None:
+                self.latency.observe(time.perf_counter() - start, tags={"memory": self.name})
             return merged if queries.device.type == "cpu" else merged.to(queries.device)
 
         return collect
 
     def info(self) -> dict:
-        return {"name": self.name, "shards": len(self.handles), **self.manifest["totals"]}
+        traffic = {f"mean_bytes_per_{kind}_search": (sum(v) / len(v) if v else None) for kind, v in self.traffic.items()}
+        return {"name": self.name, "shards": len(self.handles), **self.manifest["totals"], **traffic}
+
+
+def _histogram(name: str, description: str, tags: tuple):
+    """A Serve metric, or None outside a Ray worker."""
+    try:
+        from ray.serve import metrics
+
+        return metrics.Histogram(name, description=description, tag_keys=tags,
+                                 boundaries=[0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2])
+    except Exception:  # noqa: BLE001 - metrics are optional; searching is not
+        return None
+
+
+def _nbytes(retrieval) -> int:
+    import dataclasses
+
+    import torch
+
+    return sum(v.numel() * v.element_size() for f in dataclasses.fields(retrieval)
+               for v in [getattr(retrieval, f.name)] if torch.is_tensor(v))
