@@ -63,8 +63,9 @@ class MemoryConfig:
     retrieve_tokens: int = 64  # K tokens read per query token and head (K / csz chunks)
     capacity_tokens: int = 65_536  # bank capacity per stream
     dtype: str = "float16"
-    # Tokens at the start of every encoded window that are not written to memory: the first
-    # positions act as attention sinks and their keys match almost any query.
+    # The first positions of every encoded window act as attention sinks: their keys there match
+    # almost any query. Memory stores these tokens with their keys from a short pass after the
+    # tokens before them instead (LongMem.memory_entries).
     sink_tokens: int = 4
     # The vector that searches: the SideNet's memory-layer query ("side", the paper), the frozen
     # backbone's query ("backbone"), or the frozen backbone's key of the token itself

@@ -2,8 +2,7 @@
 
     model = load_model()                          # longmem/loading.py: the recipe on the default backbone
     bank = model.new_bank(num_streams=1)
-    for segment in model.segments(ids):           # each segment reads the past segments' memory
-        out = model(segment, bank=bank, update_memory=True)
+    for out in model.stream(ids, bank):           # each segment reads the past segments' memory
     text = model.generate_text("Question: ...", bank=bank, max_new_tokens=32)   # generation.py
     model.save_pretrained("ckpt/")                # config.json + sidenet.safetensors only
 """
@@ -82,21 +81,20 @@ class LongMem(nn.Module):
 
     @torch.no_grad()
     def calibrate_key_center(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Set the key centre to the mean raw memory key of (B, N) tokens (window by window, sinks
-        left out, as memory stores them); returns it (Hkv, D). Memories built before no longer match."""
+        """Set the key centre to the mean raw memory key of (B, N) tokens (window by window, as
+        memory stores them); returns it (Hkv, D). Memories built before no
+        longer match."""
         if not self.config.memory.center_keys:
             raise InputError("this model searches raw keys (memory.center_keys is false): it has no key centre")
         self._check_input(input_ids, None)
         self.adapter.set_key_center(None)
         total, count = 0.0, 0
-        sink = self.config.memory.sink_tokens
-        for segment in self.segments(input_ids):
-            keys = self.adapter.run(segment, [], self.memory_layer, stop_after_memory=True).memory_keys
-            keys = keys[:, sink:].float()  # (B, T', Hkv, D)
+        for start in range(0, input_ids.shape[1], self.config.memory.window):
+            segment = input_ids[:, start : start + self.config.memory.window]
+            states = self.adapter.run(segment, [], self.memory_layer, stop_after_memory=True)
+            keys = self.memory_entries(segment, states.memory_keys, states.memory_values,
+                                       self.memory_context(input_ids, start))[0].float()  # (B, T, Hkv, D)
             total, count = total + keys.sum(dim=(0, 1)), count + keys.shape[0] * keys.shape[1]
-        if count == 0:
-            self._sync_key_center()
-            raise InputError(f"calibrating the key centre needs more than {sink} tokens per window")
         self.sidenet.key_center.copy_(total / count)
         self._sync_key_center()
         return self.sidenet.key_center.detach().cpu().clone()
@@ -189,12 +187,15 @@ class LongMem(nn.Module):
         previous_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        context_ids: torch.Tensor | None = None,
     ) -> LongMemOutput:
         """One segment (B, T <= window): read memory first, then (optionally) write this segment to it.
 
         `states` reuses a backbone pass already made for these ids (see `backbone_states`).
         `previous_ids` (B,) is the token before input_ids[:, 0] where there is one (the next read's
-        two-token match uses it). Batched decoding of rows whose contexts differ in length passes
+        two-token match uses it). `context_ids` (B, sink_tokens) are the tokens before the segment
+        (`memory_context`) for what update_memory writes; None: the segment starts its document.
+        Batched decoding of rows whose contexts differ in length passes
         each row's `position_ids` (B, T) and an `attention_mask` (B, cached + T), False on the
         padding before a row's context (see longmem/batching.py)."""
         self._check_input(input_ids, None if backbone_cache is not None else self.config.memory.window)
@@ -219,8 +220,8 @@ class LongMem(nn.Module):
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
             )
         if update_memory:
-            bank.add(states.memory_keys, states.memory_values, token_ids=input_ids, streams=streams,
-                     skip_first=self.config.memory.sink_tokens)
+            keys, values = self.memory_entries(input_ids, states.memory_keys, states.memory_values, context_ids)
+            bank.add(keys, values, token_ids=input_ids, streams=streams)
         return LongMemOutput(logits, loss, states.memory_keys, states.memory_values, readout)
 
     def _retriever(self, bank: Memory, states: BackboneStates, input_ids, streams, previous_ids):
@@ -271,24 +272,70 @@ class LongMem(nn.Module):
         Yields one LongMemOutput per segment (with loss when labels=True).
         """
         self._check_input(input_ids, None)
-        previous = None
+        previous, start = None, 0
         for segment in self.segments(input_ids, window):
             yield self(segment, bank=bank, streams=streams, labels=segment if labels else None, update_memory=True,
-                       previous_ids=previous)
-            previous = segment[:, -1]
+                       previous_ids=previous, context_ids=self.memory_context(input_ids, start))
+            previous, start = segment[:, -1], start + segment.shape[1]
+
+    @property
+    def sink_prefix_id(self) -> int:
+        """The token a window's context is filled with where its document has nothing before it."""
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(self.tokenizer, name, None) if self.tokenizer is not None else None
+            if value is not None:
+                return int(value)
+        return 0
+
+    def memory_context(self, input_ids: torch.Tensor, start: int) -> torch.Tensor:
+        """(B, sink_tokens): what the window at `start` of (B, N) is encoded after: the tokens
+        before it, filled up in front with `sink_prefix_id` at the document's start. The context
+        lets memory keep a window's first tokens: in the window's own pass their keys are attention
+        sinks (they match almost any query)."""
+        sink = self.config.memory.sink_tokens
+        before = input_ids[:, max(0, start - sink) : start]
+        missing = sink - before.shape[1]
+        if missing:
+            fill = torch.full((input_ids.shape[0], missing), self.sink_prefix_id, dtype=input_ids.dtype,
+                              device=input_ids.device)
+            before = torch.cat([fill, before], dim=1)
+        return before
+
+    @torch.no_grad()
+    def memory_entries(self, segment: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                       context: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """What memory stores for segment (B, T): its keys and values (B, T, Hkv, D) from its own
+        pass, except its first `sink_tokens`, whose keys in that pass are attention sinks: theirs
+        come from a short pass after the segment's context (B, sink_tokens) (`memory_context`;
+        None: the segment starts its document). write_memory and the model's own reading of a
+        document (forward with update_memory) store the same thing."""
+        S = self.config.memory.sink_tokens
+        n = min(S, segment.shape[1])
+        if n == 0:
+            return keys, values
+        if context is None:
+            context = self.memory_context(segment, 0)
+        states = self.adapter.run(torch.cat([context, segment[:, :n]], dim=1), [], self.memory_layer,
+                                  stop_after_memory=True)
+        first_k, first_v = states.memory_keys[:, context.shape[1] :], states.memory_values[:, context.shape[1] :]
+        return (torch.cat([first_k.to(keys.dtype), keys[:, n:]], dim=1),
+                torch.cat([first_v.to(values.dtype), values[:, n:]], dim=1))
 
     @torch.no_grad()
     def write_memory(self, input_ids: torch.Tensor, bank: Memory, streams=None) -> None:
-        """Encode (B, N) tokens into the bank with the frozen backbone alone, segment by segment.
+        """Encode (B, N) tokens into the bank with the frozen backbone alone, window by window; every
+        token is stored (`memory_entries`), as the model's own reading of the text would store it.
 
         Memory holds backbone keys/values only, so writing it never needs the SideNet.
         """
         self._check_input(input_ids, None)
         self.check_memory(bank)
-        for segment in self.segments(input_ids):
+        for start in range(0, input_ids.shape[1], self.config.memory.window):
+            segment = input_ids[:, start : start + self.config.memory.window]
             states = self.adapter.run(segment, [], self.memory_layer, stop_after_memory=True)
-            bank.add(states.memory_keys, states.memory_values, token_ids=segment, streams=streams,
-                     skip_first=self.config.memory.sink_tokens)
+            keys, values = self.memory_entries(segment, states.memory_keys, states.memory_values,
+                                               self.memory_context(input_ids, start))
+            bank.add(keys, values, token_ids=segment, streams=streams)
 
     def encode(self, text: str) -> torch.Tensor:
         if self.tokenizer is None:

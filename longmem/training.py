@@ -233,7 +233,6 @@ class DistractorMemory:
         self.per_episode = math.ceil(tokens / W)
         if len(segments) < self.per_episode:
             raise InputError(f"the distractor pool has {len(segments)} segments, an episode needs {self.per_episode}")
-        self.sink = model.config.memory.sink_tokens
         self.ids, self.keys, self.values = [], [], []
         with torch.no_grad():
             for seg in segments:
@@ -241,9 +240,10 @@ class DistractorMemory:
                     raise InputError(f"distractor segments must be {W} tokens, got {seg.numel()}")
                 seg = seg.to(model.device)[None]
                 states = model.adapter.run(seg, [], model.memory_layer, stop_after_memory=True)
+                keys, values = model.memory_entries(seg, states.memory_keys, states.memory_values, None)  # a text of its own
                 self.ids.append(seg[0])
-                self.keys.append(states.memory_keys[0])  # (W, Hkv, D)
-                self.values.append(states.memory_values[0])
+                self.keys.append(keys[0])  # (W, Hkv, D)
+                self.values.append(values[0])
 
     def choose(self, episode_ids: torch.Tensor) -> list[int]:
         seed = zlib.crc32(episode_ids.to(torch.int64).cpu().numpy().tobytes())
@@ -254,7 +254,7 @@ class DistractorMemory:
         B = episode_ids.shape[0]
         for i in self.choose(episode_ids[0]):
             bank.add(self.keys[i][None].expand(B, -1, -1, -1), self.values[i][None].expand(B, -1, -1, -1),
-                     token_ids=self.ids[i][None].expand(B, -1), skip_first=self.sink)
+                     token_ids=self.ids[i][None].expand(B, -1))
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -342,7 +342,7 @@ def train_step(model: LongMem, episodes: list[list[Episode]], optimizer, schedul
             value_read = model.sidenet.value_read_off() if cfg.copy_head_only else contextlib.nullcontext()
             with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=cfg.bf16), value_read:
                 out = model(seg, bank=bank, labels=lab if weights is None else None, update_memory=True,
-                            previous_ids=ids[:, j * W - 1] if j else None)
+                            previous_ids=ids[:, j * W - 1] if j else None, context_ids=model.memory_context(ids, j * W))
             if weights is not None:
                 # Mean over scored tokens, the answer's tokens counted answer_weight times.
                 nll = torch.nn.functional.cross_entropy(out.logits[:, :-1].float().transpose(1, 2), lab[:, 1:],

@@ -97,7 +97,7 @@ class EncodeWindows:
         self.out = Path(out)
 
     def __call__(self, batch: dict) -> dict:
-        encoded = self.encoder.encode(list(batch["tokens"]), [int(s) for s in batch["start"]])
+        encoded = self.encoder.encode(list(batch["tokens"]), [int(s) for s in batch["start"]], list(batch["before"]))
         for doc_id, shard, start, part in zip(batch["doc_id"], batch["shard"], batch["start"], encoded):
             write_part(_part_path(self.out, int(shard), doc_id, int(start)), part)
         return {"shard": batch["shard"], "tokens": np.array([len(e["token_ids"]) for e in encoded], dtype=np.int64),
@@ -132,9 +132,10 @@ class WindowsOf:
     out: str
     window: int
     shard_of: dict
+    sink: int  # tokens before each window its encoder reads first (memory_context)
 
     def __call__(self, batch: dict) -> dict:
-        rows = {"doc_id": [], "shard": [], "start": [], "tokens": []}
+        rows = {"doc_id": [], "shard": [], "start": [], "tokens": [], "before": []}
         for doc_id, tokens, skip in zip(batch["doc_id"], batch["tokens"], batch["skip"]):
             shard = self.shard_of.get(doc_id)
             if skip or shard is None:
@@ -145,8 +146,10 @@ class WindowsOf:
                     rows["shard"].append(shard)
                     rows["start"].append(start)
                     rows["tokens"].append(np.asarray(tokens[start : start + self.window], dtype=np.int32))
+                    rows["before"].append(np.asarray(tokens[max(0, start - self.sink) : start], dtype=np.int32))
         return {"doc_id": _objects(rows["doc_id"]), "shard": np.array(rows["shard"], dtype=np.int64),
-                "start": np.array(rows["start"], dtype=np.int64), "tokens": _objects(rows["tokens"])}
+                "start": np.array(rows["start"], dtype=np.int64), "tokens": _objects(rows["tokens"]),
+                "before": _objects(rows["before"])}
 
 
 def finish_shard(out: str, shard: int, docs: list[tuple[str, int]], spec: dict, index: str, window: int) -> dict:
@@ -198,7 +201,7 @@ def _check_out_dir(out: Path, state: dict) -> None:
         raise StoreError(f"{out} is not empty and holds no LongMem memory; choose an empty or new folder")
 
 
-def _windows_of(docs_ds, job: BuildJob, out: Path, plan, pending: list[int], window: int):
+def _windows_of(docs_ds, job: BuildJob, out: Path, plan, pending: list[int], window: int, sink: int):
     """The pending shards' windows that have no part file yet, materialised."""
     shard_of = {doc_id: i for i in pending for doc_id, _ in plan[i]}
     # One block per encoder batch (a streaming repartition): a long document becomes many actor
@@ -207,7 +210,7 @@ def _windows_of(docs_ds, job: BuildJob, out: Path, plan, pending: list[int], win
     # (materialised) before any encoder actor starts: otherwise actors that take every CPU of the
     # cluster wait forever on windows that can never be cut. Windows hold token ids only, about
     # the size of the tokenised corpus already held.
-    return docs_ds.map_batches(WindowsOf(str(out), window, shard_of), batch_size=1).repartition(
+    return docs_ds.map_batches(WindowsOf(str(out), window, shard_of, sink), batch_size=1).repartition(
         target_num_rows_per_block=job.batch_size).materialize()
 
 
@@ -270,7 +273,7 @@ def build_memory(job: BuildJob, address: str | None = None, progress=print) -> d
     ).materialize()
     meta = docs_ds.select_columns(["doc_id", "num_tokens", "skip"]).take_all()
     skipped = Counter(r["skip"] for r in meta if r["skip"])
-    minimum = config.sink_tokens + config.chunk_size
+    minimum = config.chunk_size  # memory holds whole chunks
     usable = []
     for r in meta:
         if r["skip"]:
@@ -296,7 +299,7 @@ def build_memory(job: BuildJob, address: str | None = None, progress=print) -> d
 
     encoded_tokens, encode_seconds, peak_rss = 0, 0.0, 0.0
     if pending:
-        windows = _windows_of(docs_ds, job, out, plan, pending, config.window)
+        windows = _windows_of(docs_ds, job, out, plan, pending, config.window, config.sink_tokens)
         del docs_ds  # the windows hold what the encoders need
         encoded_tokens, encode_seconds, peak_rss = _encode_pending(ray, windows, job, out, plan, pending, finished,
                                                                    asdict(spec), config.window, progress)

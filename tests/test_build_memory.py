@@ -71,7 +71,7 @@ def reference_chunks(tiny_dir, corpus):
     chunks = {}
     for doc_id, text in texts.items():
         ids = torch.tensor([tok(text, add_special_tokens=False).input_ids])
-        if ids.shape[1] < SETTINGS["memory__sink_tokens"] + SETTINGS["memory__chunk_size"]:
+        if ids.shape[1] < SETTINGS["memory__chunk_size"]:
             continue
         bank = model.new_bank(1)
         model.write_memory(ids, bank)

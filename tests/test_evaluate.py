@@ -127,7 +127,8 @@ def test_model_scorer_matches_a_segment_by_segment_reference():
                 continue
             target = seg[0, 1:]
             previous = ids[:, start - 1] if start else None
-            memory = model(seg, bank=bank, update_memory=True, previous_ids=previous).logits
+            memory = model(seg, bank=bank, update_memory=True, previous_ids=previous,
+                           context_ids=model.memory_context(ids, start)).logits
             for reading, logits in (("backbone", model.backbone_logits(seg)), ("longmem_no_memory", model(seg).logits),
                                     ("longmem_memory", memory)):
                 reference[reading].append(F.cross_entropy(logits[0, :-1].float(), target, reduction="none"))

@@ -287,13 +287,27 @@ def test_write_memory_equals_streaming_through_the_model():
         assert torch.equal(getattr(a, name), getattr(b, name)), name
 
 
-def test_sink_tokens_are_not_written_and_generation_stays_equivalent():
+def test_memory_keeps_every_token_with_its_windows_first_tokens_encoded_after_their_context():
+    """A document's memory holds all its tokens at consecutive positions (the next-token read
+    follows across windows). A window's first sink tokens, attention sinks in its own pass, are
+    stored with their keys read after the tokens before them (the prefix token at the start);
+    the other tokens with their keys from the window's own pass."""
     model = tiny_longmem("llama", sidenet__init="paper", memory__sink_tokens=4, memory__chunk_size=4)
-    bank = model.new_bank(1)
     doc = ids(B=1, T=64, seed=13)
-    list(model.stream(doc, bank))
-    assert bank.num_tokens(0) == 56  # 2 windows of 32, minus 4 sink tokens each
-    assert set(bank.chunk_positions[0, :14].tolist()) == set(range(4, 32, 4)) | set(range(36, 64, 4))
+    bank = model.new_bank(1)
+    model.write_memory(doc, bank)
+    assert bank.num_tokens(0) == 64 and sorted(bank.chunk_positions[0, :16].tolist()) == list(range(0, 64, 4))
+    keys = bank.keys[0, :, :16].permute(1, 2, 0, 3).reshape(64, 2, 16)  # (T, Hkv, D) in stream order
+    own = torch.cat([model.backbone_states(doc[:, s : s + 32]).memory_keys[0] for s in (0, 32)])
+    prefix = torch.full((1, 4), model.sink_prefix_id)
+    torch.testing.assert_close(keys[4:32], own[4:32])
+    torch.testing.assert_close(keys[36:], own[36:])
+    torch.testing.assert_close(keys[:4], model.backbone_states(torch.cat([prefix, doc[:, :4]], 1)).memory_keys[0, 4:])
+    torch.testing.assert_close(keys[32:36], model.backbone_states(doc[:, 28:36]).memory_keys[0, 4:])
+    short = model.new_bank(1)
+    model.write_memory(ids(B=1, T=3, seed=1), short)  # shorter than a chunk: counted, waiting for its chunk
+    model.write_memory(ids(B=1, T=5, seed=2), short)
+    assert short.num_tokens(0) == 8
     runs = [model.generate(ids(B=1, T=50, seed=4), bank=model.new_bank(1), max_new_tokens=30, use_cache=c).token_ids
             for c in (True, False)]
     assert runs[0] == runs[1]
@@ -396,8 +410,11 @@ def test_key_center_is_the_mean_key_and_leaves_the_attend_read_unchanged(tmp_pat
     center = model.calibrate_key_center(memory)
     assert center.shape == (2, 16) and model.key_center_digest() != digest
     assert torch.allclose(model.backbone_states(memory[:, 32:64]).memory_keys, raw_keys - center, atol=1e-6)
-    stored = torch.cat([model.backbone_states(s).memory_keys[:, 4:] for s in model.segments(memory)], 1)
-    assert stored.mean(dim=(0, 1)).abs().max() < 1e-5
+    bank = model.new_bank(1)
+    model.write_memory(memory, bank)
+    c = model.config.memory.chunk_size
+    stored = bank.keys[0, :, : 96 // c].permute(1, 2, 0, 3).reshape(96, 2, 16)  # (T, Hkv, D)
+    assert stored.mean(dim=0).abs().max() < 1e-5
     bank = model.new_bank(1)
     model.write_memory(memory, bank)
     after = model(query, bank=bank)
@@ -498,7 +515,7 @@ def test_retrieval_trace_shows_the_original_occurrence_and_what_followed_it():
     bank = model.new_bank(1)
     model.write_memory(memory, bank)
     trace = retrieval_trace(model, bank, memory[:, 10:20], position=-1, top=2)  # a verbatim repeat
-    assert trace["memory_tokens"] == 56 and 0 < trace["predicted_probability"] <= 1
+    assert trace["memory_tokens"] == 64 and 0 < trace["predicted_probability"] <= 1  # every token kept
     assert len(trace["heads"]) == 4 and all(0 <= h["gate"] <= 1 for h in trace["heads"])
     found = [c for h in trace["heads"] for c in h["chunks"] if c["stream_position"] == 19]
     assert found, "no head retrieved the token's own earlier occurrence"

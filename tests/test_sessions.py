@@ -29,7 +29,7 @@ def test_a_session_reopened_by_another_process_holds_the_same_memory(tmp_path, m
     store = SessionStore(str(tmp_path), new_bank=lambda: model.new_bank(1))
     sid = store.create("owner1")["id"]
     bank = store.open("owner1", sid)
-    model.write_memory(text_ids(70, 1), bank)  # 70 tokens in windows of 32: sinks skipped in each
+    model.write_memory(text_ids(70, 1), bank)  # 70 tokens in windows of 32
     bank.flush(documents=1, tokens=70)
     model.write_memory(text_ids(10, 2), bank)
     bank.flush(documents=1, tokens=10)

@@ -126,11 +126,11 @@ def test_distractors_start_each_episode_memory_as_write_memory_would_write_them(
     ep = torch.stack([episodes[0].ids, episodes[1].ids])  # (2, 96): both rows get the first row's choice
     filled, written = model.new_bank(2), model.new_bank(2)
     distractors.fill(filled, ep)
-    text = torch.cat([segments[i] for i in choices[0]])[None].expand(2, -1)
-    model.write_memory(text, written)
+    for i in choices[0]:  # each drawn segment is a text of its own
+        model.write_memory(segments[i][None].expand(2, -1), written)
     query = ep[:, 64:]
     a, b = model(query, bank=filled), model(query, bank=written)
-    assert filled.num_tokens(0) == filled.num_tokens(1) == written.num_tokens(0) == 2 * (32 - model.config.memory.sink_tokens)
+    assert filled.num_tokens(0) == filled.num_tokens(1) == written.num_tokens(0) == 2 * 32
     assert torch.equal(a.readout.retrieval.positions, b.readout.retrieval.positions)
     torch.testing.assert_close(a.logits, b.logits)
 
@@ -138,8 +138,9 @@ def test_distractors_start_each_episode_memory_as_write_memory_would_write_them(
     with pytest.raises(InputError, match="pass train_step the DistractorMemory"):
         train_step(model, [[episodes[0]]], optimizer, scheduler, cfg)
     metrics = train_step(model, [[episodes[0]]], optimizer, scheduler, cfg, distractors=distractors)
-    # memory ends holding the 2 distractor segments and the episode's 3 (the trained one is written after its read)
-    assert metrics["memory_fill"] * model.config.memory.capacity_tokens == 5 * (32 - model.config.memory.sink_tokens)
+    # memory ends holding the 2 distractor segments and the episode's 3, every token (the trained one
+    # is written after its read)
+    assert metrics["memory_fill"] * model.config.memory.capacity_tokens == 5 * 32
     with pytest.raises(InputError, match="distractor_tokens must be >= 0"):
         TrainConfig(distractor_tokens=-1).validate()
 

@@ -64,7 +64,7 @@ class ModelScorer:
                 out["backbone"][span] = self._nll(model.adapter.logits(states.hidden[-1])[:, :-1], t)
                 out["longmem_no_memory"][span] = self._nll(model(seg, states=states).logits[:, :-1], t)
                 mem = model(seg, bank=bank, update_memory=True, states=states,
-                            previous_ids=x[:, s - 1] if s else None).logits
+                            previous_ids=x[:, s - 1] if s else None, context_ids=model.memory_context(x, s)).logits
                 out["longmem_memory"][span] = self._nll(mem[:, :-1], t)
             if progress:
                 progress(i + 1, len(starts))

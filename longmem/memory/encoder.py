@@ -1,8 +1,9 @@
 """MemoryEncoder: the frozen backbone turned into a memory writer for whole corpora.
 
 A document is cut into the model's windows (window w covers tokens [w*W, (w+1)*W)); each window is
-run through the backbone up to the memory layer, its first `sink_tokens` tokens are dropped and
-the rest become memory tokens, exactly as `LongMem.write_memory` fills a bank.
+run through the backbone up to the memory layer, and its first `sink_tokens` tokens once more after
+their context (the tokens before the window, the model's prefix token at the document's start):
+every token becomes a memory token, exactly as `LongMem.write_memory` fills a bank.
 
 Windows are padded on the right to a length bucket that depends only on their own length, and a
 batch is run one bucket at a time: the keys of a window are then bit-identical however windows are
@@ -32,6 +33,13 @@ class MemoryEncoder:
         self.memory_layer = model.memory_layer
         self.device = model.device
         self.spec: MemorySpec = model.memory_spec
+        self.prefix_id = model.sink_prefix_id
+
+    def context(self, before) -> np.ndarray:
+        """The tokens before a window (up to sink_tokens of them) -> its context of sink_tokens."""
+        sink = self.config.sink_tokens
+        before = np.asarray(before, dtype=np.int64)[len(before) - min(len(before), sink) :]
+        return np.concatenate([np.full(sink - len(before), self.prefix_id, dtype=np.int64), before])
 
     def windows(self, num_tokens: int) -> list[int]:
         """Start positions of the windows that cover a document of num_tokens tokens."""
@@ -39,9 +47,10 @@ class MemoryEncoder:
         return list(range(0, num_tokens, W))
 
     @torch.no_grad()
-    def encode(self, windows: list[np.ndarray], starts: list[int]) -> list[dict]:
-        """Token windows (each <= window long) at document positions `starts` -> per window a dict
-        of keys, values (n, Hkv, D) float16/32 numpy, token_ids (n,), positions (n,)."""
+    def encode(self, windows: list[np.ndarray], starts: list[int], befores: list[np.ndarray]) -> list[dict]:
+        """Token windows (each <= window long) at document positions `starts`, each with the tokens
+        before it in its document (`befores`, empty at the start) -> per window a dict of keys,
+        values (n, Hkv, D) float16/32 numpy, token_ids (n,), positions (n,)."""
         W, sink = self.config.window, self.config.sink_tokens
         out: list[dict | None] = [None] * len(windows)
         buckets: dict[int, list[int]] = {}
@@ -49,6 +58,7 @@ class MemoryEncoder:
             if not 0 < len(w) <= W:
                 raise ValueError(f"window {i} has {len(w)} tokens; windows hold 1..{W}")
             buckets.setdefault(min(W, -(-len(w) // PAD_BUCKET) * PAD_BUCKET), []).append(i)
+        first_k, first_v = self._first_tokens(windows, befores)
         dtype = np.float16 if self.spec.dtype == "float16" else np.float32
         for length, members in sorted(buckets.items()):
             ids = torch.zeros(len(members), length, dtype=torch.long)
@@ -58,14 +68,28 @@ class MemoryEncoder:
             keys = states.memory_keys.float().cpu().numpy()  # (b, length, Hkv, D)
             values = states.memory_values.float().cpu().numpy()
             for row, i in enumerate(members):
-                n = len(windows[i])
+                n, m = len(windows[i]), min(sink, len(windows[i]))
+                keys[row, :m], values[row, :m] = first_k[i, :m], first_v[i, :m]
                 out[i] = {
-                    "keys": keys[row, sink:n].astype(dtype),
-                    "values": values[row, sink:n].astype(dtype),
-                    "token_ids": np.asarray(windows[i][sink:n], dtype=np.int32),
-                    "positions": np.arange(starts[i] + sink, starts[i] + n, dtype=np.int64),
+                    "keys": keys[row, :n].astype(dtype),
+                    "values": values[row, :n].astype(dtype),
+                    "token_ids": np.asarray(windows[i], dtype=np.int32),
+                    "positions": np.arange(starts[i], starts[i] + n, dtype=np.int64),
                 }
         return out
+
+    def _first_tokens(self, windows, befores) -> tuple[np.ndarray, np.ndarray]:
+        """Keys and values (N, sink, Hkv, D) of every window's first sink tokens after its context,
+        in one pass (rows padded on the right; a row's own tokens come first, so padding is never read)."""
+        sink = self.config.sink_tokens
+        if sink == 0:
+            return np.zeros((len(windows), 0)), np.zeros((len(windows), 0))
+        ids = torch.zeros(len(windows), 2 * sink, dtype=torch.long)
+        for i, (w, before) in enumerate(zip(windows, befores)):
+            first = np.asarray(w, dtype=np.int64)[:sink]
+            ids[i, : sink + len(first)] = torch.as_tensor(np.concatenate([self.context(before), first]))
+        states = self.adapter.run(ids.to(self.device), [], self.memory_layer, stop_after_memory=True)
+        return (states.memory_keys[:, sink:].float().cpu().numpy(), states.memory_values[:, sink:].float().cpu().numpy())
 
 
 def write_memory_dir(out, encoder: MemoryEncoder, documents: list[tuple[str, np.ndarray]], shards: int = 1,
@@ -86,7 +110,8 @@ def write_memory_dir(out, encoder: MemoryEncoder, documents: list[tuple[str, np.
             parts = []
             for b in range(0, len(starts), batch_size):
                 chunk = starts[b : b + batch_size]
-                parts += encoder.encode([tokens[doc_id][s : s + encoder.config.window] for s in chunk], chunk)
+                parts += encoder.encode([tokens[doc_id][s : s + encoder.config.window] for s in chunk], chunk,
+                                        [tokens[doc_id][max(0, s - encoder.config.sink_tokens) : s] for s in chunk])
             encoded.append({"doc_id": doc_id, **{k: np.concatenate([p[k] for p in parts]) for k in parts[0]}})
         meta = write_shard(out / f"shard-{i:05d}", encoder.spec, encoded, index, documents_digest(docs))
         metas.append({"name": f"shard-{i:05d}", **meta})

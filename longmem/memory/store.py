@@ -9,9 +9,9 @@
         index/head-<h>.faiss   per KV head, a faiss index over chunk keys (mean of the chunk's token
                                keys; unit length for cosine): flat, IVF or IVF-PQ
 
-Chunks are cut exactly as a MemoryBank cuts one document's stream: every encoding window drops
-its first `sink_tokens` tokens, the remaining tokens of all windows are concatenated in order and
-cut into chunks of `chunk_size`; a document's last partial chunk is dropped. So a store holds the
+Chunks are cut exactly as a MemoryBank cuts one document's stream: every token of every encoding
+window (each encoded after its context, `LongMem.memory_context`), concatenated in order and cut
+into chunks of `chunk_size`; a document's last partial chunk is dropped. So a store holds the
 same chunks as a bank fed each document, and searching it returns them in the same format
 (`MemoryRetrieval`), with `next_values` for the next-token read.
 
@@ -187,15 +187,16 @@ class MemoryShard:
 
 
 def shard_retrieval(shard: "MemoryShard", queries: torch.Tensor, k: int, with_next: bool = False,
-                    slot_offset: int = 0) -> MemoryRetrieval:
-    """One shard's top-k for queries (B, T, H, D), as a MemoryRetrieval (slots = offset + row)."""
+                    slot_offset: int = 0, dtype: torch.dtype | None = None) -> MemoryRetrieval:
+    """One shard's top-k for queries (B, T, H, D), as a MemoryRetrieval (slots = offset + row).
+    Keys and values come in `dtype` (default: the queries'); a shard server sends the memory's own."""
     B, T, Hq, D = queries.shape
     c = shard.spec.chunk_size
     scores, rows = shard.search(queries.detach().float().cpu().numpy().reshape(B * T, Hq, D), k)
     got = shard.gather(rows, with_next)
     kk = rows.shape[-1]
     hit = torch.from_numpy(np.isfinite(scores))
-    dtype, device = queries.dtype, queries.device
+    dtype, device = dtype or queries.dtype, queries.device
 
     def to(x) -> torch.Tensor:  # (B*T, Hq, ...) -> (B, Hq, T, ...)
         t = torch.as_tensor(np.ascontiguousarray(x))
