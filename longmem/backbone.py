@@ -135,12 +135,14 @@ class BackboneAdapter:
         stop_after_memory: bool = False,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        on_memory_keys=None,
     ) -> BackboneStates:
         """One frozen pass over input_ids (B, T), continuing `cache` if given (HF Cache, updated in place).
 
         Rows of a batch that continue contexts of different lengths (batched decoding) pass
         `attention_mask` (B, cached + T), 0 on the padding before a row's context, and their own
-        `position_ids` (B, T).
+        `position_ids` (B, T). `on_memory_keys(keys)` is called with the memory layer's keys (B, T,
+        Hkv, D) as soon as they exist, while the layers above still run (a memory search can start).
 
         Returns hidden states H^j for j in keep_layers (H^0 = input of layer 0, H^j = output of layer j-1)
         and the memory layer's pre-rotary q/k/v. The LM head is not run. `stop_after_memory` skips
@@ -165,8 +167,11 @@ class BackboneAdapter:
         def capture(i):
             def hook(_module, _args, output):
                 captured[i] = output.detach()
-                if stop and all(c is not None for c in captured):
-                    raise _StopForward
+                if all(c is not None for c in captured):
+                    if on_memory_keys is not None:
+                        on_memory_keys(self._centred(self.split_captured(captured)[1]))
+                    if stop:
+                        raise _StopForward
 
             return hook
 
@@ -190,9 +195,10 @@ class BackboneAdapter:
             for h in handles:
                 h.remove()
         q, k, v = self.split_captured(captured)
-        if self.key_center is not None:
-            k = k - self.key_center.to(k)
-        return BackboneStates([hidden[j] for j in keep_layers], k, v, q)
+        return BackboneStates([hidden[j] for j in keep_layers], self._centred(k), v, q)
+
+    def _centred(self, k: torch.Tensor) -> torch.Tensor:
+        return k if self.key_center is None else k - self.key_center.to(k)
 
 
 class LlamaAdapter(BackboneAdapter):

@@ -204,12 +204,21 @@ class LongMem(nn.Module):
         if update_memory and (bank is None or bank.read_only):
             raise InputError("update_memory=True needs a writable memory bank (a built memory is read-only)")
         B, T = input_ids.shape
+        prefetched = {}
         if states is None:
+            early = None
+            if (bank is not None and streams is None and self.config.memory.query == "backbone_key"
+                    and hasattr(bank, "submit")):
+                # The search vectors are the frozen pass's memory keys: the search (remote shards)
+                # starts the moment they exist and runs while the layers above them compute.
+                def early(keys):
+                    prefetched["result"] = bank.submit(keys, self.config.memory.retrieve_chunks,
+                                                       with_next=self.config.read.mode == "next")
             states = self.adapter.run(input_ids, self._keep_layers, self.memory_layer, cache=backbone_cache,
-                                      attention_mask=attention_mask, position_ids=position_ids)
+                                      attention_mask=attention_mask, position_ids=position_ids, on_memory_keys=early)
         if position_ids is None:
             position_ids = torch.arange(position_offset, position_offset + T, device=self.device)[None]
-        retrieve = None if bank is None else self._retriever(bank, states, input_ids, streams, previous_ids)
+        retrieve = None if bank is None else self._retriever(bank, states, input_ids, streams, previous_ids, prefetched)
         sidenet = self._side_runner if self._side_runner is not None else self.sidenet
         key_mask = None if attention_mask is None else attention_mask.bool()
         logits, readout = sidenet(self.adapter, states, position_ids, side_caches, retrieve, key_mask)
@@ -224,7 +233,7 @@ class LongMem(nn.Module):
             bank.add(keys, values, token_ids=input_ids, streams=streams)
         return LongMemOutput(logits, loss, states.memory_keys, states.memory_values, readout)
 
-    def _retriever(self, bank: Memory, states: BackboneStates, input_ids, streams, previous_ids):
+    def _retriever(self, bank: Memory, states: BackboneStates, input_ids, streams, previous_ids, prefetched=None):
         """The memory layer's search: side query (B, Hq, T, D) -> MemoryRetrieval."""
         m = self.config.memory
         k, with_next = m.retrieve_chunks, self.config.read.mode == "next"
@@ -242,7 +251,10 @@ class LongMem(nn.Module):
                 vectors = states.memory_queries  # (B, T, Hq, D)
             else:
                 vectors = side_q.transpose(1, 2)
-            retrieval = bank.search(vectors, k, streams, with_next=with_next)
+            if prefetched and streams is None:
+                retrieval = prefetched.pop("result")()  # the search started during the frozen pass
+            else:
+                retrieval = bank.search(vectors, k, streams, with_next=with_next)
             retrieval.query_prev_ids = query_prev
             return retrieval
 

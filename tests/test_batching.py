@@ -91,3 +91,41 @@ def test_a_row_that_fails_ends_alone_with_its_error():
     run_all(decoder)
     assert bad.result.finish_reason == "error" and "shard unreachable" in str(bad.result.error)
     assert good.result.token_ids == model.generate(prompt(8, 3), max_new_tokens=6).token_ids[0]
+
+
+def test_a_search_started_during_the_frozen_pass_reads_what_a_search_after_it_reads():
+    """With backbone-key search a memory that can `submit` is searched while the layers above the
+    memory layer run; the output is the one of searching after the pass."""
+    model = model_with_memory_read()
+    bank = model.new_bank(1)
+    model.write_memory(prompt(90, 5), bank)
+    shared = model.new_bank(1)
+    model.write_memory(prompt(60, 6), shared)
+    shared.read_only = True
+
+    class SearchOnly:  # the same memory without submit: searched after the pass
+        def __init__(self, memory):
+            self.memory = memory
+            for name in ("num_kv_heads", "head_dim", "chunk_size", "read_only", "device"):
+                setattr(self, name, getattr(memory, name))
+
+        def search(self, *args, **kwargs):
+            return self.memory.search(*args, **kwargs)
+
+        def add(self, *args, **kwargs):
+            return self.memory.add(*args, **kwargs)
+
+        def reset(self, streams=None):
+            return self.memory.reset(streams)
+
+        def check_model(self, spec):
+            return self.memory.check_model(spec)
+
+    combined = CombinedMemory(bank, [shared])
+    started, submit = [], combined.submit
+    combined.submit = lambda *a, **kw: started.append(1) or submit(*a, **kw)
+    x = prompt(20, 7)
+    early, late = model(x, bank=combined), model(x, bank=SearchOnly(combined))
+    assert started == [1]  # the search was started from inside the frozen pass
+    torch.testing.assert_close(early.logits, late.logits)
+    assert bool(early.readout.retrieval.has_memory.any())

@@ -227,6 +227,19 @@ class CombinedMemory:
         parts += [store.search(queries, k, streams, with_next=with_next) for store in self.stores]
         return merge_retrievals(parts, k)
 
+    def submit(self, queries: torch.Tensor, k: int, with_next: bool = False):
+        """search(queries, k) in two halves: the built memories that search remotely start now, the
+        returned function searches the bank and waits for them."""
+        started = [(store.submit(queries, k, with_next) if hasattr(store, "submit") else None) for store in self.stores]
+
+        def collect() -> MemoryRetrieval:
+            parts = [] if self.bank is None else [self.bank.search(queries, k, with_next=with_next)]
+            parts += [s() if s is not None else store.search(queries, k, with_next=with_next)
+                      for s, store in zip(started, self.stores)]
+            return merge_retrievals(parts, k)
+
+        return collect
+
     def reset(self, streams=None) -> None:
         if self.bank is not None:
             self.bank.reset(streams)
@@ -340,10 +353,14 @@ class RowMemories:
 
     def search(self, queries: torch.Tensor, k: int, streams=None, with_next: bool = False) -> MemoryRetrieval:
         """queries (B, T, H, D) -> MemoryRetrieval (B, H, T, ...)."""
+        return self.submit(queries, k, with_next)()
+
+    def submit(self, queries: torch.Tensor, k: int, with_next: bool = False):
+        """Send the built memories' searches now; returns a function that finishes the search (the
+        rows' own banks) and waits for the rest."""
         B, T = queries.shape[:2]
         if B != len(self.memories):
             raise StoreError(f"{B} rows of queries for {len(self.memories)} rows of memories")
-        parts: list[list[MemoryRetrieval]] = [[] for _ in range(B)]
         shared: dict[int, tuple] = {}  # id(store) -> (store, rows)
         for b, m in enumerate(self.memories):
             for store in self._parts(m)[1]:
@@ -353,21 +370,25 @@ class RowMemories:
             q = queries[rows].reshape(1, len(rows) * T, *queries.shape[2:])  # shared: streams do not matter
             submit = getattr(store, "submit", None)
             pending.append((rows, submit(q, k, with_next) if submit else store.search(q, k, with_next=with_next)))
-        for b, m in enumerate(self.memories):
-            private, stores = self._parts(m)
-            # An empty bank retrieves nothing: it is searched only where the row has nothing else
-            # (a request's own bank stays empty until its context outgrows the window).
-            private = [p for p in private if not _is_empty(p)] or ([] if stores else [self._empty_bank(queries)])
-            for bank in private:
-                parts[b].append(bank.search(queries[b : b + 1], k, with_next=with_next))
-        for rows, result in pending:
-            result = result() if callable(result) else result
-            for b, part in zip(rows, split_retrieval(result, [T] * len(rows))):
-                parts[b].append(part.to(queries.device) if part.keys.device != queries.device else part)
-        merged = [merge_retrievals(p, k) for p in parts]
-        out = stack_retrievals(merged)
-        out.streams = torch.arange(B, device=out.streams.device)
-        return out
+
+        def collect() -> MemoryRetrieval:
+            parts: list[list[MemoryRetrieval]] = [[] for _ in range(B)]
+            for b, m in enumerate(self.memories):
+                private, stores = self._parts(m)
+                # An empty bank retrieves nothing: it is searched only where the row has nothing
+                # else (a request's own bank stays empty until its context outgrows the window).
+                private = [p for p in private if not _is_empty(p)] or ([] if stores else [self._empty_bank(queries)])
+                for bank in private:
+                    parts[b].append(bank.search(queries[b : b + 1], k, with_next=with_next))
+            for rows, result in pending:
+                result = result() if callable(result) else result
+                for b, part in zip(rows, split_retrieval(result, [T] * len(rows))):
+                    parts[b].append(part.to(queries.device) if part.keys.device != queries.device else part)
+            out = stack_retrievals([merge_retrievals(p, k) for p in parts])
+            out.streams = torch.arange(B, device=out.streams.device)
+            return out
+
+        return collect
 
     def _empty_bank(self, queries):
         if self._empty is None:
