@@ -370,3 +370,38 @@ def test_session_quotas_are_per_key_and_never_evict_another_keys_memory(served):
     for sid in made:
         assert other.delete(f"/v1/memories/{sid}").status_code == 200
     assert other.post("/v1/memories").status_code == 200
+
+
+def test_schemathesis_finds_no_server_error_and_no_undeclared_response(served):
+    """A bounded property-based run over the OpenAPI schema, against the live endpoint: no 5xx,
+    every status code, content type and body the routes give is one the schema declares."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+
+    from pipelines.serve.app import build_api
+    from pipelines.serve.schemas import ServeArgs
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance, status_code_conformance
+
+    _, base, _ = served
+    # The live endpoint has keys, so its schema page is closed: the same routes' schema, built here.
+    spec = build_api(None, ServeArgs()).openapi()
+    schema = schemathesis.openapi.from_dict(spec)
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+    failures, calls = [], [0]
+    for operation in schema.get_all_operations():
+        op = operation.ok()
+
+        @settings(max_examples=12, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @given(case=op.as_strategy())
+        def run(case):
+            calls[0] += 1
+            response = case.call(base_url=base, headers={"Authorization": f"Bearer {KEY1}"}, timeout=120)
+            try:
+                case.validate_response(response, checks=checks)
+            except Exception as e:  # noqa: BLE001 - every finding is collected, then reported together
+                failures.append(f"{op.method.upper()} {op.path} -> {response.status_code}: {str(e)[:300]}")
+
+        run()
+    assert calls[0] > 50
+    assert not failures, "\n".join(dict.fromkeys(failures))

@@ -19,8 +19,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 # build_api's routes name these in their annotations: they must be globals of this module.
 from pipelines.serve.model_server import LongMemServer
-from pipelines.serve.schemas import (ChatRequest, CompletionRequest, DocumentRequest, ServeArgs, ServeError, _normalise,
-                                     _normalise_chat)
+from pipelines.serve.schemas import (ERROR_MEANINGS, ChatRequest, CompletionRequest, DocumentRequest, ErrorResponse,
+                                     ServeArgs, ServeError, _normalise, _normalise_chat)
 from pipelines.serve.shard_server import MemoryShardServer
 
 logger = logging.getLogger("ray.serve")
@@ -84,7 +84,15 @@ def build_api(model_handle, args: ServeArgs) -> FastAPI:
     async def healthz():
         return {"status": "ok"}
 
-    @app.get("/v1/models")
+    def errors(*codes: int) -> dict:
+        """The error replies a route can give (OpenAPI), beside 401 (with keys) and 503 (busy)."""
+        return {code: {"model": ErrorResponse, "description": ERROR_MEANINGS[code]} for code in (*codes, 401, 503)}
+
+    generation = {200: {"content": {"application/json": {}, "text/event-stream": {}},
+                        "description": "the completion; with stream: true, server-sent events ending in [DONE]"},
+                  **errors(400, 404, 413, 429)}
+
+    @app.get("/v1/models", responses=errors())
     async def models(request: Request):
         await owner_of(request)
         info = await model_handle.describe.remote()
@@ -139,7 +147,7 @@ def build_api(model_handle, args: ServeArgs) -> FastAPI:
 
         return StreamingResponse(sse(), media_type="text/event-stream")
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=generation)
     async def completions(body: CompletionRequest, request: Request):
         owner = await owner_of(request)
         req = {**_normalise(body), "owner": owner}
@@ -155,7 +163,7 @@ def build_api(model_handle, args: ServeArgs) -> FastAPI:
         return await generate(req, body, plain=lambda r, usage: chunk(r["text"], r["finish_reason"], usage),
                               delta=chunk, final=lambda reason, usage: chunk("", reason, usage))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=generation)
     async def chat_completions(body: ChatRequest, request: Request):
         owner = await owner_of(request)
         req = {**_normalise_chat(body), "owner": owner}
@@ -180,12 +188,14 @@ def build_api(model_handle, args: ServeArgs) -> FastAPI:
                               final=lambda reason, usage: chunk({}, reason, usage),
                               start=lambda: chunk({"role": "assistant", "content": ""}))
 
-    @app.post("/v1/memories")
+    @app.post("/v1/memories", responses=errors(429))
     async def create_memory(request: Request):
         owner = await owner_of(request)
         return reply(await model_handle.create_session.remote(owner))
 
-    @app.post("/v1/memories/{session_id}/documents")
+    @app.post("/v1/memories/{session_id}/documents", responses=errors(400, 404, 413),
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                  "schema": DocumentRequest.model_json_schema()}}}})
     async def add_document(session_id: str, request: Request):
         owner = await owner_of(request)
         raw = await request.body()
@@ -201,12 +211,12 @@ def build_api(model_handle, args: ServeArgs) -> FastAPI:
             raise ServeError(400, f"invalid document: {e.errors()[0]['msg']}") from None
         return reply(await for_session(owner, session_id).append_document.remote(owner, session_id, body.text))
 
-    @app.get("/v1/memories/{session_id}")
+    @app.get("/v1/memories/{session_id}", responses=errors(404))
     async def memory_info(session_id: str, request: Request):
         owner = await owner_of(request)
         return reply(await for_session(owner, session_id).session_info.remote(owner, session_id))
 
-    @app.delete("/v1/memories/{session_id}")
+    @app.delete("/v1/memories/{session_id}", responses=errors(404))
     async def delete_memory(session_id: str, request: Request):
         owner = await owner_of(request)
         return reply(await model_handle.delete_session.remote(owner, session_id))

@@ -113,6 +113,22 @@ class ServeError(Exception):
 
 
 # ------------------------------------------------------------------------------ HTTP
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+
+
+class ErrorResponse(BaseModel):
+    """Every error reply: {"error": {"message": ..., "type": ...}} (OpenAI's shape)."""
+
+    error: ErrorDetail
+
+
+ERROR_MEANINGS = {400: "invalid request", 401: "missing or invalid API key", 404: "no such model, memory or session",
+                  413: "document too large", 422: "invalid request", 429: "over this key's quota",
+                  503: "busy: retry after the Retry-After header's seconds"}
+
+
 def _number(v):
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise ValueError("must be a number")
