@@ -99,9 +99,15 @@ def main():
         if one and n != 1:
             r["tokens_per_s_over_1_client"] = r["tokens_per_s"] / one["tokens_per_s"]
     report["load"] = load
+    from ray import serve as _serve
+
+    emma = _serve.get_deployment_handle("LongMemServer", "bench").describe.remote().result()["memories"][0]
+    report["bytes_received_per_query_token"] = emma["bytes_received_per_query_token"]
     serve.shutdown()
     print(f"ms per generated token, 3-shard memory / none: {report['ratio_with_over_without']:.2f} "
           f"({report['ms_per_token_with_memory']:.1f} / {report['ms_per_token_without_memory']:.1f} ms)")
+    print(f"bytes received from the 3 shards per query token: {report['bytes_received_per_query_token'] or 0:,.0f} "
+          f"(a decoding step: one query token a row; a {args.prompt_tokens}-token prompt: {args.prompt_tokens})")
     for n, r in load.items():
         ratio = f", {r['tokens_per_s_over_1_client']:.2f}x 1 client" if "tokens_per_s_over_1_client" in r else ""
         print(f"{n} clients: {r['tokens_per_s']:.1f} tokens/s{ratio}; p50 {r['p50_s']:.2f} s, p99 {r['p99_s']:.2f} s; "

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections import deque
-
 from ray import serve
 
 
@@ -74,8 +72,8 @@ class RemoteMemory:
         self.spec = MemorySpec.from_dict(self.manifest["spec"])
         self.num_kv_heads, self.head_dim, self.chunk_size = self.spec.num_kv_heads, self.spec.head_dim, self.spec.chunk_size
         self.device = torch.device("cpu")
-        # bytes received per search, for a decode step (one query token a row) and for a prompt
-        self.traffic = {"decode": deque(maxlen=1000), "prompt": deque(maxlen=1000)}
+        # bytes the shards sent back, and for how many query tokens (a decoding step: one a row)
+        self.traffic = {"bytes": 0, "query_tokens": 0}
         self.latency = _histogram("longmem_retrieval_seconds", "a search of every shard of a memory, as the model "
                                   "replica waits for it", ("memory",))
 
@@ -107,8 +105,8 @@ class RemoteMemory:
 
         def collect():
             parts = [p.result(timeout_s=60) for p in pending]
-            received = sum(_nbytes(p) for p in parts)
-            self.traffic["prompt" if queries.shape[1] > 1 else "decode"].append(received)
+            self.traffic["bytes"] += sum(_nbytes(p) for p in parts)
+            self.traffic["query_tokens"] += queries.shape[0] * queries.shape[1]
             merged = merge_retrievals(parts, k)
             merged.queries = queries.detach().transpose(1, 2)  # (B, H, T, D): the shards do not send them back
             if self.latency is not None:
@@ -118,8 +116,10 @@ class RemoteMemory:
         return collect
 
     def info(self) -> dict:
-        traffic = {f"mean_bytes_per_{kind}_search": (sum(v) / len(v) if v else None) for kind, v in self.traffic.items()}
-        return {"name": self.name, "shards": len(self.handles), **self.manifest["totals"], **traffic}
+        t = self.traffic
+        per_token = t["bytes"] / t["query_tokens"] if t["query_tokens"] else None
+        return {"name": self.name, "shards": len(self.handles), **self.manifest["totals"],
+                "bytes_received_per_query_token": per_token}
 
 
 def _histogram(name: str, description: str, tags: tuple):
