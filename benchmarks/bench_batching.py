@@ -51,6 +51,18 @@ def main():
                 "decode_tokens_per_s": rows * (args.new - 1) / (end - decode_start),
                 "request_tokens_per_s": tokens / (end - start)}
 
+    # RAM a session memory holds: storage grows as it fills (a replica holds up to 64 loaded)
+    sizes = {}
+    for tokens in (0, 2048, 16384):
+        bank = model.new_bank(1)
+        if tokens:
+            model.write_memory(ids[:, :tokens], bank)
+        sizes[tokens] = bank.nbytes()
+    full = model.config.memory.capacity_tokens * (2 * bank.keys[0, :, 0].numel() * bank.keys.element_size()
+                                                   + bank.chunk_keys[0, :, 0].numel() * 4 + 8) // model.config.memory.chunk_size
+    print("RAM of a session memory: " + ", ".join(f"{n:,} tokens {b / 2**20:.1f} MiB" for n, b in sizes.items())
+          + f", full ({model.config.memory.capacity_tokens:,} tokens) {full / 2**20:.0f} MiB")
+
     run(1)  # warm-up
     results = {n: run(n) for n in [int(x) for x in args.rows.split(",")]}
     one = results.get(1)
@@ -63,7 +75,8 @@ def main():
         print(f"{n} rows: {r['ms_per_step']:.1f} ms a step, {r['decode_tokens_per_s']:.1f} tokens/s decoding, "
               f"{r['request_tokens_per_s']:.1f} with the prompt read{ratio}")
     print(json.dumps({"machine": machine(), "threads": args.threads, "prompt_tokens": args.prompt,
-                      "new_tokens": args.new, "results": results}, indent=2))
+                      "new_tokens": args.new, "results": results, "session_bytes": sizes, "full_session_bytes": full},
+                     indent=2))
 
 
 if __name__ == "__main__":

@@ -15,8 +15,11 @@ class MemoryShardServer:
 
         from longmem.memory.store import MemoryStore, read_manifest
 
-        if device == "auto":  # a replica sees only the GPUs it asked for
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "auto":  # a replica sees only the GPUs it asked for; faiss-cpu searches on the CPU
+            from longmem.memory.base import import_faiss
+
+            gpu_faiss = hasattr(import_faiss(), "StandardGpuResources")
+            device = "cuda" if torch.cuda.is_available() and gpu_faiss else "cpu"
         self.device = device
         self.store = MemoryStore.open(memory_dir, shards=[shard], nprobe=nprobe, device=device)
         self.dtype = torch.float16 if self.store.spec.dtype == "float16" else torch.float32
