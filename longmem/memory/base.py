@@ -210,10 +210,7 @@ class CombinedMemory:
         parts = ([bank] if bank is not None else []) + self.stores
         if not parts:
             raise StoreError("CombinedMemory needs a bank or at least one built memory")
-        shapes = {(p.num_kv_heads, p.head_dim, p.chunk_size) for p in parts}
-        if len(shapes) > 1:
-            raise StoreError(f"memories of different shapes (kv_heads, head_dim, chunk_size) cannot be combined: {shapes}")
-        self.num_kv_heads, self.head_dim, self.chunk_size = shapes.pop()
+        self.num_kv_heads, self.head_dim, self.chunk_size = _common_shape(parts, "memories")
         self.device = bank.device if bank is not None else torch.device("cpu")
         self.read_only = bank is None
 
@@ -247,6 +244,14 @@ class CombinedMemory:
     def check_model(self, spec: MemorySpec) -> None:
         for part in ([self.bank] if self.bank is not None else []) + self.stores:
             part.check_model(spec)
+
+
+def _common_shape(memories: list, what: str) -> tuple[int, int, int]:
+    """(kv_heads, head_dim, chunk_size) that every memory shares, or a clear error."""
+    shapes = {(m.num_kv_heads, m.head_dim, m.chunk_size) for m in memories}
+    if len(shapes) > 1:
+        raise StoreError(f"{what} of different shapes (kv_heads, head_dim, chunk_size) cannot be read together: {shapes}")
+    return shapes.pop()
 
 
 def _is_empty(memory) -> bool:
@@ -314,14 +319,11 @@ class RowMemories:
 
     read_only = False
 
-    def __init__(self, memories: list, spec: MemorySpec | None = None):
+    def __init__(self, memories: list):
         present = [m for m in memories if m is not None]
         if not present:
             raise StoreError("RowMemories needs at least one row with a memory")
-        shapes = {(m.num_kv_heads, m.head_dim, m.chunk_size) for m in present}
-        if len(shapes) > 1:
-            raise StoreError(f"rows' memories have different shapes (kv_heads, head_dim, chunk_size): {shapes}")
-        self.num_kv_heads, self.head_dim, self.chunk_size = shapes.pop()
+        self.num_kv_heads, self.head_dim, self.chunk_size = _common_shape(present, "rows' memories")
         self.memories = list(memories)
         self.device = next((m.device for m in present if not m.read_only), torch.device("cpu"))
         self._empty = None  # a bank with nothing in it, for rows without memory
