@@ -205,17 +205,19 @@ class LongMem(nn.Module):
             raise InputError("update_memory=True needs a writable memory bank (a built memory is read-only)")
         B, T = input_ids.shape
         prefetched = {}
+
+        def start_search(keys):  # the frozen pass's memory keys (B, T, Hkv, D), as soon as they exist
+            prefetched["result"] = bank.submit(keys, self.config.memory.retrieve_chunks,
+                                               with_next=self.config.read.mode == "next")
+
         if states is None:
-            early = None
-            if (bank is not None and streams is None and self.config.memory.query == "backbone_key"
-                    and hasattr(bank, "submit")):
-                # The search vectors are the frozen pass's memory keys: the search (remote shards)
-                # starts the moment they exist and runs while the layers above them compute.
-                def early(keys):
-                    prefetched["result"] = bank.submit(keys, self.config.memory.retrieve_chunks,
-                                                       with_next=self.config.read.mode == "next")
+            # With backbone-key search the search vectors are the frozen pass's memory keys: a memory
+            # that can submit (remote shards) is searched while the layers above them compute.
+            early = (bank is not None and streams is None and self.config.memory.query == "backbone_key"
+                     and hasattr(bank, "submit"))
             states = self.adapter.run(input_ids, self._keep_layers, self.memory_layer, cache=backbone_cache,
-                                      attention_mask=attention_mask, position_ids=position_ids, on_memory_keys=early)
+                                      attention_mask=attention_mask, position_ids=position_ids,
+                                      on_memory_keys=start_search if early else None)
         if position_ids is None:
             position_ids = torch.arange(position_offset, position_offset + T, device=self.device)[None]
         retrieve = None if bank is None else self._retriever(bank, states, input_ids, streams, previous_ids, prefetched)
