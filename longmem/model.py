@@ -91,9 +91,7 @@ class LongMem(nn.Module):
         total, count = 0.0, 0
         for start in range(0, input_ids.shape[1], self.config.memory.window):
             segment = input_ids[:, start : start + self.config.memory.window]
-            states = self.adapter.run(segment, [], self.memory_layer, stop_after_memory=True)
-            keys = self.memory_entries(segment, states.memory_keys, states.memory_values,
-                                       self.memory_context(input_ids, start))[0].float()  # (B, T, Hkv, D)
+            keys = self.memory_entries(segment, self.memory_context(input_ids, start))[0].float()  # (B, T, Hkv, D)
             total, count = total + keys.sum(dim=(0, 1)), count + keys.shape[0] * keys.shape[1]
         self.sidenet.key_center.copy_(total / count)
         self._sync_key_center()
@@ -231,7 +229,7 @@ class LongMem(nn.Module):
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
             )
         if update_memory:
-            keys, values = self.memory_entries(input_ids, states.memory_keys, states.memory_values, context_ids)
+            keys, values = self.memory_entries(input_ids, context_ids, states.memory_keys, states.memory_values)
             bank.add(keys, values, token_ids=input_ids, streams=streams)
         return LongMemOutput(logits, loss, states.memory_keys, states.memory_values, readout)
 
@@ -316,13 +314,16 @@ class LongMem(nn.Module):
         return before
 
     @torch.no_grad()
-    def memory_entries(self, segment: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                       context: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """What memory stores for segment (B, T): its keys and values (B, T, Hkv, D) from its own
-        pass, except its first `sink_tokens`, whose keys in that pass are attention sinks: theirs
-        come from a short pass after the segment's context (B, sink_tokens) (`memory_context`;
-        None: the segment starts its document). write_memory and the model's own reading of a
-        document (forward with update_memory) store the same thing."""
+    def memory_entries(self, segment: torch.Tensor, context: torch.Tensor | None = None, keys: torch.Tensor | None = None,
+                       values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """What memory stores for segment (B, T): keys and values (B, T, Hkv, D) from its own pass
+        (given, or run here), except its first `sink_tokens`, whose keys in that pass are attention
+        sinks: theirs come from a short pass after the segment's context (B, sink_tokens)
+        (`memory_context`; None: the segment starts its document). write_memory and the model's own
+        reading of a document (forward with update_memory) store the same thing."""
+        if keys is None:
+            states = self.adapter.run(segment, [], self.memory_layer, stop_after_memory=True)
+            keys, values = states.memory_keys, states.memory_values
         S = self.config.memory.sink_tokens
         n = min(S, segment.shape[1])
         if n == 0:
@@ -346,9 +347,7 @@ class LongMem(nn.Module):
         self.check_memory(bank)
         for start in range(0, input_ids.shape[1], self.config.memory.window):
             segment = input_ids[:, start : start + self.config.memory.window]
-            states = self.adapter.run(segment, [], self.memory_layer, stop_after_memory=True)
-            keys, values = self.memory_entries(segment, states.memory_keys, states.memory_values,
-                                               self.memory_context(input_ids, start))
+            keys, values = self.memory_entries(segment, self.memory_context(input_ids, start))
             bank.add(keys, values, token_ids=segment, streams=streams)
 
     def encode(self, text: str) -> torch.Tensor:

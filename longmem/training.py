@@ -239,8 +239,7 @@ class DistractorMemory:
                 if seg.numel() != W:
                     raise InputError(f"distractor segments must be {W} tokens, got {seg.numel()}")
                 seg = seg.to(model.device)[None]
-                states = model.adapter.run(seg, [], model.memory_layer, stop_after_memory=True)
-                keys, values = model.memory_entries(seg, states.memory_keys, states.memory_values, None)  # a text of its own
+                keys, values = model.memory_entries(seg)  # a text of its own
                 self.ids.append(seg[0])
                 self.keys.append(keys[0])  # (W, Hkv, D)
                 self.values.append(values[0])

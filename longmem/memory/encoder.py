@@ -33,13 +33,6 @@ class MemoryEncoder:
         self.memory_layer = model.memory_layer
         self.device = model.device
         self.spec: MemorySpec = model.memory_spec
-        self.prefix_id = model.sink_prefix_id
-
-    def context(self, before) -> np.ndarray:
-        """The tokens before a window (up to sink_tokens of them) -> its context of sink_tokens."""
-        sink = self.config.sink_tokens
-        before = np.asarray(before, dtype=np.int64)[len(before) - min(len(before), sink) :]
-        return np.concatenate([np.full(sink - len(before), self.prefix_id, dtype=np.int64), before])
 
     def windows(self, num_tokens: int) -> list[int]:
         """Start positions of the windows that cover a document of num_tokens tokens."""
@@ -87,7 +80,9 @@ class MemoryEncoder:
         ids = torch.zeros(len(windows), 2 * sink, dtype=torch.long)
         for i, (w, before) in enumerate(zip(windows, befores)):
             first = np.asarray(w, dtype=np.int64)[:sink]
-            ids[i, : sink + len(first)] = torch.as_tensor(np.concatenate([self.context(before), first]))
+            before = torch.as_tensor(np.asarray(before, dtype=np.int64)).reshape(1, -1)
+            context = self.model.memory_context(before, before.shape[1])[0]  # the model's own rule
+            ids[i, : sink + len(first)] = torch.cat([context, torch.as_tensor(first)])
         states = self.adapter.run(ids.to(self.device), [], self.memory_layer, stop_after_memory=True)
         return (states.memory_keys[:, sink:].float().cpu().numpy(), states.memory_values[:, sink:].float().cpu().numpy())
 
