@@ -41,7 +41,7 @@ class Engine:
         self._submitted: deque = deque()  # (args, future) not yet handed to the decoder
         self._calls: deque = deque()  # (fn, future) to run between steps
         self._metrics = _metrics()
-        self.tokens = 0
+        self.tokens = self._counted = 0
         self.finished = {"length": 0, "stop": 0, "eos": 0, "cancelled": 0, "error": 0}
         self._thread = threading.Thread(target=self._loop, name="longmem-engine", daemon=True)
         self._thread.start()
@@ -103,15 +103,16 @@ class Engine:
     def _counting(self, on_token):
         def counted(token_id):
             self.tokens += 1
-            if self._metrics:
-                self._metrics["tokens"].inc()
             if on_token is not None:
                 on_token(token_id)
 
         return counted
 
     def _observe(self, seconds: float) -> None:
-        if self._metrics:
+        if self._metrics:  # once a step, not once a token: metrics stay off the per-token path
+            if self.tokens > self._counted:  # a Counter takes only positive increments
+                self._metrics["tokens"].inc(self.tokens - self._counted)
+                self._counted = self.tokens
             self._metrics["step"].observe(seconds)
             self._metrics["batch"].set(self.decoder.last_batch)
             self._metrics["waiting"].set(len(self.decoder.waiting))
