@@ -141,7 +141,12 @@ def test_a_two_stage_job_trains_the_copy_head_second_and_skips_a_finished_stage(
     report = json.loads((tmp_path / "final" / "evaluation" / "perplexity" / "report.json").read_text())
     assert report["results"]["overall"]["scored_tokens"] > 0  # the job evaluated its model, next to it
     assert summary["evaluation"]["perplexity"]["out"] == str(tmp_path / "final" / "evaluation" / "perplexity")
+    weights = tmp_path / "final" / "sidenet.safetensors"
+    written = weights.read_bytes()
     again = run_training(j)  # both stages are finished: neither is trained again, only the evaluation runs
     assert [s["seconds"] for s in again["stages"]] == [s["seconds"] for s in summary["stages"]]
+    assert weights.read_bytes() == written
     changed = dataclasses.replace(j, then=[{"copy_head_only": True, "steps": 2, "lr": 1e-3}], evaluate=[])
-    assert run_training(changed)["stages"][1]["seconds"] != summary["stages"][1]["seconds"]  # new settings: trained
+    rerun = run_training(changed)  # new settings for stage 2: it is trained again, stage 1 is not
+    assert rerun["stages"][1]["train"]["lr"] == 1e-3  # run again under the new settings (it resumes its run)
+    assert rerun["stages"][0]["seconds"] == summary["stages"][0]["seconds"]
