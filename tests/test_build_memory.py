@@ -126,6 +126,32 @@ def test_three_shards_give_the_same_search_as_one(one_shard, three_shards):
     assert torch.equal(a.next_mask, b.next_mask)
 
 
+def test_a_sharded_search_moves_only_the_winners_and_equals_merging_every_shards_top_k(three_shards):
+    """The two-phase search (scores from every shard, then the winners' entries from their shards)
+    returns what merging each shard's full top-k returns, and gathers exactly k entries a query head."""
+    from longmem.memory import merge_retrievals
+    from longmem.memory.store import entries_of, pick_winners, search_queries
+
+    out3, _ = three_shards
+    three = MemoryStore.open(out3)
+    queries = torch.randn(2, 7, 4, 16, generator=torch.Generator().manual_seed(2))
+    got = three.search(queries, k=8, with_next=True)
+    offsets = np.cumsum([0] + [s.num_chunks for s in three.shards])[:-1]
+    parts = []
+    for i, off in enumerate(offsets):  # each shard alone, as the one-phase reply of a whole shard
+        r = MemoryStore.open(out3, shards=[i]).search(queries, k=8, with_next=True)
+        r.slots = torch.where(r.slots >= 0, r.slots + int(off), r.slots)
+        parts.append(r)
+    want = merge_retrievals(parts, 8)
+    for name in ("keys", "values", "token_mask", "scores", "slots", "positions", "token_ids", "next_values",
+                 "next_mask", "prev_token_ids", "next_token_ids"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    q = search_queries(queries)
+    scores, owner, rows = pick_winners([s.search(q, 8) for s in three.shards], 8)
+    won = [len(entries_of(owner, rows, i, three.spec.num_kv_heads)[0]) for i in range(3)]
+    assert sum(won) == q.shape[0] * 4 * 8 and all(won), won
+
+
 def store_doc(store, slot):
     for shard in store.shards:
         if slot < shard.num_chunks:

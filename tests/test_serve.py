@@ -5,6 +5,7 @@ import socket
 import time
 
 import httpx
+import numpy as np
 import pytest
 import torch
 
@@ -268,6 +269,13 @@ def test_remote_shards_are_a_memory_that_searches_like_the_store(served):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
         assert torch.equal(getattr(c, name), getattr(b, name)), name
     remote.check_model(SERVED["model"].memory_spec)
+    # Lean replies: each shard sends its scores and rows, and only the winners' keys, values and
+    # neighbours come back, in the memory's dtype (not a full top-k of every shard).
+    Hq, k, D, c = queries.shape[2], 8, adapter.head_dim, store.spec.chunk_size
+    size = np.dtype(store.shards[0].keys.dtype).itemsize
+    winners = Hq * k * ((2 * c + 1) * D * size + 8 + 4 * c + 4 + 4 + 2)  # keys, values, next value; position, ids, flags
+    per_token = remote.info()["bytes_received_per_query_token"]
+    assert per_token == 3 * Hq * k * (4 + 4) + winners, per_token
 
 
 def test_a_deployment_that_overrides_a_trained_setting_is_refused(served):

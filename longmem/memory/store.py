@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import MemoryRetrieval, MemorySpec, StoreError, import_faiss, merge_retrievals, neighbour_tokens
+from .base import MemoryRetrieval, MemorySpec, StoreError, import_faiss, neighbour_tokens
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -164,71 +164,118 @@ class MemoryShard:
         return v
 
     def gather(self, rows: np.ndarray, with_next: bool = False) -> dict:
-        """rows (n, Hq, k) -> keys/values (n, Hq, k, c, D) of each chunk from its query head's KV head,
-        positions and token ids, and (with_next) what `neighbour_tokens` needs of the rows beside
-        each: a shard's rows are its documents' chunks in order, so row r + 1 continues row r when
-        `next_joined[r]`."""
-        G = rows.shape[1] // self.spec.num_kv_heads
+        """rows (n, Hq, k) -> keys/values (n, Hq, k, c, D) of each chunk from its query head's KV
+        head, positions and token ids, and (with_next) what `neighbour_tokens` needs of the rows
+        beside each (see `gather_at`)."""
+        n, Hq, k = rows.shape
+        kv_heads = np.broadcast_to((np.arange(Hq) // (Hq // self.spec.num_kv_heads))[None, :, None], rows.shape)
+        flat = self.gather_at(rows.reshape(-1), kv_heads.reshape(-1), with_next)
+        return {name: None if v is None else v.reshape(n, Hq, k, *v.shape[1:]) for name, v in flat.items()}
+
+    def gather_at(self, rows: np.ndarray, kv_heads: np.ndarray, with_next: bool = False) -> dict:
+        """rows, kv_heads (N,) -> per entry: keys/values (N, c, D) of the row from that KV head,
+        positions (N,) and token ids (N, c) (-1 where the row is -1), and (with_next) the rows
+        beside it: a shard's rows are its documents' chunks in order, so row r + 1 continues row r
+        when `next_joined[r]`."""
         valid = rows >= 0
         r = np.where(valid, rows, 0)
-        heads = (np.arange(rows.shape[1]) // G)[None, :, None]
+        if not self.num_chunks:
+            return {"keys": None, "values": None, "positions": np.full(rows.shape, -1), "token_ids": None}
         out = {
-            "keys": np.asarray(self.keys[r, heads]) if self.num_chunks else None,
-            "values": np.asarray(self.values[r, heads]) if self.num_chunks else None,
-            "positions": np.where(valid, self.positions[r] if self.num_chunks else 0, -1),
-            "token_ids": np.where(valid[..., None], self.token_ids[r], -1) if self.num_chunks else None,
+            "keys": np.asarray(self.keys[r, kv_heads]),
+            "values": np.asarray(self.values[r, kv_heads]),
+            "positions": np.where(valid, self.positions[r], -1),
+            "token_ids": np.where(valid[:, None], self.token_ids[r], -1),
         }
-        if with_next and self.num_chunks:
+        if with_next:
             following, preceding = np.minimum(r + 1, self.num_chunks - 1), np.maximum(r - 1, 0)
-            out.update(next_first_values=np.asarray(self.values[following, heads, 0]),  # (n, Hq, k, D)
+            out.update(next_first_values=np.asarray(self.values[following, kv_heads, 0]),  # (N, D)
                        next_first_ids=self.token_ids[following, 0], next_joined=self.next_joined[r],
                        prev_last_ids=self.token_ids[preceding, -1], prev_joined=self.prev_joined[r])
         return out
 
 
-def shard_retrieval(shard: "MemoryShard", queries: torch.Tensor, k: int, with_next: bool = False,
-                    slot_offset: int = 0, dtype: torch.dtype | None = None) -> MemoryRetrieval:
-    """One shard's top-k for queries (B, T, H, D), as a MemoryRetrieval (slots = offset + row).
-    Keys and values come in `dtype` (default: the queries'); a shard server sends the memory's own."""
+# ------------------------------------------------------------------ searching several shards
+# A search of a sharded memory runs in two phases, so that only the winners' keys and values move:
+#   1. every shard returns its top-k scores and rows (`MemoryShard.search`),
+#   2. `pick_winners` keeps the top k over all shards, and each shard returns the entries it won
+#      (`MemoryShard.gather_at` of `entries_of(...)`), which `assemble_retrieval` puts in place.
+# The store runs both phases in process; the serving layer sends each to shard replicas.
+
+def pick_winners(found: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each shard's (scores, rows), (n, Hq, k) -> the top k over all shards: scores, owner (which
+    shard; -1 for an empty slot) and rows, (n, Hq, k). Ties keep the earlier shard first."""
+    if len(found) == 1:
+        scores, rows = found[0][0], found[0][1].astype(np.int64, copy=False)
+        owner = np.zeros(rows.shape, np.int64)
+    else:
+        scores = np.concatenate([s for s, _ in found], axis=-1)
+        rows = np.concatenate([r for _, r in found], axis=-1).astype(np.int64, copy=False)
+        owner = np.concatenate([np.full(r.shape, i, np.int64) for i, (_, r) in enumerate(found)], axis=-1)
+        order = np.argsort(-scores, axis=-1, kind="stable")[..., :k]
+        scores, rows, owner = (np.take_along_axis(x, order, -1) for x in (scores, rows, owner))
+    empty = ~np.isfinite(scores)
+    return scores, np.where(empty, -1, owner), np.where(empty, -1, rows)
+
+
+def entries_of(owner: np.ndarray, rows: np.ndarray, shard: int, num_kv_heads: int) -> tuple[np.ndarray, np.ndarray]:
+    """The entries shard `shard` won: its rows and their KV heads, (N,) each, in (n, Hq, k) order."""
+    Hq = rows.shape[1]
+    mine = owner == shard
+    kv_heads = np.broadcast_to((np.arange(Hq) // (Hq // num_kv_heads))[None, :, None], rows.shape)
+    return rows[mine], kv_heads[mine]
+
+
+def assemble_retrieval(queries: torch.Tensor, scores: np.ndarray, owner: np.ndarray, rows: np.ndarray,
+                       parts: list[dict | None], offsets: list[int], spec: MemorySpec,
+                       with_next: bool = False) -> MemoryRetrieval:
+    """The winners of `pick_winners` and each shard's `gather_at` of them -> one MemoryRetrieval of
+    queries (B, T, Hq, D), in the queries' dtype and on their device (slots = shard offset + row)."""
+    n, Hq, k = rows.shape
+    c, D = spec.chunk_size, spec.head_dim
+    empty = {"keys": (np.zeros((n, Hq, k, c, D), np.float32)), "values": np.zeros((n, Hq, k, c, D), np.float32),
+             "positions": np.full((n, Hq, k), -1, np.int64), "token_ids": np.full((n, Hq, k, c), -1, np.int64)}
+    if with_next:
+        empty.update(next_first_values=np.zeros((n, Hq, k, D), np.float32),
+                     next_first_ids=np.full((n, Hq, k), -1, np.int64), next_joined=np.zeros((n, Hq, k), bool),
+                     prev_last_ids=np.full((n, Hq, k), -1, np.int64), prev_joined=np.zeros((n, Hq, k), bool))
+    got = empty
+    for shard, part in enumerate(parts):
+        mine = owner == shard
+        if part is None or not mine.any():
+            continue
+        for name, full in got.items():
+            if part.get(name) is not None:
+                full[mine] = part[name]
+    slots = np.where(owner >= 0, np.asarray(offsets, np.int64)[np.maximum(owner, 0)] + rows, -1)
+    return _retrieval(queries, scores, slots, got, c, with_next)
+
+
+def _retrieval(queries: torch.Tensor, scores: np.ndarray, slots: np.ndarray, got: dict, c: int,
+               with_next: bool) -> MemoryRetrieval:
+    """Gathered entries (n = B * T, Hq, k, ...) -> a MemoryRetrieval (B, Hq, T, ...)."""
     B, T, Hq, D = queries.shape
-    c = shard.spec.chunk_size
-    scores, rows = shard.search(queries.detach().float().cpu().numpy().reshape(B * T, Hq, D), k)
-    got = shard.gather(rows, with_next)
-    kk = rows.shape[-1]
-    hit = torch.from_numpy(np.isfinite(scores))
-    dtype, device = dtype or queries.dtype, queries.device
+    kk = scores.shape[-1]
+    dtype, device = queries.dtype, queries.device
 
     def to(x) -> torch.Tensor:  # (B*T, Hq, ...) -> (B, Hq, T, ...)
         t = torch.as_tensor(np.ascontiguousarray(x))
         return t.reshape(B, T, *t.shape[1:]).transpose(1, 2)
 
-    def tokens(x) -> torch.Tensor:  # (B*T, Hq, k, c, D) -> (B, Hq, T, k*c, D); zeros for an empty shard
-        if x is None:
-            return torch.zeros(B, Hq, T, kk * c, D, dtype=dtype)
-        return to(x).to(dtype).reshape(B, Hq, T, kk * c, D)
-
-    ids = (to(got["token_ids"].astype(np.int64)) if got["token_ids"] is not None
-           else torch.full((B, Hq, T, kk, c), -1, dtype=torch.long))
-    hit_t = to(hit)
-    neighbours = (None,) * 4
+    hit = to(np.isfinite(scores))
+    ids = to(got["token_ids"].astype(np.int64))
+    values = to(got["values"]).to(dtype)  # (B, Hq, T, k, c, D)
+    next_values = next_mask = prev_ids = next_ids = None
     if with_next:
-        if shard.num_chunks:
-            values = to(got["values"]).to(dtype)  # (B, Hq, T, k, c, D)
-            neighbours = neighbour_tokens(
-                values, ids, hit_t, to(got["next_first_values"]).to(dtype),
-                to(got["next_first_ids"].astype(np.int64)), to(got["next_joined"]),
-                to(got["prev_last_ids"].astype(np.int64)), to(got["prev_joined"]))
-        else:
-            none = torch.full((B, Hq, T, kk * c), -1, dtype=torch.long)
-            neighbours = (torch.zeros(B, Hq, T, kk * c, D, dtype=dtype),
-                          torch.zeros(B, Hq, T, kk * c, dtype=torch.bool), none, none.clone())
-    next_values, next_mask, prev_ids, next_ids = neighbours
+        next_values, next_mask, prev_ids, next_ids = neighbour_tokens(
+            values, ids, hit, to(got["next_first_values"]).to(dtype), to(got["next_first_ids"].astype(np.int64)),
+            to(got["next_joined"]), to(got["prev_last_ids"].astype(np.int64)), to(got["prev_joined"]))
     retrieval = MemoryRetrieval(
-        keys=tokens(got["keys"]),
-        values=tokens(got["values"]),
-        token_mask=hit_t.repeat_interleave(c, dim=-1),
+        keys=to(got["keys"]).to(dtype).reshape(B, Hq, T, kk * c, D),
+        values=values.reshape(B, Hq, T, kk * c, D),
+        token_mask=hit.repeat_interleave(c, dim=-1),
         scores=to(scores),
-        slots=to(np.where(np.isfinite(scores), rows + slot_offset, -1)),
+        slots=to(slots),
         positions=to(got["positions"]),
         streams=torch.zeros(B, dtype=torch.long),
         queries=queries.detach().transpose(1, 2).cpu(),
@@ -239,6 +286,12 @@ def shard_retrieval(shard: "MemoryShard", queries: torch.Tensor, k: int, with_ne
         next_token_ids=next_ids,
     )
     return retrieval if device.type == "cpu" else retrieval.to(device)
+
+
+def search_queries(queries: torch.Tensor) -> np.ndarray:
+    """queries (B, T, Hq, D) -> what a shard searches: float32 (B * T, Hq, D)."""
+    B, T, Hq, D = queries.shape
+    return np.ascontiguousarray(queries.detach().float().cpu().numpy().reshape(B * T, Hq, D))
 
 
 def _to_device(index, device: str):
@@ -301,11 +354,12 @@ class MemoryStore:
         global chunk numbers (shard offset + row)."""
         if queries.dim() != 4 or queries.shape[-1] != self.spec.head_dim:
             raise StoreError(f"queries must have shape (B, T, Hq, {self.spec.head_dim}), got {tuple(queries.shape)}")
-        parts, offset = [], 0
-        for shard in self.shards:
-            parts.append(shard_retrieval(shard, queries, k, with_next, offset))
-            offset += shard.num_chunks
-        return merge_retrievals(parts, k)
+        q = search_queries(queries)
+        scores, owner, rows = pick_winners([shard.search(q, k) for shard in self.shards], k)
+        parts = [shard.gather_at(*entries_of(owner, rows, i, self.spec.num_kv_heads), with_next)
+                 for i, shard in enumerate(self.shards)]
+        offsets = np.cumsum([0] + [s.num_chunks for s in self.shards])[:-1].tolist()
+        return assemble_retrieval(queries, scores, owner, rows, parts, offsets, self.spec, with_next)
 
     @property
     def num_kv_heads(self) -> int:

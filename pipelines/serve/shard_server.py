@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 from ray import serve
 
 
@@ -22,37 +25,37 @@ class MemoryShardServer:
             device = "cuda" if torch.cuda.is_available() and gpu_faiss else "cpu"
         self.device = device
         self.store = MemoryStore.open(memory_dir, shards=[shard], nprobe=nprobe, device=device)
-        self.dtype = torch.float16 if self.store.spec.dtype == "float16" else torch.float32
         self.shard = self.store.shards[0]
         self.offset = sum(s["chunks"] for s in read_manifest(memory_dir)["shards"][:shard])
         self.latency = _histogram("longmem_shard_search_seconds", "one batched faiss search of a shard", ("shard",))
         self.tags = {"shard": f"{memory_dir.rstrip('/').rsplit('/', 1)[-1]}-{shard}"}
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    # A model replica already sends one search a step for all its rows: join searches that are
+    # already queued (from several model replicas), but never wait for more.
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0)
     async def search(self, requests: list[tuple]):
-        """requests: (queries (1, T, Hq, D) float32, k, with_next) -> MemoryRetrieval each."""
-        import torch
-
-        from longmem.memory import split_retrieval
-        from longmem.memory.store import shard_retrieval
-
-        import time
+        """Phase 1. requests: (queries (n, Hq, D) float32, k) -> (scores float32, rows int32) (n, Hq, k)
+        each; concurrent requests share one faiss call per k."""
+        import numpy as np
 
         start = time.perf_counter()
         results = [None] * len(requests)
-        groups: dict[tuple, list[int]] = {}
-        for i, (_, k, with_next) in enumerate(requests):
-            groups.setdefault((k, with_next), []).append(i)
-        for (k, with_next), members in groups.items():
-            queries = torch.cat([requests[i][0] for i in members], dim=1)  # (1, sum T, Hq, D)
-            # The reply is lean: keys and values in the memory's dtype, the queries not echoed back.
-            merged = shard_retrieval(self.shard, queries, k, with_next, self.offset, dtype=self.dtype)
-            merged.queries = None
-            for i, part in zip(members, split_retrieval(merged, [requests[i][0].shape[1] for i in members])):
-                results[i] = part
+        groups: dict[int, list[int]] = {}
+        for i, (_, k) in enumerate(requests):
+            groups.setdefault(k, []).append(i)
+        for k, members in groups.items():
+            scores, rows = self.shard.search(np.concatenate([requests[i][0] for i in members]), k)
+            cuts = np.cumsum([len(requests[i][0]) for i in members])[:-1]
+            for i, s, r in zip(members, np.split(scores, cuts), np.split(rows, cuts)):
+                results[i] = (s, r.astype(np.int32))
         if self.latency is not None:
             self.latency.observe(time.perf_counter() - start, tags=self.tags)
         return results
+
+    async def gather(self, rows, kv_heads, with_next: bool) -> dict:
+        """Phase 2: the entries this shard won, (N,) rows and KV heads -> their keys, values, ids and
+        neighbours, in the memory's dtype (`MemoryShard.gather_at`)."""
+        return self.shard.gather_at(rows, kv_heads, with_next)
 
     def info(self) -> dict:
         return {"chunks": self.shard.num_chunks, "offset": self.offset, "device": self.device}
@@ -77,6 +80,8 @@ class RemoteMemory:
         self.device = torch.device("cpu")
         # bytes the shards sent back, and for how many query tokens (a decoding step: one a row)
         self.traffic = {"bytes": 0, "query_tokens": 0}
+        self.offsets = [sum(s["chunks"] for s in self.manifest["shards"][:i]) for i in range(len(handles))]
+        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"search-{name}")
         self.latency = _histogram("longmem_retrieval_seconds", "a search of every shard of a memory, as the model "
                                   "replica waits for it", ("memory",))
 
@@ -92,31 +97,41 @@ class RemoteMemory:
         """Shared by every stream: nothing of one stream's own to forget."""
 
     def search(self, queries, k: int, streams=None, with_next: bool = False):
-        """Called from the generation thread: every shard is asked at once, then merged by score."""
+        """Called from the generation thread: the two phases of a sharded search (memory/store.py)."""
         return self.submit(queries, k, with_next)()
 
     def submit(self, queries, k: int, with_next: bool = False):
-        """Send the search to every shard now; returns a function that waits for the merged result
-        (a batch reading several memories sends all their searches before waiting for any)."""
-        from longmem.memory import merge_retrievals
+        """Start the search now; returns a function that waits for the merged result. Both phases run
+        on a helper thread, so the model computes while the shards answer (a batch reading several
+        memories starts all their searches before waiting for any)."""
+        from longmem.memory.store import search_queries
 
-        import time
-
-        start = time.perf_counter()
-        q = queries.detach().float().cpu()
-        pending = [h.search.remote((q, k, with_next)) for h in self.handles]
+        q = search_queries(queries)
+        pending = self.pool.submit(self._search, q, k, with_next)
 
         def collect():
-            parts = [p.result(timeout_s=60) for p in pending]
-            self.traffic["bytes"] += sum(_nbytes(p) for p in parts)
-            self.traffic["query_tokens"] += queries.shape[0] * queries.shape[1]
-            merged = merge_retrievals(parts, k)
-            merged.queries = queries.detach().transpose(1, 2)  # (B, H, T, D): the shards do not send them back
+            from longmem.memory.store import assemble_retrieval
+
+            scores, owner, rows, parts, start = pending.result()
+            merged = assemble_retrieval(queries, scores, owner, rows, parts, self.offsets, self.spec, with_next)
             if self.latency is not None:
                 self.latency.observe(time.perf_counter() - start, tags={"memory": self.name})
-            return merged if queries.device.type == "cpu" else merged.to(queries.device)
+            return merged
 
         return collect
+
+    def _search(self, q, k: int, with_next: bool):
+        from longmem.memory.store import entries_of, pick_winners
+
+        start = time.perf_counter()
+        found = [p.result(timeout_s=60) for p in [h.search.remote((q, k)) for h in self.handles]]
+        scores, owner, rows = pick_winners(found, k)
+        asked = {i: entries_of(owner, rows, i, self.num_kv_heads) for i in range(len(self.handles))}
+        pending = {i: self.handles[i].gather.remote(r, h, with_next) for i, (r, h) in asked.items() if len(r)}
+        parts = [pending[i].result(timeout_s=60) if i in pending else None for i in range(len(self.handles))]
+        self.traffic["bytes"] += _nbytes(found) + _nbytes(parts)
+        self.traffic["query_tokens"] += q.shape[0]
+        return scores, owner, rows, parts, start
 
     def info(self) -> dict:
         t = self.traffic
@@ -136,10 +151,10 @@ def _histogram(name: str, description: str, tags: tuple):
         return None
 
 
-def _nbytes(retrieval) -> int:
-    import dataclasses
-
-    import torch
-
-    return sum(v.numel() * v.element_size() for f in dataclasses.fields(retrieval)
-               for v in [getattr(retrieval, f.name)] if torch.is_tensor(v))
+def _nbytes(x) -> int:
+    """Bytes of the arrays in a reply (nested lists, tuples and dicts of numpy arrays)."""
+    if isinstance(x, dict):
+        return sum(_nbytes(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return sum(_nbytes(v) for v in x)
+    return getattr(x, "nbytes", 0)
