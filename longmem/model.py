@@ -66,8 +66,9 @@ class LongMem(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         # The centre stays float32 whatever the model's dtype (a memory's spec names it by its
         # digest), and the adapter reads the moved buffer.
+        center = self.sidenet.key_center  # kept from before the cast: a bf16 round trip would change it
         out = super()._apply(fn, *args, **kwargs)
-        self.sidenet._buffers["key_center"] = self.sidenet.key_center.float()
+        self.sidenet._buffers["key_center"] = center.to(self.sidenet.key_center.device, torch.float32)
         self._sync_key_center()
         return out
 

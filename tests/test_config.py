@@ -145,6 +145,9 @@ def test_a_bf16_load_of_the_default_backbone_is_the_same_backbone(real_backbone,
     load must accept it, and memory built by one is readable by the other."""
     backbone, tokenizer = real_backbone
     model = load_model(backbone=backbone, tokenizer=tokenizer)
+    model.calibrate_key_center(tokenizer("It is a truth universally acknowledged, that a single man in possession "
+                                         "of a good fortune, must be in want of a wife.", return_tensors="pt").input_ids)
+    assert model.sidenet.key_center.abs().sum() > 0  # a centre that half precision would round
     model.save_pretrained(tmp_path / "ckpt")
     for dtype in (torch.bfloat16, torch.float16):
         half = load_model(checkpoint=tmp_path / "ckpt", dtype=dtype)
