@@ -236,3 +236,20 @@ def test_from_memory_trains_the_memory_layer_and_above_and_leaves_the_layers_bel
         make_optimizer(tiny_longmem("llama", sidenet__init="paper").sidenet, cfg)
     with pytest.raises(InputError, match="trained_layers must be"):
         TrainConfig(trained_layers="some").validate()
+
+
+def test_bf16_autocast_trains_on_the_recipe_memory_layout():
+    """`bf16: true` (autocast) trains with the recipe's float16 memory and token chunks, distractors
+    and the next-token read included, and stays close to the float32 step."""
+    losses = {}
+    for bf16 in (False, True):
+        torch.manual_seed(0)
+        model = tiny_longmem("llama", memory__dtype="float16", memory__chunk_size=1, memory__retrieve_tokens=8)
+        cfg = TrainConfig(steps=2, curriculum="plain:1", distractor_tokens=64, distractor_pool=2, warmup_steps=1,
+                          bf16=bf16)
+        books = docs(n=2, length=200)
+        distractors = DistractorMemory(model, distractor_segments(books, 32, cfg), cfg.distractor_tokens)
+        sampler = EpisodeSampler(books, window=32, segments=3, curriculum=cfg.curriculum, seed=0)
+        optimizer, scheduler = make_optimizer(model.sidenet, cfg)
+        losses[bf16] = train_step(model, [[sampler.sample()]], optimizer, scheduler, cfg, distractors=distractors)["loss"]
+    assert torch.isfinite(torch.tensor(losses[True])) and abs(losses[True] - losses[False]) < 0.05 * losses[False]

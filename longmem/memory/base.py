@@ -151,7 +151,8 @@ def neighbour_tokens(values, token_ids, hit, next_first_values, next_first_ids, 
     token ids (..., k*c) (-1 where unknown).
     """
     *lead, k, c, D = values.shape
-    next_values = torch.cat([values[..., 1:, :], next_first_values[..., None, :].to(values.dtype)], dim=-2)
+    with torch.autocast(values.device.type, enabled=False):  # CPU autocast's cat refuses float16 memory
+        next_values = torch.cat([values[..., 1:, :], next_first_values[..., None, :].to(values.dtype)], dim=-2)
     next_mask = hit[..., None].expand(*hit.shape, c).clone()
     next_mask[..., -1] = hit & next_joined
     next_values = next_values.masked_fill(~next_mask[..., None], 0).reshape(*lead, k * c, D)
