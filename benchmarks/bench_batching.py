@@ -25,13 +25,16 @@ def main():
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (a serving replica's default: 1)")
+    ap.add_argument("--dtype", default="auto", help="float32, bfloat16, or auto: what a server picks on this CPU")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     from longmem.batching import BatchDecoder, Sampling
-    from longmem.loading import load_model
+    from longmem.loading import inference_dtype, load_model
 
-    model = load_model(checkpoint=args.checkpoint).eval()
+    dtype = inference_dtype("cpu") if args.dtype == "auto" else args.dtype
+    print(f"dtype {dtype}")
+    model = load_model(checkpoint=args.checkpoint, dtype=dtype).eval()
     ids = model.encode((AUSTEN / "emma.txt").read_text()[:200_000])
 
     def run(rows: int) -> dict:
@@ -74,7 +77,7 @@ def main():
                  if "decode_over_1_row" in r else "")
         print(f"{n} rows: {r['ms_per_step']:.1f} ms a step, {r['decode_tokens_per_s']:.1f} tokens/s decoding, "
               f"{r['request_tokens_per_s']:.1f} with the prompt read{ratio}")
-    print(json.dumps({"machine": machine(), "threads": args.threads, "prompt_tokens": args.prompt,
+    print(json.dumps({"machine": machine(), "threads": args.threads, "dtype": dtype, "prompt_tokens": args.prompt,
                       "new_tokens": args.new, "results": results, "session_bytes": sizes, "full_session_bytes": full},
                      indent=2))
 

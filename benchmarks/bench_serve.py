@@ -38,6 +38,7 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--torch-threads", type=int, default=None, help="the model replica's (default: 1, its CPUs)")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--dtype", default="auto", help="the model replica's: float32, bfloat16, or auto (the server's choice)")
     ap.add_argument("--clients", default="1,8,32")
     ap.add_argument("--seconds", type=float, default=60)
     args = ap.parse_args()
@@ -69,7 +70,7 @@ def main():
     serve.run(app_builder({"model": {"checkpoint": checkpoint}, "memories": {"emma": str(root / "memory")},
                            "model_cpus": 1.0, "shard_cpus": 0.1, "ingress_cpus": 0.1,
                            "max_ongoing_requests": 64, "max_queued_requests": 64,
-                           "torch_threads": args.torch_threads}),
+                           "torch_threads": args.torch_threads, "dtype": args.dtype}),
               name="bench", route_prefix="/", blocking=False)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300)
     body = {"prompt": prompt, "max_tokens": args.new_tokens, "temperature": 0}
@@ -84,7 +85,10 @@ def main():
     for _ in range(args.rounds):  # interleaved, so drift hits both alike
         with_mem.append(per_token({"memory": "emma"}))
         without.append(per_token({}))
-    report = {"machine": machine(), "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+    from longmem.loading import inference_dtype
+
+    report = {"machine": machine(), "dtype": inference_dtype("cpu") if args.dtype == "auto" else args.dtype,
+              "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
               "torch_threads": args.torch_threads or 1, "memory_chunks_per_shard": third // chunk, "shards": 3,
               "ms_per_token_with_memory": 1000 * statistics.median(with_mem),
               "ms_per_token_without_memory": 1000 * statistics.median(without)}
@@ -104,6 +108,7 @@ def main():
     emma = _serve.get_deployment_handle("LongMemServer", "bench").describe.remote().result()["memories"][0]
     report["bytes_received_per_query_token"] = emma["bytes_received_per_query_token"]
     serve.shutdown()
+    print(f"model replica dtype: {report['dtype']}")
     print(f"ms per generated token, 3-shard memory / none: {report['ratio_with_over_without']:.2f} "
           f"({report['ms_per_token_with_memory']:.1f} / {report['ms_per_token_without_memory']:.1f} ms)")
     print(f"bytes received from the 3 shards per query token: {report['bytes_received_per_query_token'] or 0:,.0f} "

@@ -25,6 +25,17 @@ from .model import CONFIG_NAME, WEIGHTS_NAME, LongMem, is_checkpoint
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def inference_dtype(device: str | torch.device, fallback: str = "float32") -> str:
+    """The precision to serve in on `device`: bfloat16 on CUDA (float16 where it lacks bfloat16),
+    and on CPUs with bfloat16 matrix units (AMX or AVX512-BF16), where a decoding step of several
+    rows costs little more than one row's (docs/results.md); else `fallback`."""
+    if str(device).startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    cpu = getattr(torch, "cpu", None)
+    native = any(getattr(cpu, name, lambda: False)() for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return "bfloat16" if native and torch.backends.mkldnn.is_available() else fallback
+
+
 @dataclass
 class ModelSource:
     """Where a model comes from, as jobs and the server name it (YAML / JSON friendly)."""

@@ -46,15 +46,25 @@ def test_a_missing_or_empty_key_file_is_a_clear_error(tmp_path):
             with_env_keys(ServeArgs(api_keys_file=str(path)))
 
 
-def test_schema_pages_can_be_turned_off_and_devices_resolve_on_a_cpu_machine():
+def test_schema_pages_can_be_turned_off_and_devices_resolve_on_a_cpu_machine(monkeypatch):
     import pytest
+    import torch
     from pydantic import ValidationError
 
     from longmem.model import InputError
 
     assert TestClient(build_api(None, ServeArgs(docs=False))).get("/openapi.json").status_code == 404
     args = ServeArgs()
-    assert args.resolved_device() == "cpu" and args.resolved_dtype("cpu") == "float32"
+    assert args.resolved_device() == "cpu"
+    # dtype auto: bfloat16 where the CPU multiplies bfloat16 natively, else the model's float32
+    native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    assert args.resolved_dtype("cpu") == ("bfloat16" if native else "float32")
+    for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: False)
+    assert args.resolved_dtype("cpu") == "float32"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert args.resolved_dtype("cpu") == "bfloat16"
+    assert ServeArgs(dtype="float32").resolved_dtype("cpu") == "float32"
     assert ServeArgs(dtype="bfloat16").resolved_dtype("cpu") == "bfloat16"
     with pytest.raises(InputError, match="sees no GPU"):
         ServeArgs(device="cuda").resolved_device()

@@ -42,7 +42,8 @@ class ServeArgs(BaseModel):
     shard_gpus: float = 0.0  # GPUs per shard replica: its faiss index is searched there (the gpu extra)
     ingress_cpus: float = 0.25
     # "auto": CUDA where the replica sees a GPU, else the CPU. dtype "auto": bfloat16 on CUDA
-    # (float16 where bfloat16 is not supported), the model source's dtype on the CPU.
+    # (float16 where bfloat16 is not supported) and on CPUs with bfloat16 matrix units (AMX,
+    # AVX512-BF16), else the model source's dtype (`longmem.loading.inference_dtype`).
     device: str = "auto"
     dtype: str = "auto"
     nprobe: int = 32
@@ -88,13 +89,9 @@ class ServeArgs(BaseModel):
         return self.device
 
     def resolved_dtype(self, device: str) -> str:
-        import torch
+        from longmem.loading import inference_dtype
 
-        if self.dtype != "auto":
-            return self.dtype
-        if device.startswith("cuda"):
-            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        return self.model.dtype
+        return self.dtype if self.dtype != "auto" else inference_dtype(device, fallback=self.model.dtype)
 
 
     def resolved_sessions_path(self) -> str:
