@@ -168,8 +168,7 @@ class MemoryShard:
         head, positions and token ids, and (with_next) what `neighbour_tokens` needs of the rows
         beside each (see `gather_at`)."""
         n, Hq, k = rows.shape
-        kv_heads = np.broadcast_to((np.arange(Hq) // (Hq // self.spec.num_kv_heads))[None, :, None], rows.shape)
-        flat = self.gather_at(rows.reshape(-1), kv_heads.reshape(-1), with_next)
+        flat = self.gather_at(rows.reshape(-1), kv_heads_of(rows.shape, self.spec.num_kv_heads).reshape(-1), with_next)
         return {name: None if v is None else v.reshape(n, Hq, k, *v.shape[1:]) for name, v in flat.items()}
 
     def gather_at(self, rows: np.ndarray, kv_heads: np.ndarray, with_next: bool = False) -> dict:
@@ -218,12 +217,16 @@ def pick_winners(found: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np
     return scores, np.where(empty, -1, owner), np.where(empty, -1, rows)
 
 
+def kv_heads_of(shape: tuple, num_kv_heads: int) -> np.ndarray:
+    """(n, Hq, k) -> the KV head each entry's query head reads (query heads share KV heads in order)."""
+    Hq = shape[1]
+    return np.broadcast_to((np.arange(Hq) // (Hq // num_kv_heads))[None, :, None], shape)
+
+
 def entries_of(owner: np.ndarray, rows: np.ndarray, shard: int, num_kv_heads: int) -> tuple[np.ndarray, np.ndarray]:
     """The entries shard `shard` won: its rows and their KV heads, (N,) each, in (n, Hq, k) order."""
-    Hq = rows.shape[1]
     mine = owner == shard
-    kv_heads = np.broadcast_to((np.arange(Hq) // (Hq // num_kv_heads))[None, :, None], rows.shape)
-    return rows[mine], kv_heads[mine]
+    return rows[mine], kv_heads_of(rows.shape, num_kv_heads)[mine]
 
 
 def assemble_retrieval(queries: torch.Tensor, scores: np.ndarray, owner: np.ndarray, rows: np.ndarray,
@@ -233,20 +236,21 @@ def assemble_retrieval(queries: torch.Tensor, scores: np.ndarray, owner: np.ndar
     queries (B, T, Hq, D), in the queries' dtype and on their device (slots = shard offset + row)."""
     n, Hq, k = rows.shape
     c, D = spec.chunk_size, spec.head_dim
-    empty = {"keys": (np.zeros((n, Hq, k, c, D), np.float32)), "values": np.zeros((n, Hq, k, c, D), np.float32),
-             "positions": np.full((n, Hq, k), -1, np.int64), "token_ids": np.full((n, Hq, k, c), -1, np.int64)}
+    # field -> (its shape after (n, Hq, k), what an empty slot holds, its dtype when no shard sent it)
+    fields = {"keys": ((c, D), 0, np.float32), "values": ((c, D), 0, np.float32), "positions": ((), -1, np.int64),
+              "token_ids": ((c,), -1, np.int64)}
     if with_next:
-        empty.update(next_first_values=np.zeros((n, Hq, k, D), np.float32),
-                     next_first_ids=np.full((n, Hq, k), -1, np.int64), next_joined=np.zeros((n, Hq, k), bool),
-                     prev_last_ids=np.full((n, Hq, k), -1, np.int64), prev_joined=np.zeros((n, Hq, k), bool))
-    got = empty
-    for shard, part in enumerate(parts):
-        mine = owner == shard
-        if part is None or not mine.any():
-            continue
-        for name, full in got.items():
-            if part.get(name) is not None:
-                full[mine] = part[name]
+        fields.update(next_first_values=((D,), 0, np.float32), next_first_ids=((), -1, np.int64),
+                      next_joined=((), False, bool), prev_last_ids=((), -1, np.int64), prev_joined=((), False, bool))
+    won = [owner == i for i in range(len(parts))]
+    got = {}
+    for name, (tail, fill, default) in fields.items():
+        sent = [(i, part[name]) for i, part in enumerate(parts) if part is not None and part.get(name) is not None]
+        # in the dtype the shards sent (the memory's): no float32 copy of float16 keys
+        full = np.full((n, Hq, k, *tail), fill, dtype=sent[0][1].dtype if sent else default)
+        for shard, entries in sent:
+            full[won[shard]] = entries
+        got[name] = full
     slots = np.where(owner >= 0, np.asarray(offsets, np.int64)[np.maximum(owner, 0)] + rows, -1)
     return _retrieval(queries, scores, slots, got, c, with_next)
 
