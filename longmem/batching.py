@@ -6,8 +6,8 @@
         decoder.step()
     row.result                        # RowResult(token_ids, text, finish_reason)
 
-A row joins at a step boundary: its prompt is read alone (generation.read_prompt), then it decodes
-with the others. It leaves when it finishes (length, EOS, a stop string, or `should_stop()`). Rows
+A row joins at a step boundary: its past goes to its memory, and the local contexts of all rows
+joining in that step are read in one forward (left-padded), then they decode with the others. It leaves when it finishes (length, EOS, a stop string, or `should_stop()`). Rows
 have their own lengths, sampling settings, stop strings and memories: one decoding step is one
 forward of all rows, and one search per memory for all rows that read it (memory.RowMemories).
 
@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .generation import DecodeState, append, new_generator, read_prompt, sample
+from .generation import DecodeState, append, new_generator, prefill, read_past, sample
 from .memory import RowMemories
 from .model import InputError, LongMem
+from .sidenet import LayerCache
 
 
 @dataclass
@@ -119,19 +120,15 @@ class BatchDecoder:
         if self.model.training:
             self.model.eval()
         finished = []
-        while self.waiting and len(self.rows) < self.max_rows:
+        joining = []
+        while self.waiting and len(self.rows) + len(joining) < self.max_rows:
             row = self.waiting.popleft()
             if self._cancelled(row):
                 finished.append(self._finish(row, "cancelled"))
-                continue
-            try:
-                row.memory, row.streams, state, logits = read_prompt(self.model, row.ids, row.memory, None)
-            except Exception as e:  # noqa: BLE001 - one bad row fails alone
-                finished.append(self._finish(row, "error", e))
-                continue
-            row.generator = new_generator(self.model.device, row.sampling.seed)
-            row.logits = logits
-            self._join(row, state)
+            else:
+                joining.append(row)
+        if joining:
+            finished += self._admit(joining)
 
         keep, tokens = [], []
         for row in self.rows:
@@ -161,11 +158,74 @@ class BatchDecoder:
             except Exception as e:  # noqa: BLE001 - one bad row fails alone
                 finished.append(self._finish(row, "error", e))
                 continue
-            self._join(row, state)
+            row.state = DecodeState(state.ids, state.keys, state.values, None, [], state.previous)
+            self._join([row], state.backbone_cache, state.side_caches, state.ids.shape[1])
         self.steps += 1
         self.last_batch = len(decoding) + len(sliding)
         self.max_batch = max(self.max_batch, self.last_batch)
         return finished
+
+    def _admit(self, rows: list[Row]) -> list[Row]:
+        """Read the prompts of rows that join in this step and add them to the shared cache: each
+        row's past goes to its memory alone, then all their local contexts are read in one forward
+        (left-padded to one length). Returns the rows that failed."""
+        failed, ready = [], []
+        for row in rows:
+            try:
+                row.memory, row.streams, local, previous = read_past(self.model, row.ids, row.memory, None)
+            except Exception as e:  # noqa: BLE001 - one bad row fails alone
+                failed.append(self._finish(row, "error", e))
+                continue
+            row.generator = new_generator(self.model.device, row.sampling.seed)
+            ready.append((row, local, previous))
+        if len(ready) > 1:
+            try:
+                self._read_together(ready)
+                return failed
+            except Exception:  # noqa: BLE001 - read them one by one, so that only a bad row fails
+                pass
+        for row, local, previous in ready:
+            try:
+                state, row.logits = prefill(self.model, local, row.memory, row.streams, True, previous)
+            except Exception as e:  # noqa: BLE001 - one bad row fails alone
+                failed.append(self._finish(row, "error", e))
+                continue
+            row.state = DecodeState(state.ids, state.keys, state.values, None, [], state.previous)
+            self._join([row], state.backbone_cache, state.side_caches, state.ids.shape[1])
+        return failed
+
+    def _read_together(self, ready: list) -> None:
+        """One forward of several local contexts (1, t_b), left-padded to the longest: the padding
+        is masked out and each row counts its positions from its own start, as in decoding."""
+        from transformers import DynamicCache
+
+        model, device = self.model, self.model.device
+        lengths = torch.tensor([local.shape[1] for _, local, _ in ready], device=device)  # (B,)
+        L = int(lengths.max())
+        pad = L - lengths  # (B,)
+        ids = torch.stack([F.pad(local[0], (int(p), 0), value=int(local[0, 0])) for (_, local, _), p in zip(ready, pad)])
+        positions = torch.arange(L, device=device)[None] - pad[:, None]  # (B, L)
+        mask = positions >= 0  # (B, L)
+        predecessors = torch.full_like(ids, -1)  # (B, L): the two-token match's predecessor ids
+        for b, (_, local, previous) in enumerate(ready):
+            t = local.shape[1]
+            predecessors[b, L - t + 1 :] = local[0, :-1]
+            if previous is not None:
+                predecessors[b, L - t] = previous[0]
+        memories = [row.memory for row, _, _ in ready]
+        cache = DynamicCache(config=model.backbone.config)
+        side = [LayerCache() for _ in model.sidenet.layers]
+        out = model(ids, bank=RowMemories(memories) if any(m is not None for m in memories) else None,
+                    backbone_cache=cache, side_caches=side, previous_ids=predecessors,
+                    position_ids=positions.clamp(min=0), attention_mask=mask)
+        rows = []
+        for b, (row, local, previous) in enumerate(ready):
+            start = int(pad[b])
+            row.state = DecodeState(local, out.memory_keys[b : b + 1, start:], out.memory_values[b : b + 1, start:],
+                                    None, [], previous)
+            row.logits = out.logits[b : b + 1, -1]
+            rows.append(row)
+        self._join(rows, cache, side, L)
 
     def _pick(self, row: Row) -> str | None:
         """Sample the row's next token from its logits; the finish reason if it ends here."""
@@ -204,23 +264,22 @@ class BatchDecoder:
         """(keys, values) holders of every cache layer: the backbone's, then the SideNet's."""
         return list(self.cache.layers) + [c for c in self.side if c.keys is not None]
 
-    def _join(self, row: Row, state: DecodeState) -> None:
-        """Add a row whose context was read alone (state with B = 1) to the shared cache."""
-        n = state.ids.shape[1]
-        row.state = DecodeState(state.ids, state.keys, state.values, None, [], state.previous)
+    def _join(self, rows: list[Row], cache, side: list, n: int) -> None:
+        """Add rows (their states set) whose contexts were read apart, with their own cache of n
+        positions (left-padded where they were read together), to the shared cache."""
         if not self.rows:
-            self.cache, self.side, self.L = state.backbone_cache, state.side_caches, n
-            self.rows = [row]
+            self.cache, self.side, self.L = cache, side, n
+            self.rows = list(rows)
             return
         if n > self.L:
             for layer in self._layers():
                 layer.keys, layer.values = _pad_left(layer.keys, n - self.L), _pad_left(layer.values, n - self.L)
             self.L = n
-        theirs = list(state.backbone_cache.layers) + [c for c in state.side_caches if c.keys is not None]
+        theirs = list(cache.layers) + [c for c in side if c.keys is not None]
         for mine, other in zip(self._layers(), theirs):
             mine.keys = torch.cat([mine.keys, _pad_left(other.keys, self.L - n)], dim=0)
             mine.values = torch.cat([mine.values, _pad_left(other.values, self.L - n)], dim=0)
-        self.rows.append(row)
+        self.rows += rows
 
     def _keep(self, rows: list[Row]) -> None:
         """Keep only `rows` (a subset of self.rows, in order) in the shared cache."""

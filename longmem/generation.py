@@ -111,6 +111,15 @@ def read_prompt(model: LongMem, ids: torch.Tensor, memory, streams, use_cache: b
     """Read prompts (B, P): all but the last (possibly whole) window goes through memory, the rest
     is the local context. Returns the memory decoding writes to, its streams, the decode state and
     the last logits (B, V)."""
+    memory, streams, local, previous = read_past(model, ids, memory, streams)
+    state, logits = prefill(model, local, memory, streams, use_cache, previous)
+    return memory, streams, state, logits
+
+
+def read_past(model: LongMem, ids: torch.Tensor, memory, streams):
+    """The part of prompts (B, P) before their local context goes to memory. Returns the memory
+    decoding reads and writes, its streams, the local context (B, t) and the token before it (B,)
+    (None where the prompt is all local context)."""
     B, P = ids.shape
     local_start = model.local_start(P)
     if local_start and memory is not None and memory.read_only:
@@ -120,8 +129,7 @@ def read_prompt(model: LongMem, ids: torch.Tensor, memory, streams, use_cache: b
         # What memory stores is the backbone's alone: no SideNet pass is needed to write it.
         model.write_memory(ids[:, :local_start], memory, streams)
     previous = ids[:, local_start - 1] if local_start else None
-    state, logits = prefill(model, ids[:, local_start:], memory, streams, use_cache, previous)
-    return memory, streams, state, logits
+    return memory, streams, ids[:, local_start:], previous
 
 
 def new_generator(device, seed: int | None) -> torch.Generator:

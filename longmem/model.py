@@ -192,11 +192,13 @@ class LongMem(nn.Module):
 
         `states` reuses a backbone pass already made for these ids (see `backbone_states`).
         `previous_ids` (B,) is the token before input_ids[:, 0] where there is one (the next read's
-        two-token match uses it). `context_ids` (B, sink_tokens) are the tokens before the segment
+        two-token match uses it); (B, T) gives every position's predecessor (-1: none), for rows
+        left-padded to one length. `context_ids` (B, sink_tokens) are the tokens before the segment
         (`memory_context`) for what update_memory writes; None: the segment starts its document.
         Batched decoding of rows whose contexts differ in length passes
         each row's `position_ids` (B, T) and an `attention_mask` (B, cached + T), False on the
-        padding before a row's context (see longmem/batching.py)."""
+        padding before a row's context (see longmem/batching.py); the same reads several prompts,
+        left-padded, in one pass."""
         self._check_input(input_ids, None if backbone_cache is not None else self.config.memory.window)
         if bank is not None:
             self.check_memory(bank)
@@ -239,10 +241,13 @@ class LongMem(nn.Module):
         m = self.config.memory
         k, with_next = m.retrieve_chunks, self.config.read.mode == "next"
         B = input_ids.shape[0]
-        first = torch.full((B, 1), -1, dtype=input_ids.dtype, device=input_ids.device)
-        if previous_ids is not None:
-            first = previous_ids.reshape(B, 1).to(first)
-        query_prev = torch.cat([first, input_ids[:, :-1]], dim=1)  # (B, T)
+        if previous_ids is not None and previous_ids.dim() == 2:
+            query_prev = previous_ids.to(input_ids)  # every position's predecessor, given (left-padded rows)
+        else:
+            first = torch.full((B, 1), -1, dtype=input_ids.dtype, device=input_ids.device)
+            if previous_ids is not None:
+                first = previous_ids.reshape(B, 1).to(first)
+            query_prev = torch.cat([first, input_ids[:, :-1]], dim=1)  # (B, T)
 
         def retrieve(side_q: torch.Tensor):
             if m.query == "backbone_key":

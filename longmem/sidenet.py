@@ -269,8 +269,11 @@ class SideLayer(nn.Module):
                 v = torch.cat([cache.values, v], dim=2)
             cache.keys, cache.values = k, v
         if key_mask is not None:
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            mask = mask[None, None] & key_mask[:, None, None, :]  # (B, 1, T, past + T)
+            causal = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            mask = causal[None, None] & key_mask[:, None, None, :]  # (B, 1, T, past + T)
+            # A padding position sees itself: a query with no key at all would give NaN, which a
+            # zero attention weight on it later would not cancel.
+            mask = mask | torch.eye(T, past + T, dtype=torch.bool, device=x.device).roll(past, dims=1)[None, None]
             local = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
         elif T == 1:
             local = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)

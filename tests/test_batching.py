@@ -55,6 +55,27 @@ def test_batched_rows_equal_each_row_alone(family):
     assert all(r.result.finish_reason == "length" for r in rows)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_rows_that_join_together_read_their_prompts_in_one_forward(family):
+    """Six prompts of 3 to 70 tokens submitted at once (the longer ones write their past to memory
+    first, so their local contexts start after a predecessor; one row has no memory): their local
+    contexts are read in one left-padded forward, and every row decodes what it decodes alone."""
+    model = model_with_memory_read(family)
+    lengths = [5, 31, 3, 70, 40, 33]
+    memories = [model.new_bank(1) if i != 2 else None for i in range(len(lengths))]
+    alone = [model.generate(prompt(T, 10 + i), model.new_bank(1) if i != 2 else None, max_new_tokens=12).token_ids[0]
+             for i, T in enumerate(lengths)]
+    forwards = []
+    hook = model.register_forward_pre_hook(lambda module, args: forwards.append(args[0].shape))
+    decoder = BatchDecoder(model, max_rows=8)
+    rows = [decoder.submit(prompt(T, 10 + i), memories[i], Sampling(max_new_tokens=12)) for i, T in enumerate(lengths)]
+    decoder.step()
+    hook.remove()
+    assert len(forwards) == 2 and forwards[0][0] == 6 and tuple(forwards[1]) == (6, 1)  # one read, one step
+    run_all(decoder)
+    assert [r.result.token_ids for r in rows] == alone
+
+
 def test_rows_keep_their_own_sampling_stops_and_cancellation():
     model = model_with_memory_read()
     greedy = model.generate(prompt(10, 1), max_new_tokens=20).token_ids[0]
@@ -80,6 +101,7 @@ def test_a_row_that_fails_ends_alone_with_its_error():
     model = model_with_memory_read()
 
     broken = model.new_bank(1)
+    model.write_memory(prompt(40, 5), broken)  # an empty bank is never searched
 
     def unreachable(*args, **kwargs):
         raise RuntimeError("shard unreachable")
