@@ -383,6 +383,48 @@ def test_session_quotas_are_per_key_and_never_evict_another_keys_memory(served):
     assert other.post("/v1/memories").status_code == 200
 
 
+def test_a_keys_token_quota_refuses_with_retry_after_and_leaves_other_keys_alone(served):
+    """tokens_per_minute_per_key: a key's completions and documents count against its minute;
+    past the limit, 429 with Retry-After; the other key is still served."""
+    from ray import serve
+
+    from pipelines.serve import app_builder
+
+    _, base, text = served
+    root = SERVED["root"]
+    limit = 60
+    args = {"model": {"checkpoint": str(root / "ckpt")}, "api_keys": [KEY1, KEY2], "model_cpus": 0.3,
+            "ingress_cpus": 0.1, "max_new_tokens": 16, "sessions_path": str(root / "sessions"), "dtype": "float32",
+            "tokens_per_minute_per_key": limit}
+    serve.run(app_builder(args), name="longmem-quota", route_prefix="/quota", blocking=False)
+    one = httpx.Client(base_url=f"{base}/quota", headers={"Authorization": f"Bearer {KEY1}"}, timeout=120)
+    two = httpx.Client(base_url=f"{base}/quota", headers={"Authorization": f"Bearer {KEY2}"}, timeout=120)
+    try:
+        body = {"prompt": text[:40], "max_tokens": 8, "temperature": 0}
+        spent = []
+        while True:
+            r = one.post("/v1/completions", json=body)
+            if r.status_code != 200:
+                break
+            spent.append(r.json()["usage"]["total_tokens"])
+        assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+        assert 1 <= int(r.headers["retry-after"]) <= 60
+        assert sum(spent[:-1]) < limit <= sum(spent)  # admitted while under the limit, refused once over it
+        assert two.post("/v1/completions", json=body).status_code == 200  # the other key's minute is its own
+
+        sid = two.post("/v1/memories").json()["id"]
+        doc = two.post(f"/v1/memories/{sid}/documents", json={"text": text[2000:2600]}).json()
+        assert doc["document_tokens"] >= limit
+        refused = two.post(f"/v1/memories/{sid}/documents", json={"text": "One more line."})
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+        assert two.post("/v1/completions", json=body).status_code == 429
+        assert two.delete(f"/v1/memories/{sid}").status_code == 200  # deleting is never refused
+    finally:
+        one.close()
+        two.close()
+        serve.delete("longmem-quota")
+
+
 def test_schemathesis_finds_no_server_error_and_no_undeclared_response(served):
     """A bounded property-based run over the OpenAPI schema, against the live endpoint: no 5xx,
     every status code, content type and body the routes give is one the schema declares."""

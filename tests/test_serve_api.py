@@ -1,5 +1,6 @@
 """The serve app's HTTP layer without a cluster: keys, closed schema pages, request normalisation."""
 
+import pytest
 from fastapi.testclient import TestClient
 
 from pipelines.serve.app import build_api, with_env_keys
@@ -139,3 +140,27 @@ def test_a_full_model_queue_is_a_503_with_retry_after():
     r = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
     assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
     assert "retry" in r.json()["error"]["message"]
+
+
+def test_a_token_quota_admits_under_its_limit_and_says_when_to_retry():
+    from pipelines.serve.quota import TokenQuota
+    from pipelines.serve.schemas import ServeError
+
+    now = [1000.0]
+    quota = TokenQuota(per_minute=100, clock=lambda: now[0])
+    first = quota.admit("a", reserve=64)  # a reservation counts until it settles
+    assert quota.used("a") == 64
+    first.settle(30)
+    assert quota.used("a") == 30 and quota.used("b") == 0
+    now[0] += 20
+    quota.admit("a", reserve=80).settle(75)  # admitted at 30 < 100; the count may pass the limit
+    with pytest.raises(ServeError) as refused:
+        quota.admit("a", reserve=1)
+    assert refused.value.status == 429 and "105 tokens" in refused.value.message
+    assert refused.value.retry_after == 40  # when the first 30 leave the window, 75 < 100 is left
+    quota.admit("b", reserve=1)  # another key is not touched
+    now[0] += 40
+    quota.admit("a", reserve=1)
+    assert quota.used("a") == 76
+    with pytest.raises(ValueError):
+        TokenQuota(per_minute=0)

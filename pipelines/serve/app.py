@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pipelines.serve.model_server import LongMemServer
 from pipelines.serve.schemas import (ERROR_MEANINGS, ChatRequest, CompletionRequest, DocumentRequest, ErrorResponse,
                                      ServeArgs, ServeError, _normalise, _normalise_chat)
+from pipelines.serve.quota import Charge, TokenQuota
 from pipelines.serve.shard_server import MemoryShardServer
 
 logger = logging.getLogger("ray.serve")
@@ -35,6 +36,14 @@ def build_api(model_handle, args: ServeArgs) -> FastAPI:
     # With keys, the schema pages are closed too: they are routes like any other.
     hidden = {"docs_url": None, "redoc_url": None, "openapi_url": None} if keys or not args.docs else {}
     app = FastAPI(title="LongMem", version="0.1.0", **hidden)
+    quota = TokenQuota(args.tokens_per_minute_per_key) if args.tokens_per_minute_per_key else None
+
+    def admit(owner: str, reserve: int) -> Charge | None:
+        return None if quota is None else quota.admit(owner, reserve)
+
+    def settle(charge: Charge | None, tokens: int) -> None:
+        if charge is not None:
+            charge.settle(tokens)
 
     def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
         return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind}})
@@ -62,7 +71,10 @@ def build_api(model_handle, args: ServeArgs) -> FastAPI:
 
     @app.exception_handler(ServeError)
     async def _serve_error(_request, exc: ServeError):
-        return error(exc.status, exc.message, exc.kind)
+        response = error(exc.status, exc.message, exc.kind)
+        if exc.retry_after is not None:
+            response.headers["Retry-After"] = str(exc.retry_after)
+        return response
 
     @app.exception_handler(BackPressureError)
     async def _busy(_request, exc: BackPressureError):
@@ -117,15 +129,28 @@ def build_api(model_handle, args: ServeArgs) -> FastAPI:
         if body.model not in (None, args.model_name):
             raise ServeError(404, f"unknown model {body.model!r}; this endpoint serves {args.model_name!r}", "not_found")
         handle = for_session(req["owner"], req.get("session"))
+        # Until it settles, a request holds the most it can cost (its prompt is counted after).
+        charge = admit(req["owner"], req["max_tokens"] or args.max_new_tokens)
         if not body.stream:
-            result = await handle.complete.remote(req)
+            try:
+                result = await handle.complete.remote(req)
+            except BaseException:
+                settle(charge, 0)
+                raise
+            settle(charge, 0 if "error" in result else usage_of(result)["total_tokens"])
             return reply(result) if "error" in result else plain(result, usage_of(result))
-        events = handle.options(stream=True).complete_stream.remote(req)
-        first = await events.__anext__()
+        try:
+            events = handle.options(stream=True).complete_stream.remote(req)
+            first = await events.__anext__()
+        except BaseException:
+            settle(charge, 0)
+            raise
         if "error" in first:  # fail before the stream starts: a proper status code
+            settle(charge, 0)
             return reply(first)
 
         async def sse():
+            # A stream cut short keeps its reservation: what it generated is not known here.
             if start is not None:
                 yield f"data: {json.dumps(start())}\n\n"
             event = first
@@ -134,6 +159,7 @@ def build_api(model_handle, args: ServeArgs) -> FastAPI:
                     yield f"data: {json.dumps(event)}\n\n"
                     break
                 if "finish_reason" in event:
+                    settle(charge, usage_of(event)["total_tokens"])
                     yield f"data: {json.dumps(final(event['finish_reason'], usage_of(event)))}\n\n"
                     if req.get("include_usage"):
                         yield f"data: {json.dumps({**final(None, None), 'choices': [], 'usage': usage_of(event)})}\n\n"
@@ -193,7 +219,7 @@ def build_api(model_handle, args: ServeArgs) -> FastAPI:
         owner = await owner_of(request)
         return reply(await model_handle.create_session.remote(owner))
 
-    @app.post("/v1/memories/{session_id}/documents", responses=errors(400, 404, 413),
+    @app.post("/v1/memories/{session_id}/documents", responses=errors(400, 404, 413, 429),
               openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                   "schema": DocumentRequest.model_json_schema()}}}})
     async def add_document(session_id: str, request: Request):
@@ -209,7 +235,10 @@ def build_api(model_handle, args: ServeArgs) -> FastAPI:
             raise ServeError(400, 'the body must be a JSON object {"text": "..."}') from None
         except ValidationError as e:
             raise ServeError(400, f"invalid document: {e.errors()[0]['msg']}") from None
-        return reply(await for_session(owner, session_id).append_document.remote(owner, session_id, body.text))
+        charge = admit(owner, 0)
+        result = await for_session(owner, session_id).append_document.remote(owner, session_id, body.text)
+        settle(charge, result.get("document_tokens", 0))
+        return reply(result)
 
     @app.get("/v1/memories/{session_id}", responses=errors(404))
     async def memory_info(session_id: str, request: Request):

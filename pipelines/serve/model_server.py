@@ -100,7 +100,7 @@ class LongMemServer:
             def write():
                 added = self.model.remember_text(text, bank)
                 bank.flush(documents=1, tokens=added)  # stored before the reply says it is
-                return bank.info()
+                return {**bank.info(), "document_tokens": added}
 
             return await asyncio.wrap_future(self.engine.call(write))
 

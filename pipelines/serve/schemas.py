@@ -23,6 +23,9 @@ class ServeArgs(BaseModel):
     # that a new session is refused (429). A replica unloads the least recent from RAM, never deletes.
     sessions_path: str | None = None
     max_sessions_per_key: int = 16
+    # Tokens a key may spend in any 60 s: prompts and completions, and documents written to its
+    # sessions. Past it, 429 with Retry-After. None: no limit.
+    tokens_per_minute_per_key: int | None = Field(default=None, ge=1)
     session_tokens: int = 65_536  # memory capacity of one session
     max_prompt_tokens: int = 4096
     max_new_tokens: int = 512
@@ -104,6 +107,7 @@ class ServeError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
         super().__init__(message)
         self.status, self.message, self.kind = status, message, kind
+        self.retry_after: int | None = None  # seconds, sent as Retry-After
 
     def to_dict(self) -> dict:
         return {"error": {"status": self.status, "message": self.message, "type": self.kind}}
