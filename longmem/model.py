@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbone import BackboneAdapter, BackboneStates, fingerprint, freeze, make_adapter
-from .config import LongMemConfig
+from .config import ConfigError, LongMemConfig
 from .memory import Memory, MemoryBank, MemoryBankError, MemorySpec, StoreError
 from .sidenet import LayerCache, MemoryReadout, SideNet
 
@@ -47,9 +47,15 @@ class LongMem(nn.Module):
         self.adapter: BackboneAdapter = make_adapter(backbone)
         config.backbone.model_type = backbone.config.model_type
         config.backbone.num_layers = self.adapter.num_layers
+        config.backbone.global_layers = self.adapter.global_layers
         if config.backbone.fingerprint is None:
             config.backbone.fingerprint = fingerprint(backbone)
         self.config = config.validate()
+        window, reach = config.memory.window, self.adapter.sliding_window
+        if reach is not None and window > reach:
+            # the SideNet's copies of those layers attend over the whole local window
+            raise ConfigError(f"memory.window {window} is longer than the backbone's sliding window of {reach} tokens: "
+                              f"use a window of at most {reach}")
         self.backbone = freeze(backbone)
         self.sidenet = SideNet(self.adapter, config)
         self.tokenizer = tokenizer
@@ -187,13 +193,14 @@ class LongMem(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         context_ids: torch.Tensor | None = None,
+        predecessor_ids: torch.Tensor | None = None,
     ) -> LongMemOutput:
         """One segment (B, T <= window): read memory first, then (optionally) write this segment to it.
 
         `states` reuses a backbone pass already made for these ids (see `backbone_states`).
         `previous_ids` (B,) is the token before input_ids[:, 0] where there is one (the next read's
-        two-token match uses it); (B, T) gives every position's predecessor (-1: none), for rows
-        left-padded to one length. `context_ids` (B, sink_tokens) are the tokens before the segment
+        two-token match uses it); `predecessor_ids` (B, T) gives every position's instead (-1:
+        none), for rows left-padded to one length. `context_ids` (B, sink_tokens) are the tokens before the segment
         (`memory_context`) for what update_memory writes; None: the segment starts its document.
         Batched decoding of rows whose contexts differ in length passes
         each row's `position_ids` (B, T) and an `attention_mask` (B, cached + T), False on the
@@ -221,7 +228,8 @@ class LongMem(nn.Module):
                                       on_memory_keys=start_search if early else None)
         if position_ids is None:
             position_ids = torch.arange(position_offset, position_offset + T, device=self.device)[None]
-        retrieve = None if bank is None else self._retriever(bank, states, input_ids, streams, previous_ids, prefetched)
+        retrieve = None if bank is None else self._retriever(bank, states, input_ids, streams, previous_ids, prefetched,
+                                                            predecessor_ids)
         sidenet = self._side_runner if self._side_runner is not None else self.sidenet
         key_mask = None if attention_mask is None else attention_mask.bool()
         logits, readout = sidenet(self.adapter, states, position_ids, side_caches, retrieve, key_mask)
@@ -236,13 +244,14 @@ class LongMem(nn.Module):
             bank.add(keys, values, token_ids=input_ids, streams=streams)
         return LongMemOutput(logits, loss, states.memory_keys, states.memory_values, readout)
 
-    def _retriever(self, bank: Memory, states: BackboneStates, input_ids, streams, previous_ids, prefetched=None):
+    def _retriever(self, bank: Memory, states: BackboneStates, input_ids, streams, previous_ids, prefetched=None,
+                   predecessor_ids=None):
         """The memory layer's search: side query (B, Hq, T, D) -> MemoryRetrieval."""
         m = self.config.memory
         k, with_next = m.retrieve_chunks, self.config.read.mode == "next"
         B = input_ids.shape[0]
-        if previous_ids is not None and previous_ids.dim() == 2:
-            query_prev = previous_ids.to(input_ids)  # every position's predecessor, given (left-padded rows)
+        if predecessor_ids is not None:
+            query_prev = predecessor_ids.to(input_ids)  # (B, T) given: left-padded rows
         else:
             first = torch.full((B, 1), -1, dtype=input_ids.dtype, device=input_ids.device)
             if previous_ids is not None:
@@ -265,6 +274,14 @@ class LongMem(nn.Module):
             return retrieval
 
         return retrieve
+
+    def new_kv_cache(self):
+        """An empty backbone KV cache whose every layer keeps all it is given, sliding-window layers
+        too (the mask, not the cache, keeps them to their window): rows of a batch are padded,
+        joined and trimmed alike in every layer, and a cache can be cropped back."""
+        from transformers import DynamicCache
+
+        return DynamicCache()
 
     def backbone_states(self, input_ids: torch.Tensor, cache=None) -> BackboneStates:
         """The frozen pass LongMem needs; its last hidden state also gives the backbone's own logits."""

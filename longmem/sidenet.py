@@ -254,12 +254,12 @@ class SideLayer(nn.Module):
         """Returns the layer's update Block(x) (B, T, C), what the memory layer read, and, with a
         separate memory scale, the memory read's own update (B, T, C) to add outside alpha."""
         B, T, _ = x.shape
-        norm_in, out_proj, norm_post, mlp = adapter.attention_parts(self.block)
+        norm_in, out_proj = adapter.attention_parts(self.block)[:2]
         scale = adapter.attention_scale(self.backbone_layer)
 
         q, k, v = adapter.project_qkv(self.block, norm_in(x))  # (B, T, H, D) each, no positions yet
         q_plain = q.transpose(1, 2)  # (B, Hq, T, D)
-        q, k = adapter.apply_positions(q_plain, k.transpose(1, 2), position_ids)
+        q, k = adapter.apply_positions(q_plain, k.transpose(1, 2), position_ids, self.backbone_layer)
         v = v.transpose(1, 2)
         past = 0
         if cache is not None:
@@ -303,11 +303,12 @@ class SideLayer(nn.Module):
                 memory_part = gate[..., None] * (remembered - local)  # (B, Hq, T, D)
                 if self.memory_scale is None:
                     local = local + memory_part
-                else:  # the read goes straight to the side stream on its own scale (SideNet adds it)
+                else:  # the read goes straight to the side stream on its own scale (SideNet adds it),
+                    # through the plain output projection: a norm after it (Gemma's) would undo the gate
                     memory_update = self.memory_scale.to(local.dtype) * out_proj(memory_part.transpose(1, 2).reshape(B, T, -1))
 
-        attn_out = out_proj(local.transpose(1, 2).reshape(B, T, -1))
-        mlp_out = mlp(norm_post(x + attn_out))
+        attn_out = adapter.attention_output(self.block, local.transpose(1, 2).reshape(B, T, -1))
+        mlp_out = adapter.feed_forward(self.block, x + attn_out)
         return attn_out + mlp_out, readout, memory_update
 
 
@@ -390,7 +391,7 @@ class SideNet(nn.Module):
                 update = update + memory_update
             deviation = update if deviation is None else deviation + update
         hidden = self.final_norm(H[-1] + deviation)
-        logits = adapter.lm_head(hidden)
+        logits = adapter.head(hidden)
         if self.memory_copy is not None:
             logits = self.memory_copy(hidden, logits, readout)
         return logits, readout

@@ -29,6 +29,16 @@ def tiny_backbone(family: str = "llama", seed: int = 0, layers: int = 4, dtype=t
             bos_token_id=1, eos_token_id=2, pad_token_id=0,
         )
         model = getattr(transformers, f"{name}ForCausalLM")(config)
+    elif family == "gemma3":
+        # Gemma 3's shape in small: one KV head, q/k norms, sliding-window layers between global
+        # ones (here layer 1 and 4 are global: the default memory layer must move to 1)
+        config = transformers.Gemma3TextConfig(
+            vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=max(layers, 6),
+            num_attention_heads=4, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32,
+            max_position_embeddings=512, sliding_window=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+            layer_types=["full_attention" if i in (1, 4) else "sliding_attention" for i in range(max(layers, 6))],
+        )
+        model = transformers.Gemma3ForCausalLM(config)
     elif family == "gpt2":
         config = GPT2Config(
             vocab_size=128, n_embd=64, n_layer=layers, n_head=4, n_positions=512,

@@ -22,7 +22,7 @@ def run_all(decoder):
         decoder.step()
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
 def test_batched_rows_equal_each_row_alone(family):
     """Rows of 5 to 70 tokens (the longer ones read their past through memory), each with its own
     bank, some sharing a built memory, joining at different steps and running past the window
@@ -55,7 +55,7 @@ def test_batched_rows_equal_each_row_alone(family):
     assert all(r.result.finish_reason == "length" for r in rows)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
 def test_rows_that_join_together_read_their_prompts_in_one_forward(family):
     """Six prompts of 3 to 70 tokens submitted at once (the longer ones write their past to memory
     first, so their local contexts start after a predecessor; one row has no memory): their local

@@ -6,8 +6,13 @@ from longmem.backbone import BackboneError
 from longmem.config import ConfigError, LongMemConfig
 from longmem.model import InputError, LongMem
 
-FAMILIES = ["llama", "gpt2"]
-ALL_FAMILIES = ["llama", "qwen2", "mistral", "gpt2"]
+FAMILIES = ["llama", "gemma3", "gpt2"]
+ALL_FAMILIES = ["llama", "qwen2", "mistral", "gemma3", "gpt2"]
+
+
+def plain_logits(model, x):
+    """The HF backbone's own logits for the context x (after its start token, where it has one)."""
+    return model.backbone(model.adapter.with_start(x)).logits[:, model.adapter.cache_lead :]
 
 
 def ids(B=2, T=32, seed=0, vocab=128):
@@ -22,7 +27,7 @@ def test_shapes_and_dtypes(family, dtype):
     x = ids()
     out = model(x, bank=bank, labels=x, update_memory=True)
     assert out.logits.shape == (2, 32, 128) and out.logits.dtype == dtype
-    assert out.memory_keys.shape == (2, 32, model.adapter.num_kv_heads, 16)
+    assert out.memory_keys.shape == (2, 32, model.adapter.num_kv_heads, model.adapter.head_dim)
     assert torch.isfinite(out.loss)
     out = model(ids(seed=1), bank=bank)
     assert out.readout.weights.shape == (2, 4, 32, model.config.memory.retrieve_tokens)
@@ -35,27 +40,28 @@ def test_zero_init_reproduces_backbone_logits(family):
     """The defaults start equal to the backbone (the copy head's output is log-probabilities)."""
     model = tiny_longmem(family)
     x = ids()
-    reference = model.backbone(x).logits.log_softmax(-1)
+    reference = plain_logits(model, x).log_softmax(-1)
     assert (model(x).logits - reference).abs().max() <= 1e-5
     # The value read starts on a zero scale: memory full of other text changes nothing at step 0
     # but through the copy head, which mixes in what memory says comes next.
     plain = tiny_longmem(family, read__copy_init=None, read__copy_match_init=None)
     bank = plain.new_bank(2)
     list(plain.stream(ids(T=96, seed=3), bank))
-    assert (plain(x, bank=bank).logits - plain.backbone(x).logits).abs().max() <= 1e-5
+    assert (plain(x, bank=bank).logits - plain_logits(plain, x)).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_paper_init_side_layer_equals_backbone_layer(family):
     """The SideNet's own layer code, fed the same input, must compute what the HF decoder layer computes."""
     model = tiny_longmem(family, sidenet__init="paper")
+    model.adapter.config.bos_token_id = None  # Gemma: the layers' math alone, without the start token in front
     x = ids()
     states = model.adapter.run(x, list(range(model.adapter.num_layers + 1)), model.memory_layer)
-    side = model.sidenet.layers[0]
-    j = side.backbone_layer
-    h_in, h_out = states.hidden[j], states.hidden[j + 1]
-    update, _, _ = side(model.adapter, h_in, torch.arange(32)[None])
-    torch.testing.assert_close(h_in + update, h_out, rtol=1e-5, atol=1e-5)
+    for side in model.sidenet.layers:  # Gemma 3: global and sliding-window layers, each with its rotary
+        j = side.backbone_layer
+        h_in, h_out = states.hidden[j], states.hidden[j + 1]
+        update, _, _ = side(model.adapter, h_in, torch.arange(32)[None])
+        torch.testing.assert_close(h_in + update, h_out, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -117,6 +123,33 @@ def test_memory_keys_are_pre_rotary_k_proj_outputs():
     torch.testing.assert_close(stored_k, seen["k"].reshape(2, 32, kv, hd))
     torch.testing.assert_close(stored_v, seen["v"].reshape(2, 32, kv, hd))
     assert torch.equal(bank.token_ids[:2, :n].reshape(2, 32), x)
+
+
+def test_gemma3_memory_is_read_in_a_global_layer_with_keys_after_the_k_norm():
+    """On Gemma 3 the memory layer is a global-attention one (the default moves to the nearest),
+    and memory keys are the k norm's outputs before rotary: what the paper's pre-rotary keys are
+    where a norm sits between the projection and the rotary."""
+    model = tiny_longmem("gemma3", sidenet__init="paper", memory__sink_tokens=0)
+    assert model.config.backbone.global_layers == [1, 4] and model.memory_layer == 1
+    layer = model.adapter.layers[model.memory_layer].self_attn
+    seen = {}
+    hooks = [layer.k_norm.register_forward_hook(lambda m, i, o: seen.__setitem__("k", o)),
+             layer.v_proj.register_forward_hook(lambda m, i, o: seen.__setitem__("v", o))]
+    bank = model.new_bank(2)
+    x = ids()
+    model(x, bank=bank, update_memory=True)
+    for h in hooks:
+        h.remove()
+    kv, hd = model.adapter.num_kv_heads, model.adapter.head_dim
+    assert (kv, hd) == (1, 32)
+    stored_k = bank.keys[:, :, :32].permute(0, 2, 3, 1, 4).reshape(2, 32, kv, hd)
+    stored_v = bank.values[:, :, :32].permute(0, 2, 3, 1, 4).reshape(2, 32, kv, hd)
+    # HF norms k head-major (B, H, 1 + T, D); the backbone read the start token (<bos>) first
+    assert model.adapter.start_token == 1 and seen["k"].shape[2] == 33
+    torch.testing.assert_close(stored_k, seen["k"].transpose(1, 2)[:, 1:])
+    torch.testing.assert_close(stored_v, seen["v"][:, 1:].reshape(2, 32, kv, hd))
+    with pytest.raises(ConfigError, match="sliding window"):
+        tiny_longmem("gemma3", sidenet__memory_layer=3)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -266,7 +299,7 @@ def test_separate_memory_scale_gets_gradient_under_zero_init():
         bank = model.new_bank(1)
         model(past, bank=bank, update_memory=True)
         out = model(x, bank=bank, labels=x)
-        assert (out.logits - model.backbone(x).logits).abs().max() <= 1e-5  # still the backbone at step 0
+        assert (out.logits - plain_logits(model, x)).abs().max() <= 1e-5  # still the backbone at step 0
         out.loss.backward()
         layer = model.sidenet.memory_layer
         gate_grad = layer.gate.grad

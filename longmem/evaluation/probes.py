@@ -99,7 +99,9 @@ def passkey_probe(model: LongMem, filler_ids: torch.Tensor, distance: int, trial
             "memory": model.generate(prompt, bank=model.new_bank(1), max_new_tokens=8).texts[0],
             "no_memory": model.generate(prompt, max_new_tokens=8).texts[0],
         }
-        out = model.backbone.generate(local, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
+        local = model.adapter.with_start(local)  # what the plain model reads for this context
+        out = model.backbone.generate(local, attention_mask=torch.ones_like(local), max_new_tokens=8, do_sample=False,
+                                      pad_token_id=tok.eos_token_id)
         answers["backbone"] = tok.decode(out[0, local.shape[1] :], skip_special_tokens=True)
         for name, text in answers.items():
             digits = re.findall(r"\d{5}", text.replace(" ", ""))

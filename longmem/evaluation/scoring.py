@@ -100,8 +100,6 @@ class ModelScorer:
     def choice_scores(self, memory, context, candidates) -> dict[str, list[float]]:
         """The context is encoded once per reading and every candidate continues it from a KV cache
         (cropped back after each), which is exact and saves re-reading the context per candidate."""
-        from transformers import DynamicCache
-
         from ..sidenet import LayerCache
 
         model, W, L = self.model, self.window, self.long_window
@@ -124,7 +122,7 @@ class ModelScorer:
 
         ctx, n_ctx = self._tensor(context), len(context)
         prev_ctx = self._tensor(memory[-1:]) if len(memory) else None  # the token before the context
-        cache = DynamicCache(config=model.backbone.config)
+        cache = model.new_kv_cache()
         states = model.backbone_states(ctx, cache=cache)
         sides = {"longmem_no_memory": [LayerCache() for _ in model.sidenet.layers],
                  "longmem_memory": [LayerCache() for _ in model.sidenet.layers]}
@@ -134,7 +132,7 @@ class ModelScorer:
             first[r] = model(ctx, bank=banks[r], states=states, side_caches=side, backbone_cache=cache,
                              previous_ids=prev_ctx).logits[:, -1:]
         saved = {r: [(c.keys, c.values) for c in side] for r, side in sides.items()}
-        long_cache = DynamicCache(config=model.backbone.config)
+        long_cache = model.new_kv_cache()
         long_states = model.adapter.run(self._tensor(far), [model.adapter.num_layers], model.memory_layer, cache=long_cache)
         first["backbone_long"] = model.adapter.logits(long_states.hidden[-1])[:, -1:]
 
@@ -172,6 +170,7 @@ class ModelScorer:
         tok = model.tokenizer
         local = x[:, model.local_start(x.shape[1]):]  # exactly what LongMem holds in its window
         for reading, ids in (("backbone", local), ("backbone_long", x[:, -(self.long_window or x.shape[1]):])):
+            ids = model.adapter.with_start(ids)  # what the plain model reads for this context
             ids_out = model.backbone.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                               do_sample=False, pad_token_id=tok.eos_token_id)
             out[reading] = tok.decode(ids_out[0, ids.shape[1]:], skip_special_tokens=True)
