@@ -21,6 +21,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--memory-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     ap.add_argument("--checkpoint", help="a trained checkpoint (default: a fresh model shaped like one)")
+    ap.add_argument("--backbone", help="the fresh model's backbone (default: smollm2-135m-instruct), e.g. gemma3-270m")
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -30,15 +31,16 @@ def main():
     if args.checkpoint:
         model = load_model(checkpoint=args.checkpoint, overrides=settings).eval()
     else:
-        model = as_trained(load_model(overrides=settings)).eval()
+        model = as_trained(load_model(backbone=args.backbone, overrides=settings)).eval()
     bank = model.new_bank(1)
     fill_bank_with_real_keys(model, bank, args.memory_tokens)
     seg = real_text_ids(model.tokenizer, args.segment)
+    plain = model.adapter.with_start(seg)
 
     with torch.no_grad():
         t = interleaved(
             {
-                "backbone": lambda: model.backbone(seg).logits,
+                "backbone": lambda: model.backbone(plain).logits,  # the context as the plain model reads it
                 "no_memory": lambda: model(seg).logits,
                 "memory": lambda: model(seg, bank=bank).logits,
             },

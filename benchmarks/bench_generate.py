@@ -22,22 +22,24 @@ def main():
     ap.add_argument("--memory-tokens", type=int, default=65_536)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--checkpoint", help="a trained checkpoint (default: a fresh model shaped like one)")
+    ap.add_argument("--backbone", help="the fresh model's backbone (default: smollm2-135m-instruct), e.g. gemma3-270m")
     args = ap.parse_args()
 
     settings = {"memory.capacity_tokens": args.memory_tokens}
     if args.checkpoint:
         model = load_model(checkpoint=args.checkpoint, overrides=settings).eval()
     else:  # the defaults (the recipe), shaped like a trained model
-        model = as_trained(load_model(overrides=settings)).eval()
+        model = as_trained(load_model(backbone=args.backbone, overrides=settings)).eval()
     bank = model.new_bank(1)
     fill_bank_with_real_keys(model, bank, args.memory_tokens)
     prompt = real_text_ids(model.tokenizer, args.prompt, "emma.txt")
     n = args.new
 
     def backbone():
-        out = model.backbone.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                      pad_token_id=model.tokenizer.eos_token_id)
-        assert out.shape[1] == args.prompt + n
+        plain = model.adapter.with_start(prompt)  # the context as the plain model reads it
+        out = model.backbone.generate(plain, attention_mask=torch.ones_like(plain), max_new_tokens=n,
+                                      min_new_tokens=n, do_sample=False, pad_token_id=model.tokenizer.eos_token_id)
+        assert out.shape[1] == plain.shape[1] + n
 
     def longmem(with_bank):
         def run():

@@ -380,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="report folder: report.json, report.md, report.png")
     add_model_args(e, device=False)
     e.add_argument("--long-window", type=int,
-                   help="window of the backbone_long baseline (default 2048; recall: 8192, the native window)")
+                   help="window of the backbone_long baseline (default 2048; recall: the backbone's native window, 8192 on SmolLM2)")
     e.add_argument("--seed", type=int)
     e.add_argument("--max-doc-tokens", type=int, help="perplexity: cut documents to this many tokens")
     e.add_argument("--length-buckets", help="perplexity: document-length bucket edges, e.g. 4096,16384,65536")

@@ -42,7 +42,7 @@ TITLES = {
     "icl": "memory-augmented in-context learning",
     "recall": "long-context recall (facts planted in a haystack, RULER-style)",
 }
-NATIVE_WINDOW = 8192  # recall's backbone_long: the default backbone's native context
+FALLBACK_NATIVE_WINDOW = 8192  # recall's backbone_long where a backbone's config names no context length
 
 
 @dataclass
@@ -71,7 +71,7 @@ class EvalJob:
         settings = EvalSettings.from_dict({**self.settings, "task": self.task})
         settings.window = self.config().memory.window
         if self.task == "recall" and "long_window" not in self.settings:
-            settings.long_window = NATIVE_WINDOW
+            settings.long_window = native_window(self.config())
         return settings.validate()
 
     def validate(self) -> "EvalJob":
@@ -104,6 +104,17 @@ class EvalActor:
     def __call__(self, batch: dict) -> dict:
         results = [json.dumps(score_item(self.scorer, pickle.loads(p))) for p in batch["payload"]]
         return {"id": batch["id"], "result": np.array(results, dtype=object)}
+
+
+def native_window(config: LongMemConfig) -> int:
+    """The backbone's own context length (SmolLM2-135M: 8,192; Gemma 3 270M: 32,768): what the
+    backbone_long reading of recall reads, the last that many tokens."""
+    from transformers import AutoConfig
+
+    from longmem.backbone import resolve_backbone
+
+    backbone = AutoConfig.from_pretrained(resolve_backbone(config.backbone.name)).get_text_config()
+    return int(getattr(backbone, "max_position_embeddings", None) or FALLBACK_NATIVE_WINDOW)
 
 
 def _tokenizer(config: LongMemConfig):

@@ -86,3 +86,13 @@ def test_gemma3_generation_equals_hf_generate_and_stops(gemma):
     stopped = model.generate(prompt, max_new_tokens=12, stop=["."])
     assert "." in mine.texts[0] and stopped.finish_reasons == ["stop"] and "." not in stopped.texts[0]
     assert mine.texts[0].startswith(stopped.texts[0])
+
+
+def test_gemma3_recall_reads_the_backbone_over_its_own_native_window():
+    from longmem.config import BackboneConfig
+    from pipelines.evaluate import EvalJob, native_window
+
+    assert native_window(LongMemConfig(backbone=BackboneConfig(name="gemma3-270m"))) == 32_768
+    assert native_window(LongMemConfig()) == 8_192  # SmolLM2-135M
+    job = EvalJob(task="recall", data=["x"], out="y", model={"backbone": "gemma3-270m"})
+    assert job.eval_settings().long_window == 32_768
