@@ -224,7 +224,7 @@ class LongMemConfig:
                 raise ConfigError(
                     f"sidenet.memory_layer {layer} attends only to a sliding window of its context; memory is read "
                     f"in a global-attention layer: choose one of {choices or g}"
-                    + ("" if choices else f" with a reduction_factor that copies it"))
+                    + ("" if choices else " with a reduction_factor that copies it"))
         return self
 
     def with_overrides(self, overrides: dict | None, checkpoint: bool = False) -> "LongMemConfig":

@@ -73,6 +73,11 @@ def real_backbone():
     return load_backbone()
 
 
+def page_ids(tokenizer, text: str) -> torch.Tensor:
+    """A page of real prose (1, 1024): two 512-token windows from the middle of the book."""
+    return tokenizer(text[20_000:40_000], add_special_tokens=False, return_tensors="pt").input_ids[:, :1024]
+
+
 @pytest.fixture(scope="session")
 def austen_text():
     path = AUSTEN / "persuasion.txt"

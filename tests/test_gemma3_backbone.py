@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import page_ids
 from longmem.config import LongMemConfig
 from longmem.evaluation import perplexity_report
 from longmem.model import LongMem
@@ -24,8 +25,7 @@ def gemma():
 @pytest.fixture(scope="module")
 def page(gemma, austen_text):
     _, tokenizer = gemma
-    ids = tokenizer(austen_text[20_000:40_000], add_special_tokens=False, return_tensors="pt").input_ids
-    return ids[:, :1024]
+    return page_ids(tokenizer, austen_text)
 
 
 def test_gemma3_perplexity_through_the_adapter_equals_the_plain_hf_model(gemma, page):

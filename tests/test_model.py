@@ -104,25 +104,30 @@ def test_local_attention_is_causal_with_memory():
     assert torch.equal(la[:, :20], lb[:, :20]) and not torch.equal(la[:, 20:], lb[:, 20:])
 
 
-def test_memory_keys_are_pre_rotary_k_proj_outputs():
-    model = tiny_longmem("llama", sidenet__init="paper", memory__sink_tokens=0)
+def written_and_captured(model, key_module: str):
+    """Write a batch (2, 32) to a fresh bank while capturing the memory layer's `key_module` and
+    v_proj outputs: the bank's keys and values as (B, T, Hkv, D), what the modules gave, the ids."""
     layer = model.adapter.layers[model.memory_layer].self_attn
     seen = {}
-    hooks = [layer.k_proj.register_forward_hook(lambda m, i, o: seen.__setitem__("k", o)),
+    hooks = [getattr(layer, key_module).register_forward_hook(lambda m, i, o: seen.__setitem__("k", o)),
              layer.v_proj.register_forward_hook(lambda m, i, o: seen.__setitem__("v", o))]
-    bank = model.new_bank(2)
-    x = ids()
+    bank, x = model.new_bank(2), ids()
     model(x, bank=bank, update_memory=True)
     for h in hooks:
         h.remove()
     kv, hd = model.adapter.num_kv_heads, model.adapter.head_dim
     # bank layout: (streams, Hkv, chunks, csz, D) -> back to (B, T, Hkv, D)
     n = 32 // model.config.memory.chunk_size
-    stored_k = bank.keys[:, :, :n].permute(0, 2, 3, 1, 4).reshape(2, 32, kv, hd)
-    stored_v = bank.values[:, :, :n].permute(0, 2, 3, 1, 4).reshape(2, 32, kv, hd)
-    torch.testing.assert_close(stored_k, seen["k"].reshape(2, 32, kv, hd))
-    torch.testing.assert_close(stored_v, seen["v"].reshape(2, 32, kv, hd))
+    stored_k, stored_v = (t[:, :, :n].permute(0, 2, 3, 1, 4).reshape(2, 32, kv, hd) for t in (bank.keys, bank.values))
     assert torch.equal(bank.token_ids[:2, :n].reshape(2, 32), x)
+    return stored_k, stored_v, seen
+
+
+def test_memory_keys_are_pre_rotary_k_proj_outputs():
+    model = tiny_longmem("llama", sidenet__init="paper", memory__sink_tokens=0)
+    stored_k, stored_v, seen = written_and_captured(model, "k_proj")
+    torch.testing.assert_close(stored_k, seen["k"].reshape(stored_k.shape))
+    torch.testing.assert_close(stored_v, seen["v"].reshape(stored_v.shape))
 
 
 def test_gemma3_memory_is_read_in_a_global_layer_with_keys_after_the_k_norm():
@@ -131,23 +136,12 @@ def test_gemma3_memory_is_read_in_a_global_layer_with_keys_after_the_k_norm():
     where a norm sits between the projection and the rotary."""
     model = tiny_longmem("gemma3", sidenet__init="paper", memory__sink_tokens=0)
     assert model.config.backbone.global_layers == [1, 4] and model.memory_layer == 1
-    layer = model.adapter.layers[model.memory_layer].self_attn
-    seen = {}
-    hooks = [layer.k_norm.register_forward_hook(lambda m, i, o: seen.__setitem__("k", o)),
-             layer.v_proj.register_forward_hook(lambda m, i, o: seen.__setitem__("v", o))]
-    bank = model.new_bank(2)
-    x = ids()
-    model(x, bank=bank, update_memory=True)
-    for h in hooks:
-        h.remove()
-    kv, hd = model.adapter.num_kv_heads, model.adapter.head_dim
-    assert (kv, hd) == (1, 32)
-    stored_k = bank.keys[:, :, :32].permute(0, 2, 3, 1, 4).reshape(2, 32, kv, hd)
-    stored_v = bank.values[:, :, :32].permute(0, 2, 3, 1, 4).reshape(2, 32, kv, hd)
+    assert (model.adapter.num_kv_heads, model.adapter.head_dim) == (1, 32)
+    stored_k, stored_v, seen = written_and_captured(model, "k_norm")
     # HF norms k head-major (B, H, 1 + T, D); the backbone read the start token (<bos>) first
     assert model.adapter.start_token == 1 and seen["k"].shape[2] == 33
     torch.testing.assert_close(stored_k, seen["k"].transpose(1, 2)[:, 1:])
-    torch.testing.assert_close(stored_v, seen["v"][:, 1:].reshape(2, 32, kv, hd))
+    torch.testing.assert_close(stored_v, seen["v"][:, 1:].reshape(stored_v.shape))
     with pytest.raises(ConfigError, match="sliding window"):
         tiny_longmem("gemma3", sidenet__memory_layer=3)
 

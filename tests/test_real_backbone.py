@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import page_ids
 from longmem.config import LongMemConfig
 from longmem.evaluation import perplexity_report
 from longmem.model import LongMem
@@ -16,8 +17,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def page(real_backbone, austen_text):
     _, tokenizer = real_backbone
-    ids = tokenizer(austen_text[20_000:40_000], add_special_tokens=False, return_tensors="pt").input_ids
-    return ids[:, :1024]
+    return page_ids(tokenizer, austen_text)
 
 
 def test_perplexity_through_adapter_equals_plain_hf_model(real_backbone, page):
