@@ -31,7 +31,7 @@ from longmem.backbone import resolve_backbone
 from longmem.loading import ModelSource
 from longmem.memory import MemorySpec, StoreError
 from longmem.memory.store import FORMAT_VERSION, INDEX_KINDS, MANIFEST, read_shard_meta, shard_files_intact
-from longmem.memory.writer import assign_shards, documents_digest, write_manifest, write_shard
+from longmem.memory.writer import assign_shards, documents_digest, shard_task_memory, write_manifest, write_shard
 
 BUILD_STATE = "build.json"
 PARTS = ".parts"
@@ -110,6 +110,8 @@ def write_part(path: Path, part: dict) -> None:
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         np.savez(f, **{k: part[k] for k in ("keys", "values", "token_ids", "positions")})
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -239,7 +241,15 @@ def _encode_pending(ray, windows, job: BuildJob, out: Path, plan, pending: list[
     progress(f"[build-memory] encoded {encoded_tokens:,} memory tokens in {encode_seconds:.1f} s; "
              f"building {len(pending)} shard index(es) ({job.index})")
     finish = ray.remote(num_cpus=1)(finish_shard)
-    refs = {i: finish.remote(str(out), i, plan[i], spec, job.index, window) for i in pending}
+    # Each shard task asks for the memory it peaks at, so Ray runs only as many side by side as
+    # fit (never more than the cluster has: a larger ask would never be scheduled).
+    limit = int(ray.cluster_resources().get("memory", 0)) or None
+    memory_spec = MemorySpec.from_dict(spec)
+    refs = {}
+    for i in pending:
+        ask = shard_task_memory(sum(n for _, n in plan[i]), memory_spec)
+        refs[i] = finish.options(memory=min(ask, limit) if limit else ask).remote(
+            str(out), i, plan[i], spec, job.index, window)
     for i, ref in refs.items():
         finished[i] = ray.get(ref)
         progress(f"[build-memory] shard {i}: {finished[i]['chunks']:,} chunks, index {finished[i]['index']}")

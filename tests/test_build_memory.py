@@ -210,6 +210,18 @@ def test_encoder_actors_that_take_every_cpu_still_finish(ray_local, three_shards
     assert (out / "manifest.json").read_text() == (out3 / "manifest.json").read_text()
 
 
+def test_shard_tasks_ask_for_the_memory_they_peak_at():
+    """Finishing a shard holds its keys and values about four times over (float32 parts, their
+    concatenation, the stored copy, the chunk keys): that is what its Ray task asks for."""
+    from longmem.memory import MemorySpec
+    from longmem.memory.writer import shard_task_memory
+
+    smollm2 = MemorySpec(num_kv_heads=3, head_dim=64, chunk_size=1, metric="cosine")
+    per_token = 2 * 3 * 64 * 4  # keys and values, float32
+    assert shard_task_memory(1_000_000, smollm2) - shard_task_memory(0, smollm2) == 4 * per_token * 1_000_000
+    assert shard_task_memory(10_000_000, smollm2) > 10 * (shard_task_memory(1_000_000, smollm2) - (256 << 20))
+
+
 def test_bad_builds_are_refused(ray_local, one_shard, tiny_dir, corpus, tmp_path):
     from pipelines.corpus import CorpusError
 

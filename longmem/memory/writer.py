@@ -128,6 +128,8 @@ def write_shard(directory: str | Path, spec: MemorySpec, documents: list[dict], 
         index, built = build_index(chunk_keys[h], index_kind) if n else (faiss.IndexFlatIP(D), "flat")
         faiss.write_index(index, str(directory / "index" / f"head-{h}.faiss"))
     files = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+    for f in files:  # on disk before shard.json says the shard is whole
+        fsync_file(directory / f)
     meta = {
         "format_version": FORMAT_VERSION,
         "chunks": n,
@@ -140,6 +142,23 @@ def write_shard(directory: str | Path, spec: MemorySpec, documents: list[dict], 
     }
     _atomic_write_json(directory / SHARD_META, meta)
     return meta
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a written file to the disk (a crash after its rename then leaves it whole)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def shard_task_memory(tokens: int, spec: MemorySpec) -> int:
+    """Bytes a shard-finishing task holds at its peak for `tokens` tokens: the encoded parts (keys
+    and values in float32), their concatenation, the stored copy in the memory's dtype and the
+    float32 chunk keys, with room for the rest: what the task asks Ray for."""
+    per_token = 2 * spec.num_kv_heads * spec.head_dim * 4
+    return 4 * tokens * per_token + (256 << 20)
 
 
 def _atomic_write_json(path: Path, data: dict) -> None:
