@@ -194,9 +194,10 @@ def cmd_trace(args) -> int:
 def cmd_build_memory(args) -> int:
     from pipelines.build_memory import BuildJob, build_memory
 
-    job = BuildJob(corpus=args.corpus, out=args.out, model=model_source(args), shards=args.shards, index=args.index,
+    job = BuildJob(corpus=args.corpus, out=args.out, model=model_source(args), shards=args.shards,
+                   shard_tokens=args.shard_tokens, index=args.index,
                    min_actors=args.min_actors, max_actors=max(args.max_actors or args.min_actors, args.min_actors),
-                   batch_size=args.batch_size, num_gpus_per_actor=args.gpus_per_actor,
+                   batch_size=args.batch_size, part_windows=args.part_windows, num_gpus_per_actor=args.gpus_per_actor,
                    num_cpus_per_actor=args.cpus_per_actor, text_field=args.text_field)
     summary = build_memory(job.validate(), address=args.address, progress=log)
     print(json.dumps(summary, indent=2))
@@ -360,11 +361,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--corpus", nargs="+", required=True, help="folders, globs or files (.txt, .jsonl, .parquet)")
     b.add_argument("--out", required=True, help="memory folder (created; a rerun resumes or skips finished shards)")
     add_model_args(b, device=False)
-    b.add_argument("--shards", type=int, default=1)
-    b.add_argument("--index", default="flat", choices=["flat", "ivf", "ivfpq"], help="faiss index per shard and KV head")
+    b.add_argument("--shards", type=int, help="shard count (default: from --shard-tokens)")
+    b.add_argument("--shard-tokens", type=int, default=4_194_304,
+                   help="target tokens per shard; documents are split between shards at window boundaries")
+    b.add_argument("--index", default="auto", choices=["auto", "flat", "ivf", "ivfpq"],
+                   help="index per shard and KV head; auto: exact below 262,144 chunks a shard, IVF above")
     b.add_argument("--min-actors", type=int, default=1, help="encoder actors to start with")
     b.add_argument("--max-actors", type=int, help="encoder actors to grow to when the cluster has room (default: min)")
     b.add_argument("--batch-size", type=int, default=8, help="windows per encoder call")
+    b.add_argument("--part-windows", type=int, default=64, help="windows per actor task and per part file")
     b.add_argument("--gpus-per-actor", type=float, default=0.0)
     b.add_argument("--cpus-per-actor", type=float, default=1.0)
     b.add_argument("--text-field", default="text")

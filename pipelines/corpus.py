@@ -9,6 +9,7 @@ counted in the summary, and never crash the pipeline.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from dataclasses import dataclass
@@ -146,25 +147,30 @@ def _tokenizer(source: str):
 
 @dataclass
 class Tokenize:
-    """map_batches function: (doc_id, text, skip) -> adds `tokens` (int32 arrays) and `num_tokens`."""
+    """map_batches function: (doc_id, text, skip) -> adds `tokens` (int32 arrays), `num_tokens` and
+    `digest` (of the tokens: what a document's encoded windows are keyed by). One tokenizer call
+    a batch."""
 
     tokenizer_source: str
     max_tokens: int | None = None  # longer documents are skipped, not truncated
 
     def __call__(self, batch: dict) -> dict:
         tok = _tokenizer(self.tokenizer_source)
-        tokens, counts, skips = [], [], list(batch["skip"])
-        for i, (text, skip) in enumerate(zip(batch["text"], batch["skip"])):
-            ids = np.asarray(tok(text, add_special_tokens=False).input_ids, dtype=np.int32) if not skip else np.zeros(0, np.int32)
-            if not skip and ids.size == 0:
+        skips = list(batch["skip"])
+        todo = [i for i, skip in enumerate(skips) if not skip]
+        encoded = tok([batch["text"][i] for i in todo], add_special_tokens=False).input_ids if todo else []
+        tokens = [np.zeros(0, np.int32) for _ in skips]
+        for i, ids in zip(todo, encoded):
+            ids = np.asarray(ids, dtype=np.int32)
+            if ids.size == 0:
                 skips[i] = "empty"
-            if self.max_tokens and ids.size > self.max_tokens:
+            elif self.max_tokens and ids.size > self.max_tokens:
                 skips[i], ids = "too long", np.zeros(0, np.int32)
-            tokens.append(ids)
-            counts.append(ids.size)
+            tokens[i] = ids
         out = dict(batch)
         out.pop("text")
         out["tokens"] = np.array(tokens + [None], dtype=object)[:-1]  # keep ragged arrays as objects
-        out["num_tokens"] = np.array(counts, dtype=np.int64)
+        out["num_tokens"] = np.array([t.size for t in tokens], dtype=np.int64)
+        out["digest"] = np.array([hashlib.sha1(t.tobytes()).hexdigest()[:20] for t in tokens], dtype=object)
         out["skip"] = np.array(skips, dtype=object)
         return out

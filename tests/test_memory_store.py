@@ -96,14 +96,15 @@ def test_store_errors_are_clear(tmp_path, model_and_docs):
     with pytest.raises(StoreError, match="format 99"):
         MemoryStore.open(tmp_path / "m")
     write_memory_dir(tmp_path / "n", encoder_for(model), docs[:1])
-    keys = tmp_path / "n" / "shard-00000" / "keys.npy"
+    shard = next((tmp_path / "n").glob("shard-00000-*"))  # shard folders are named by content
+    keys = shard / "keys.npy"
     data = bytearray(keys.read_bytes())
     data[-1] ^= 0xFF
     keys.write_bytes(bytes(data))
     MemoryStore.open(tmp_path / "n")  # same size: only a checksum finds it
     with pytest.raises(StoreError, match="checksum"):
         MemoryStore.open(tmp_path / "n", verify=True)
-    (tmp_path / "n" / "shard-00000" / "values.npy").write_bytes(b"short")
+    (shard / "values.npy").write_bytes(b"short")
     with pytest.raises(StoreError, match="wrong size"):
         MemoryStore.open(tmp_path / "n")
 
@@ -152,11 +153,28 @@ def test_exact_rerank_restores_product_quantised_recall():
     assert (rows[:, -5:] == -1).all()
 
 
-def test_more_shards_than_documents_leaves_empty_shards_that_search_fine(tmp_path, model_and_docs):
+def test_shards_are_token_ranges_that_split_long_documents():
+    """Documents in id order, cut at window boundaries into shards of balanced tokens: a long
+    document spans shards, every window lands once and in order; a target size sets the count."""
+    from longmem.memory.writer import plan_shards
+
+    docs = [("b", 1000), ("a", 100), ("c", 40)]  # 'b' alone is most of the corpus
+    plan = plan_shards(docs, window=64, shards=3)
+    flat = [(p.doc_id, p.start) for shard in plan for p in shard]
+    assert flat == [(d, s) for d, n in sorted(docs) for s in range(0, n, 64)]
+    assert {p.doc_id for p in plan[0]} & {p.doc_id for p in plan[1]} == {"b"}  # 'b' is split
+    sizes = [sum(p.length for p in shard) for shard in plan]
+    assert max(sizes) - min(sizes) <= 64 and sum(sizes) == 1140
+    assert len(plan_shards(docs, window=64, shard_tokens=300)) == 4  # ceil(1140 / 300)
+    assert plan_shards(docs, window=64, shards=3) == plan  # deterministic
+    assert sum(1 for shard in plan_shards(docs, window=64, shards=40) if not shard) == 40 - len(flat)
+
+
+def test_more_shards_than_windows_leaves_empty_shards_that_search_fine(tmp_path, model_and_docs):
     model, docs = model_and_docs
-    write_memory_dir(tmp_path / "m", encoder_for(model), docs[:2], shards=3)
+    write_memory_dir(tmp_path / "m", encoder_for(model), docs[:2], shards=8)  # 6 windows of 32 tokens
     store = MemoryStore.open(tmp_path / "m")
-    assert sorted(s.num_chunks == 0 for s in store.shards) == [False, False, True]
+    assert sorted(s.num_chunks == 0 for s in store.shards) == [False] * 6 + [True] * 2
     write_memory_dir(tmp_path / "one", encoder_for(model), docs[:2], shards=1)
     query = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(model(query, bank=store).logits, model(query, bank=MemoryStore.open(tmp_path / "one")).logits)
@@ -207,3 +225,30 @@ def test_a_missing_faiss_is_a_clear_error_naming_the_extras(monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)  # as if neither extra were installed
     with pytest.raises(StoreError, match=r"longmem\[cpu\]"):
         import_faiss()
+
+
+def test_ivf_shards_keep_their_lists_on_disk_and_at_full_probe_equal_exact_search(tmp_path):
+    """An IVF shard is written in blocks with its inverted lists in a file beside the index (read
+    memory-mapped, found beside the index when the folder moves); probing every list gives the
+    exact search's chunks and scores."""
+    import shutil
+
+    model = tiny_longmem("llama", **dict(SETTINGS, memory__chunk_size=1, memory__retrieve_tokens=16))
+    docs = [(f"d{i}", torch.randint(0, 100, (n,), generator=torch.Generator().manual_seed(i)).numpy())
+            for i, n in enumerate((300, 200))]
+    write_memory_dir(tmp_path / "flat", encoder_for(model), docs, shards=1, index="flat")
+    write_memory_dir(tmp_path / "ivf", encoder_for(model), docs, shards=1, index="ivf")
+    shutil.move(tmp_path / "ivf", tmp_path / "moved")
+    [shard] = list_shards(tmp_path / "moved")
+    assert shard["index"] == "ivf"
+    index_files = {p.name for p in next((tmp_path / "moved").glob("shard-*")).joinpath("index").iterdir()}
+    assert index_files == {f"head-{h}.{ext}" for h in range(2) for ext in ("faiss", "ivfdata")}
+    exact, ivf = MemoryStore.open(tmp_path / "flat"), MemoryStore.open(tmp_path / "moved", nprobe=10_000, verify=True)
+    queries = torch.randn(2, 6, 4, 16, generator=torch.Generator().manual_seed(7))
+    a, b = exact.search(queries, 16, with_next=True), ivf.search(queries, 16, with_next=True)
+    assert torch.equal(a.positions, b.positions) and torch.equal(a.token_ids, b.token_ids)
+    torch.testing.assert_close(a.scores, b.scores)
+    torch.testing.assert_close(a.next_values, b.next_values)
+    from longmem.memory.writer import index_kind_for
+
+    assert index_kind_for("auto", 1000, 64) == "flat" and index_kind_for("auto", 10_000_000, 64) == "ivf"

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .base import MemorySpec
-from .writer import assign_shards, documents_digest, write_manifest, write_shard
+from .writer import plan_digest, plan_shards, shard_name, write_manifest, write_shard
 
 PAD_BUCKET = 128
 
@@ -87,27 +87,39 @@ class MemoryEncoder:
         return (states.memory_keys[:, sink:].float().cpu().numpy(), states.memory_values[:, sink:].float().cpu().numpy())
 
 
-def write_memory_dir(out, encoder: MemoryEncoder, documents: list[tuple[str, np.ndarray]], shards: int = 1,
-                     index: str = "flat", batch_size: int = 8) -> dict:
-    """Build a memory folder in this process (no Ray): the same format and chunks as build-memory.
-    For small memories and tests; corpora go through `pipelines.build_memory`."""
+def write_memory_dir(out, encoder: MemoryEncoder, documents: list[tuple[str, np.ndarray]], shards: int | None = 1,
+                     index: str = "auto", batch_size: int = 8, shard_tokens: int | None = None) -> dict:
+    """Build a memory folder in this process (no Ray): the same plan, chunks and format as
+    build-memory. For small memories and tests; corpora go through `pipelines.build_memory`."""
     from pathlib import Path
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    W, sink, c = encoder.config.window, encoder.config.sink_tokens, encoder.spec.chunk_size
     tokens = {doc_id: np.asarray(ids, dtype=np.int64).reshape(-1) for doc_id, ids in documents}
-    plan = assign_shards([(d, len(t)) for d, t in tokens.items()], shards)
+    docs = [(d, len(t)) for d, t in tokens.items() if len(t) >= c]
+    plan = plan_shards(docs, W, shards, shard_tokens)
+    encoded: dict[tuple[str, int], dict] = {}
+    for doc_id, n in sorted(docs):
+        starts = list(range(0, n, W))
+        for b in range(0, len(starts), batch_size):
+            chunk = starts[b : b + batch_size]
+            parts = encoder.encode([tokens[doc_id][s : s + W] for s in chunk], chunk,
+                                   [tokens[doc_id][max(0, s - sink) : s] for s in chunk])
+            for s, part in zip(chunk, parts):
+                encoded[(doc_id, s)] = {"doc_id": doc_id, **part}
     metas = []
-    for i, docs in enumerate(plan):
-        encoded = []
-        for doc_id, n in docs:
-            starts = list(range(0, n, encoder.config.window))
-            parts = []
-            for b in range(0, len(starts), batch_size):
-                chunk = starts[b : b + batch_size]
-                parts += encoder.encode([tokens[doc_id][s : s + encoder.config.window] for s in chunk], chunk,
-                                        [tokens[doc_id][max(0, s - encoder.config.sink_tokens) : s] for s in chunk])
-            encoded.append({"doc_id": doc_id, **{k: np.concatenate([p[k] for p in parts]) for k in parts[0]}})
-        meta = write_shard(out / f"shard-{i:05d}", encoder.spec, encoded, index, documents_digest(docs))
-        metas.append({"name": f"shard-{i:05d}", **meta})
-    return write_manifest(out, encoder.spec, metas, {"shards": shards, "index": index})
+    for i, pieces in enumerate(plan):
+        keys = [f"{p.doc_id}:{p.start}" for p in pieces]
+        digest = plan_digest(pieces, keys, encoder.spec, index)
+        edges = {}
+        if pieces and pieces[0].start > 0:
+            edges["prev_token_id"] = int(tokens[pieces[0].doc_id][pieces[0].start - 1])
+        if pieces and (pieces[-1].doc_id, pieces[-1].start + W) in encoded:
+            after = encoded[(pieces[-1].doc_id, pieces[-1].start + W)]
+            edges.update(next_token_id=int(after["token_ids"][0]), next_values=after["values"][0])
+        name = shard_name(i, digest)
+        meta = write_shard(out / name, encoder.spec, (encoded[(p.doc_id, p.start)] for p in pieces),
+                           sum(p.chunks(c) for p in pieces), index, digest, edges)
+        metas.append({"name": name, **meta})
+    return write_manifest(out, encoder.spec, metas, {"shards": len(plan), "index": index}, documents=len(docs))

@@ -1,19 +1,26 @@
 """Persistent, sharded memory on disk: the format, and searching it. No Ray here.
 
     <memory dir>/
-      manifest.json            written last, atomically: spec, shard list, totals, checksums
-      shard-00000/
-        shard.json             this shard's files with sha256, documents digest, index kind
+      manifest.json            written last, atomically: spec, generation, shard list, totals, checksums
+      shard-00000-<digest>/    named by content: a rebuild writes new folders beside the old ones
+        shard.json             this shard's files with sha256, index kind, its two edges
         chunks.parquet         one row per chunk: doc_id, position, token_ids
-        keys.npy, values.npy   (N, Hkv, csz, D) memory dtype, memory-mappable
-        index/head-<h>.faiss   per KV head, a faiss index over chunk keys (mean of the chunk's token
-                               keys; unit length for cosine): flat, IVF or IVF-PQ
+        keys.npy, values.npy   (N, Hkv, csz, D) memory dtype, memory-mapped
+        edges.npy              (Hkv, D) the value of the token after the last chunk, when the
+                               document goes on in the next shard
+        index/head-<h>.npy     exact index of KV head h: (N, D) float32 chunk keys (mean of the
+                               chunk's token keys; unit length for cosine), memory-mapped
+        index/head-<h>.faiss   or an IVF / IVF-PQ index over the same vectors, its inverted lists
+          + head-<h>.ivfdata   on disk beside it (memory-mapped)
 
-Chunks are cut exactly as a MemoryBank cuts one document's stream: every token of every encoding
-window (each encoded after its context, `LongMem.memory_context`), concatenated in order and cut
-into chunks of `chunk_size`; a document's last partial chunk is dropped. So a store holds the
-same chunks as a bank fed each document, and searching it returns them in the same format
-(`MemoryRetrieval`), with `next_values` for the next-token read.
+A memory is one sequence of windows (documents in id order) cut into shards by token ranges, so a
+long document spreads over several shards. Chunks are cut exactly as a MemoryBank cuts one
+document's stream: every token of every encoding window (each encoded after its context,
+`LongMem.memory_context`), in order, cut into chunks of `chunk_size`; a document's last partial
+chunk is dropped. So a store holds the same chunks as a bank fed each document, and searching it
+returns them in the same format (`MemoryRetrieval`), with `next_values` for the next-token read
+(across shard boundaries too: each shard keeps its edges). Memories of the first layout (one
+`.faiss` file per head, documents whole in one shard) read the same.
 
     store = MemoryStore.open("memory/")
     hits = store.search(queries, k=16)        # queries (B, T, Hq, D) -> MemoryRetrieval
@@ -35,7 +42,7 @@ from .base import MemoryRetrieval, MemorySpec, StoreError, import_faiss, neighbo
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SHARD_META = "shard.json"
-INDEX_KINDS = ("flat", "ivf", "ivfpq")
+INDEX_KINDS = ("auto", "flat", "ivf", "ivfpq")
 _NP_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": np.float32}  # numpy has no bf16
 
 
@@ -47,6 +54,61 @@ def sha256_file(path: Path) -> str:
             h.update(block)
     return h.hexdigest()
 
+
+
+def read_npy_rows(path: Path, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of a .npy file, read (not memory-mapped: bounded memory for any file)."""
+    with open(path, "rb") as f:
+        major, _ = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        if fortran:
+            raise StoreError(f"{path}: Fortran-ordered arrays are not memory files")
+        row = int(np.prod(shape[1:], dtype=np.int64))
+        stop = min(stop, shape[0])
+        f.seek(start * row * dtype.itemsize, 1)
+        data = np.fromfile(f, dtype=dtype, count=max(0, stop - start) * row)
+    return data.reshape(-1, *shape[1:])
+
+
+class ExactKeys:
+    """Exact inner-product search over a memory-mapped (N, D) float32 matrix: an index whose RAM
+    is the page cache's, not the process's."""
+
+    def __init__(self, path: Path):
+        self.vectors = np.load(path, mmap_mode="r")
+        self.ntotal = self.vectors.shape[0]
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        faiss = import_faiss()
+        n = queries.shape[0]
+        scores, rows = np.full((n, k), -np.inf, np.float32), np.full((n, k), -1, np.int64)
+        if self.ntotal:
+            kk = min(k, self.ntotal)
+            s, i = faiss.knn(queries, self.vectors, kk, metric=faiss.METRIC_INNER_PRODUCT)
+            scores[:, :kk], rows[:, :kk] = s, i
+        return scores, rows
+
+    def on_device(self, device: str):
+        faiss = import_faiss()
+        index = faiss.IndexFlatIP(self.vectors.shape[1])
+        index.add(np.ascontiguousarray(self.vectors))
+        return _to_device(index, device)
+
+
+def open_head_index(directory: Path, h: int, device: str):
+    """KV head h's index in a shard's index folder: exact (memory-mapped matrix) or faiss."""
+    faiss = import_faiss()
+    exact = directory / f"head-{h}.npy"
+    if exact.is_file():
+        index = ExactKeys(exact)
+        return index if not str(device).startswith("cuda") else index.on_device(device)
+    path = directory / f"head-{h}.faiss"
+    if (directory / f"head-{h}.ivfdata").is_file():  # inverted lists on disk, found beside the index
+        index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
+    else:
+        index = faiss.read_index(str(path))
+    return _to_device(index, device)
 
 
 def rerank_exact(vectors_of, queries: np.ndarray, scores: np.ndarray, rows: np.ndarray, k: int):
@@ -91,7 +153,6 @@ class MemoryShard:
 
     def __init__(self, directory: str | Path, spec: MemorySpec, meta: dict | None = None, nprobe: int = 32,
                  mmap: bool = True, device: str = "cpu", rerank: int = 4):
-        faiss = import_faiss()
         import pyarrow.parquet as pq
 
         self.directory = Path(directory)
@@ -104,29 +165,48 @@ class MemoryShard:
         mode = "r" if mmap else None
         self.keys = np.load(self.directory / "keys.npy", mmap_mode=mode)  # (N, Hkv, c, D)
         self.values = np.load(self.directory / "values.npy", mmap_mode=mode)
-        table = pq.read_table(self.directory / "chunks.parquet")
-        self.doc_ids = table.column("doc_id").to_pylist()
+        # doc ids as dictionary codes: a few bytes a chunk, however many chunks
+        table = pq.read_table(self.directory / "chunks.parquet", read_dictionary=["doc_id"])
+        doc = table.column("doc_id").unify_dictionaries().combine_chunks()
+        doc_codes = np.asarray(doc.indices) if len(doc) else np.zeros(0, np.int32)
+        self.doc_codes, self.doc_names = doc_codes, doc.dictionary.to_pylist() if len(doc) else []
         self.positions = table.column("position").to_numpy()
         self.token_ids = np.asarray(table.column("token_ids").combine_chunks().values).reshape(-1, spec.chunk_size)
         self.num_chunks = len(self.positions)
+        del table, doc
         if self.keys.shape[0] != self.num_chunks:
             raise StoreError(f"{self.directory}: keys hold {self.keys.shape[0]} chunks, chunks.parquet {self.num_chunks}")
-        # next_joined[i]: chunk i + 1 continues chunk i in the same document (the next-token read).
-        same_doc = np.array([a == b for a, b in zip(self.doc_ids[:-1], self.doc_ids[1:])], dtype=bool)
+        # next_joined[i]: chunk i + 1 continues chunk i in the same document (the next-token read);
+        # at the shard's ends, its edges say whether the document goes on in the next/previous shard.
+        edges = self.meta.get("edges") or {}
         self.next_joined = np.zeros(self.num_chunks, dtype=bool)
         if self.num_chunks > 1:
-            self.next_joined[:-1] = same_doc & (self.positions[1:] == self.positions[:-1] + spec.chunk_size)
+            self.next_joined[:-1] = (doc_codes[1:] == doc_codes[:-1]) & (
+                self.positions[1:] == self.positions[:-1] + spec.chunk_size)
         self.prev_joined = np.zeros(self.num_chunks, dtype=bool)  # chunk i - 1 precedes chunk i
         self.prev_joined[1:] = self.next_joined[:-1]
+        self.edge_next_id = edges.get("next_token_id")
+        self.edge_prev_id = edges.get("prev_token_id")
+        self.edge_next_values = None
+        if self.num_chunks and self.edge_next_id is not None:
+            self.edge_next_values = np.load(self.directory / "edges.npy")  # (Hkv, D)
+            self.next_joined[-1] = True
+        if self.num_chunks and self.edge_prev_id is not None:
+            self.prev_joined[0] = True
         # Product-quantised scores are coarse (recall@16 ~0.35 on real keys, docs/results.md): fetch
         # rerank x k candidates and score them exactly from the memory-mapped keys.
         self.rerank = rerank if self.meta.get("index") == "ivfpq" else 0
         self.indexes = []
         for h in range(spec.num_kv_heads):
-            index = faiss.read_index(str(self.directory / "index" / f"head-{h}.faiss"))
+            index = open_head_index(self.directory / "index", h, device)
             if hasattr(index, "nprobe"):
                 index.nprobe = min(nprobe, index.nlist)
-            self.indexes.append(_to_device(index, device))
+            self.indexes.append(index)
+
+    @property
+    def doc_ids(self) -> list[str]:
+        """The document of every row (a list as long as the shard: for inspection, not serving)."""
+        return [self.doc_names[c] for c in self.doc_codes]
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """queries (n, Hq, D) float32 -> scores, rows (n, Hq, k); rows -1 (score -inf) where empty."""
@@ -188,9 +268,16 @@ class MemoryShard:
         }
         if with_next:
             following, preceding = np.minimum(r + 1, self.num_chunks - 1), np.maximum(r - 1, 0)
-            out.update(next_first_values=np.asarray(self.values[following, kv_heads, 0]),  # (N, D)
-                       next_first_ids=self.token_ids[following, 0], next_joined=self.next_joined[r],
-                       prev_last_ids=self.token_ids[preceding, -1], prev_joined=self.prev_joined[r])
+            next_values = np.asarray(self.values[following, kv_heads, 0])  # (N, D)
+            next_ids, prev_ids = self.token_ids[following, 0].copy(), self.token_ids[preceding, -1].copy()
+            last, first = r == self.num_chunks - 1, r == 0
+            if self.edge_next_values is not None and last.any():  # the document goes on in the next shard
+                next_values[last] = self.edge_next_values[kv_heads[last]]
+                next_ids[last] = self.edge_next_id
+            if self.edge_prev_id is not None:
+                prev_ids[first] = self.edge_prev_id
+            out.update(next_first_values=next_values, next_first_ids=next_ids, next_joined=self.next_joined[r],
+                       prev_last_ids=prev_ids, prev_joined=self.prev_joined[r])
         return out
 
 
