@@ -31,7 +31,9 @@ def real_keys(tokens: int, books, enc, tok) -> np.ndarray:
         ids = np.asarray(tok((AUSTEN / book).read_text(), add_special_tokens=False).input_ids, dtype=np.int64)
         for i in range(0, len(ids), W * 8):
             windows = [ids[j : j + W] for j in range(i, min(i + W * 8, len(ids)), W)]
-            for e in enc.encode(windows, [0] * len(windows)):
+            starts = list(range(i, i + W * len(windows), W))
+            befores = [ids[max(0, s - enc.config.sink_tokens) : s] for s in starts]
+            for e in enc.encode(windows, starts, befores):
                 out.append(e["keys"][:, 0].astype(np.float32))  # KV head 0
                 n += len(e["keys"])
             print(f"\rencoded {n:,} keys", end="", file=sys.stderr)

@@ -1,21 +1,22 @@
 """Read corpora with Ray Data: folders, globs or files of .txt, .jsonl/.json (a text field) and
 .parquet (a text column), local or on object storage (any pyarrow filesystem URI).
 
-Every file is read as bytes by `read_binary_files` and parsed in Ray tasks, so one reader gives
-each document a stable id (`path` for text files, `path#row` for rows of jsonl/parquet) and the
-same accounting: empty, undecodable or binary documents are kept as rows with a `skip` reason,
-counted in the summary, and never crash the pipeline.
+Every file is read by a Ray Data file datasource (`CorpusFiles`) that streams it out in blocks of
+documents, so a multi-GB JSON-lines or Parquet file never becomes one row, and gives each document
+a stable id (`path` for text files, `path#row` for rows of jsonl/parquet) and the same accounting:
+empty, undecodable or binary documents are kept as rows with a `skip` reason, counted in the
+summary, and never crash the pipeline.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow.fs as pafs
+from ray.data.datasource import FileBasedDatasource
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -68,61 +69,112 @@ def _decode(data: bytes) -> tuple[str, str]:
     return (text, "") if text.strip() else ("", "empty")
 
 
-@dataclass
-class ParseFiles:
-    """map_batches function: rows of (path, bytes) -> rows of (doc_id, text, skip)."""
+ROWS_PER_BLOCK = 256  # documents a read task yields at a time: a multi-GB file streams out in blocks
 
-    text_field: str = "text"
 
-    def __call__(self, batch: dict) -> dict:
-        ids, texts, skips = [], [], []
+def _lines(f, block: int = 1 << 22):
+    """(line number, bytes) of every line of a binary stream, read a block at a time."""
+    rest, number = b"", 0
+    while True:
+        data = f.read(block)
+        if not data:
+            break
+        lines = (rest + data).split(b"\n")
+        rest = lines.pop()
+        for line in lines:
+            yield number, line
+            number += 1
+    if rest:
+        yield number, rest
 
-        def emit(doc_id, text, skip):
-            ids.append(doc_id)
-            texts.append(text)
-            skips.append(skip)
 
-        for path, data in zip(batch["path"], batch["bytes"]):
-            lower = path.lower()
-            if lower.endswith(PARQUET_SUFFIXES):
-                import pyarrow.parquet as pq
+class CorpusFiles(FileBasedDatasource):
+    """A Ray Data file datasource for corpora: each file is read by one task and streamed out as
+    blocks of (doc_id, text, skip) rows, ROWS_PER_BLOCK at a time. A text file is one document
+    (`path`); every line of a JSON-lines file and every row of a Parquet file is one (`path#row`,
+    the row counted in the file, so ids are stable). What cannot be used is a row with a `skip`
+    reason, counted, never an error."""
 
-                try:
-                    table = pq.read_table(io.BytesIO(data))
-                except Exception:  # noqa: BLE001 - any parse failure is a counted skip
-                    emit(path, "", "unreadable")
-                    continue
-                if self.text_field not in table.column_names:
-                    emit(path, "", f"no '{self.text_field}' column")
-                    continue
-                for i, value in enumerate(table.column(self.text_field).to_pylist()):
-                    if not isinstance(value, str):
-                        emit(f"{path}#{i}", "", "not text")
-                    else:
-                        emit(f"{path}#{i}", value, "" if value.strip() else "empty")
-            elif lower.endswith(JSON_SUFFIXES):
-                content, skip = _decode(data)
-                if skip:
-                    emit(path, "", skip)
-                    continue
-                for i, line in enumerate(content.splitlines()):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:
-                        emit(f"{path}#{i}", "", "bad json")
-                        continue
-                    value = record.get(self.text_field) if isinstance(record, dict) else None
-                    if not isinstance(value, str):
-                        emit(f"{path}#{i}", "", f"no '{self.text_field}' field")
-                    else:
-                        emit(f"{path}#{i}", value, "" if value.strip() else "empty")
+    def __init__(self, paths: list[str], text_field: str):
+        super().__init__(paths)
+        self.text_field = text_field
+
+    def _open_input_source(self, filesystem, path, **open_args):
+        if path.lower().endswith(PARQUET_SUFFIXES):  # Parquet needs random access
+            return filesystem.open_input_file(path)
+        return super()._open_input_source(filesystem, path, **open_args)
+
+    def _read_stream(self, f, path):
+        yield from _read_corpus_file(f, path, self.text_field)
+
+
+def _read_corpus_file(f, path: str, text_field: str):
+    import pyarrow as pa
+
+    rows = {"doc_id": [], "text": [], "skip": []}
+
+    def emit(doc_id, text, skip):
+        rows["doc_id"].append(doc_id)
+        rows["text"].append(text)
+        rows["skip"].append(skip)
+
+    def flush():
+        table = pa.table({k: pa.array(v, pa.string()) for k, v in rows.items()})
+        for v in rows.values():
+            v.clear()
+        return table
+
+    lower = path.lower()
+    if lower.endswith(PARQUET_SUFFIXES):
+        import pyarrow.parquet as pq
+
+        try:
+            parquet = pq.ParquetFile(f)
+            if text_field not in parquet.schema_arrow.names:
+                emit(path, "", f"no '{text_field}' column")
+                yield flush()
+                return
+            batches = parquet.iter_batches(batch_size=ROWS_PER_BLOCK, columns=[text_field])
+        except Exception:  # noqa: BLE001 - any parse failure is a counted skip
+            emit(path, "", "unreadable")
+            yield flush()
+            return
+        i = 0
+        for batch in batches:
+            for value in batch.column(0).to_pylist():
+                if not isinstance(value, str):
+                    emit(f"{path}#{i}", "", "not text")
+                else:
+                    emit(f"{path}#{i}", value, "" if value.strip() else "empty")
+                i += 1
+            yield flush()
+    elif lower.endswith(JSON_SUFFIXES):
+        for i, line in _lines(f):
+            if not line.strip():
+                continue
+            content, skip = _decode(line)
+            if skip:
+                emit(f"{path}#{i}", "", skip)
             else:
-                text, skip = _decode(data)
-                emit(path, text, skip)
-        return {"doc_id": np.array(ids, dtype=object), "text": np.array(texts, dtype=object),
-                "skip": np.array(skips, dtype=object)}
+                try:
+                    record = json.loads(content)
+                except json.JSONDecodeError:
+                    record = None
+                    emit(f"{path}#{i}", "", "bad json")
+                if record is not None:
+                    value = record.get(text_field) if isinstance(record, dict) else None
+                    if not isinstance(value, str):
+                        emit(f"{path}#{i}", "", f"no '{text_field}' field")
+                    else:
+                        emit(f"{path}#{i}", value, "" if value.strip() else "empty")
+            if len(rows["doc_id"]) >= ROWS_PER_BLOCK:
+                yield flush()
+        if rows["doc_id"]:
+            yield flush()
+    else:
+        text, skip = _decode(f.read())
+        emit(path, text, skip)
+        yield flush()
 
 
 def read_documents(paths: list[str], text_field: str = "text"):
@@ -130,8 +182,7 @@ def read_documents(paths: list[str], text_field: str = "text"):
     import ray.data
 
     files = expand_corpus(paths)
-    ds = ray.data.read_binary_files(files, include_paths=True)
-    return ds.map_batches(ParseFiles(text_field), batch_size=8, batch_format="numpy")
+    return ray.data.read_datasource(CorpusFiles(files, text_field))
 
 
 _TOKENIZERS: dict = {}

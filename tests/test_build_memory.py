@@ -303,3 +303,32 @@ def test_real_backbone_over_one_chapter(ray_local, tmp_path, austen_text):
     assert found > 0.9
     with pytest.raises(StoreError, match="chunk_size"):
         store.check_model(dataclasses.replace(model.memory_spec, chunk_size=8))
+
+
+def test_corpus_files_stream_out_in_blocks_with_stable_row_ids(ray_local, tmp_path):
+    """A JSON-lines and a Parquet file of many rows are read by Ray Data's file datasource as a
+    stream of blocks of documents (never one row per file, never the whole file at once), each
+    row with its file row number as id and bad rows counted, not fatal."""
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    from pipelines.corpus import ROWS_PER_BLOCK, _read_corpus_file, read_documents
+
+    n = 2 * ROWS_PER_BLOCK + 10
+    lines = [json.dumps({"text": f"note {i}"}) for i in range(n)]
+    lines[3], lines[7] = "{broken", json.dumps({"title": "no text"})
+    (tmp_path / "big.jsonl").write_text("\n".join(lines) + "\n")
+    pq.write_table(pa.table({"text": [f"row {i}" if i % 50 else None for i in range(n)]}), tmp_path / "big.parquet",
+                   row_group_size=100)
+    fs = pafs.LocalFileSystem()
+    with fs.open_input_stream(str(tmp_path / "big.jsonl")) as f:  # what a read task yields, in turn
+        assert [t.num_rows for t in _read_corpus_file(f, "big.jsonl", "text")] == [ROWS_PER_BLOCK] * 2 + [10]
+    with fs.open_input_file(str(tmp_path / "big.parquet")) as f:
+        assert sum(1 for _ in _read_corpus_file(f, "big.parquet", "text")) == 3
+    rows = {r["doc_id"]: r for r in read_documents([str(tmp_path)]).take_all()}
+    assert len(rows) == 2 * n
+    jsonl, parquet = str(tmp_path / "big.jsonl"), str(tmp_path / "big.parquet")
+    assert rows[f"{jsonl}#{n - 1}"]["text"] == f"note {n - 1}" and rows[f"{parquet}#{n - 1}"]["text"] == f"row {n - 1}"
+    assert rows[f"{jsonl}#3"]["skip"] == "bad json" and rows[f"{jsonl}#7"]["skip"] == "no 'text' field"
+    assert sum(r["skip"] == "not text" for r in rows.values()) == len(range(0, n, 50))
