@@ -17,8 +17,9 @@ Figures, one JSON line each, then a summary line:
   * search: ms per generated token (one query token, every KV head, top retrieve_tokens, the
     next-token neighbours, as a decode step asks) and ms for a 512-token prompt, median of repeats,
     through `MemoryStore` (the search a model replica or a shard replica runs).
-  * recall@k of the approximate index at its serving nprobe against exact search over the same
-    stored keys, queries drawn like the memory.
+  * recall@k of the approximate index at its serving nprobe (the one the shard measured when it
+    was written, for recall@64 >= 0.95 on its own keys) against exact search over the same
+    stored keys, with fresh queries drawn like the memory.
   * generation: the model decoding with each memory: prompt latency and ms per generated token.
   * serving RAM: anonymous RSS a process adds when it opens the memory (the rest is page cache).
 Ratios are against the 65,536-token memory measured in the same run.
@@ -214,7 +215,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=24)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--recall-queries", type=int, default=200)
-    ap.add_argument("--nprobe", type=int, default=32)
+    ap.add_argument("--nprobe", type=int, help="IVF probes (default: each shard's, measured when it was written)")
     args = ap.parse_args()
     torch.manual_seed(0)
     model = load_model(args.checkpoint) if args.checkpoint else load_model()
@@ -244,7 +245,9 @@ def main():
         step_ms = median_ms(lambda: store.search(step_q[next(i) % len(step_q)], k, with_next=True), args.repeats)
         prompt_ms = median_ms(lambda: store.search(prompt_q, k, with_next=True), max(3, args.repeats // 5))
         row = {"figure": "search", "tokens": store.num_chunks * spec.chunk_size, "synthetic": size != BASE,
-               "index": store.shards[0].meta["index"], "nprobe": args.nprobe if store.shards[0].meta["index"] != "flat" else None,
+               "index": store.shards[0].meta["index"],
+               "nprobe": getattr(store.shards[0].indexes[0], "nprobe", None), "nlist": store.shards[0].meta.get("nlist"),
+               "build_recall@64_own_keys": store.shards[0].meta.get("recall@64"),
                "ms_per_generated_token": round(step_ms, 2), "ms_per_prompt": round(prompt_ms, 1),
                "serving_anon_rss_mb": round(opened - before)}
         if store.shards[0].meta["index"] != "flat":

@@ -241,6 +241,8 @@ def test_ivf_shards_keep_their_lists_on_disk_and_at_full_probe_equal_exact_searc
     shutil.move(tmp_path / "ivf", tmp_path / "moved")
     [shard] = list_shards(tmp_path / "moved")
     assert shard["index"] == "ivf"
+    meta = json.loads(next((tmp_path / "moved").glob("shard-*")).joinpath("shard.json").read_text())
+    assert meta["recall@64"] >= 0.95 and 1 <= meta["nprobe"] <= meta["nlist"]  # probes measured on its own keys
     index_files = {p.name for p in next((tmp_path / "moved").glob("shard-*")).joinpath("index").iterdir()}
     assert index_files == {f"head-{h}.{ext}" for h in range(2) for ext in ("faiss", "ivfdata")}
     exact, ivf = MemoryStore.open(tmp_path / "flat"), MemoryStore.open(tmp_path / "moved", nprobe=10_000, verify=True)

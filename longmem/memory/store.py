@@ -30,8 +30,11 @@ A store implements the `Memory` contract (memory/base.py), read-only. Writing: m
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -105,10 +108,25 @@ def open_head_index(directory: Path, h: int, device: str):
         return index if not str(device).startswith("cuda") else index.on_device(device)
     path = directory / f"head-{h}.faiss"
     if (directory / f"head-{h}.ivfdata").is_file():  # inverted lists on disk, found beside the index
-        index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
+        with _quiet_stdout():  # faiss prints the data file's new path on stdout
+            index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
     else:
         index = faiss.read_index(str(path))
     return _to_device(index, device)
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    """Send what C code prints on stdout to /dev/null for a moment (output that is JSON must stay JSON)."""
+    sys.stdout.flush()
+    saved, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(null)
 
 
 def rerank_exact(vectors_of, queries: np.ndarray, scores: np.ndarray, rows: np.ndarray, k: int):
@@ -151,7 +169,7 @@ def shard_files_intact(directory: str | Path, meta: dict, checksums: bool = Fals
 class MemoryShard:
     """One shard: memory-mapped keys/values and one faiss index per KV head."""
 
-    def __init__(self, directory: str | Path, spec: MemorySpec, meta: dict | None = None, nprobe: int = 32,
+    def __init__(self, directory: str | Path, spec: MemorySpec, meta: dict | None = None, nprobe: int | None = None,
                  mmap: bool = True, device: str = "cpu", rerank: int = 4):
         import pyarrow.parquet as pq
 
@@ -199,8 +217,8 @@ class MemoryShard:
         self.indexes = []
         for h in range(spec.num_kv_heads):
             index = open_head_index(self.directory / "index", h, device)
-            if hasattr(index, "nprobe"):
-                index.nprobe = min(nprobe, index.nlist)
+            if hasattr(index, "nprobe"):  # the probes measured to keep the target recall, unless asked
+                index.nprobe = min(nprobe or self.meta.get("nprobe", 32), index.nlist)
             self.indexes.append(index)
 
     @property
@@ -406,9 +424,10 @@ class MemoryStore:
         self.spec = MemorySpec.from_dict(manifest["spec"])
 
     @classmethod
-    def open(cls, directory: str | Path, verify: bool = False, nprobe: int = 32, shards: list[int] | None = None,
+    def open(cls, directory: str | Path, verify: bool = False, nprobe: int | None = None, shards: list[int] | None = None,
              device: str = "cpu") -> "MemoryStore":
-        """Open a built memory. `verify` checks every file's sha256; `shards` opens only those."""
+        """Open a built memory. `verify` checks every file's sha256; `shards` opens only those;
+        `nprobe` overrides the IVF probes each shard measured when it was written."""
         directory = Path(directory)
         manifest = read_manifest(directory)
         spec = MemorySpec.from_dict(manifest["spec"])

@@ -26,10 +26,15 @@ from .base import MemorySpec, StoreError, import_faiss
 from .store import (_NP_DTYPES, FORMAT_VERSION, INDEX_KINDS, MANIFEST, SHARD_META, read_npy_rows, sha256_file)
 
 # Below this many chunks a shard's index is exact; above it, IVF (`index="auto"`, the default).
-# Exact search costs grow with the shard, IVF's with its square root; at this size IVF at nprobe 32
-# is about as fast as exact search and keeps recall@64 above 0.95 on real keys (docs/results.md).
+# Exact search costs grow with the shard, IVF's with its square root (docs/results.md).
 AUTO_IVF_CHUNKS = 262_144
-MAX_IVF_LISTS = 4096  # caps the training sample (64 per list) and the quantizer's cost
+MAX_IVF_LISTS = 16_384  # caps the training sample (40 vectors a list) and the quantizer's cost
+TRAIN_PER_LIST = 40  # faiss wants >= 39
+KMEANS_ITERATIONS = 10
+# An IVF shard is probed with the fewest lists that keep this recall@64 against exact search,
+# measured on the shard's own keys when it is written (the serving default; an explicit nprobe wins).
+TARGET_RECALL = 0.95
+NPROBE_STEPS = (16, 32, 64, 128, 256, 512, 1024)
 BLOCK_ROWS = 65_536  # rows read, converted and indexed at a time while a shard is finished
 
 
@@ -124,7 +129,7 @@ class NpyWriter:
 
 # ----------------------------------------------------------------------------------------- indexes
 def _ivf_lists(n: int) -> int:
-    return max(1, min(int(4 * math.sqrt(n)), n // 39, MAX_IVF_LISTS))  # faiss wants >= 39 training points a list
+    return max(1, min(int(4 * math.sqrt(n)), n // TRAIN_PER_LIST, MAX_IVF_LISTS))
 
 
 def index_kind_for(kind: str, n: int, head_dim: int) -> str:
@@ -152,6 +157,7 @@ def _empty_ivf(kind: str, d: int, n: int, seed: int = 0):
         index = faiss.IndexIVFPQ(quantizer, d, nlist, d // 4, 8, faiss.METRIC_INNER_PRODUCT)
         index.pq.cp.seed = seed  # deterministic training: a rebuilt shard is byte-identical
     index.cp.seed = seed
+    index.cp.niter = KMEANS_ITERATIONS
     index.own_fields = True
     quantizer.this.disown()
     return index
@@ -182,20 +188,22 @@ def _training_sample(path: Path, n: int, size: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(out)[:size])
 
 
-def write_head_index(vectors_path: Path, directory: Path, h: int, kind: str, n: int, d: int) -> None:
+def write_head_index(vectors_path: Path, directory: Path, h: int, kind: str, n: int, d: int) -> dict:
     """Index the (n, d) float32 vectors in `vectors_path` for KV head h, in bounded RAM.
 
     flat: the vectors are the index (`head-h.npy`, searched exactly and memory-mapped);
     ivf / ivfpq: trained on a strided sample, filled block by block, and merged into inverted
-    lists on disk (`head-h.faiss` + `head-h.ivfdata`, memory-mapped when read)."""
+    lists on disk (`head-h.faiss` + `head-h.ivfdata`, memory-mapped when read); then the fewest
+    probes that keep TARGET_RECALL are found on a sample of the shard's own keys. Returns what
+    was measured ({} for flat)."""
     faiss = import_faiss()
     if kind == "flat":
         os.replace(vectors_path, directory / f"head-{h}.npy")
-        return
+        return {}
     from faiss.contrib.ondisk import merge_ondisk
 
     trained = _empty_ivf(kind, d, n)
-    trained.train(_training_sample(vectors_path, n, 64 * trained.nlist))
+    trained.train(_training_sample(vectors_path, n, TRAIN_PER_LIST * trained.nlist))
     blocks = []
     for b, a in enumerate(range(0, n, 4 * BLOCK_ROWS)):
         part = faiss.clone_index(trained)
@@ -212,10 +220,41 @@ def write_head_index(vectors_path: Path, directory: Path, h: int, kind: str, n: 
         faiss.write_index(trained, f"head-{h}.faiss")
     finally:
         os.chdir(cwd)
-    del trained
     for p in blocks:
         os.remove(p)
+    measured = calibrate_nprobe(trained, vectors_path, n)
+    del trained
     os.remove(vectors_path)
+    return measured
+
+
+def calibrate_nprobe(index, vectors_path: Path, n: int, queries: int = 256, k: int = 64) -> dict:
+    """The fewest probes (of NPROBE_STEPS) whose recall@k against exact search reaches
+    TARGET_RECALL, with a strided sample of the indexed vectors as queries (each query's own row
+    left out of both lists)."""
+    q = _training_sample(vectors_path, n, queries)
+    rows_of_q = np.arange(0, n, max(1, n // queries))[: len(q)]
+    best_s = np.full((len(q), k + 1), -np.inf, np.float32)
+    best_r = np.full((len(q), k + 1), -1, np.int64)
+    for a in range(0, n, 4 * BLOCK_ROWS):  # exact top-(k+1) in blocks
+        block = read_npy_rows(vectors_path, a, min(n, a + 4 * BLOCK_ROWS))
+        s = q @ block.T
+        s_all, r_all = np.concatenate([best_s, s], 1), np.concatenate([best_r, np.broadcast_to(np.arange(a, a + len(block)), s.shape)], 1)
+        top = np.argpartition(-s_all, k, axis=1)[:, : k + 1]
+        best_s, best_r = np.take_along_axis(s_all, top, 1), np.take_along_axis(r_all, top, 1)
+
+    def recall(found: np.ndarray) -> float:
+        hits = [len((set(e) - {r}) & (set(f) - {r})) / k for e, f, r in zip(best_r, found, rows_of_q)]
+        return float(np.mean(hits))
+
+    nprobe, got = NPROBE_STEPS[-1], 0.0
+    for step in NPROBE_STEPS:
+        index.nprobe = min(step, index.nlist)
+        got = recall(index.search(q, k + 1)[1])
+        if got >= TARGET_RECALL or step >= index.nlist:
+            nprobe = min(step, index.nlist)
+            break
+    return {"nprobe": int(nprobe), f"recall@{k}": round(got, 4), "nlist": int(index.nlist)}
 
 
 # ------------------------------------------------------------------------------------ one shard
@@ -299,8 +338,8 @@ class ShardWriter:
         self.parquet.close()
         for w in (self.keys, self.values, *self.heads):
             w.close()
-        for h, head in enumerate(self.heads):
-            write_head_index(head.path, self.directory / "index", h, self.kind, self.n, self.spec.head_dim)
+        probes = [write_head_index(head.path, self.directory / "index", h, self.kind, self.n, self.spec.head_dim)
+                  for h, head in enumerate(self.heads)]
         edges = dict(edges or {})
         meta_edges = {"prev_token_id": edges.get("prev_token_id"), "next_token_id": edges.get("next_token_id")}
         if edges.get("next_values") is not None:
@@ -317,6 +356,9 @@ class ShardWriter:
             "index": self.kind,
             "index_requested": self.requested,
             "edges": meta_edges,
+            # the probes a search uses by default, and the recall they kept on this shard's keys
+            **({"nprobe": max(p["nprobe"] for p in probes), "nlist": probes[0]["nlist"],
+                "recall@64": min(p["recall@64"] for p in probes)} if probes and probes[0] else {}),
             "files": {f: {"bytes": (self.directory / f).stat().st_size, "sha256": sha256_file(self.directory / f)}
                       for f in files},
         }
@@ -349,7 +391,7 @@ def shard_task_memory(tokens: int, spec: MemorySpec) -> int:
     never the shard itself, with room for the rest: what the task asks Ray for."""
     per_token = 2 * spec.num_kv_heads * spec.chunk_size * spec.head_dim * 4
     rows = min(max(1, tokens // spec.chunk_size), 4 * BLOCK_ROWS)
-    sample = min(max(1, tokens // spec.chunk_size), 64 * MAX_IVF_LISTS) * spec.head_dim * 4
+    sample = min(max(1, tokens // spec.chunk_size), TRAIN_PER_LIST * MAX_IVF_LISTS) * spec.head_dim * 4
     return 3 * rows * per_token + 4 * sample + (256 << 20)
 
 

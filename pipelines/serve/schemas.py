@@ -49,7 +49,7 @@ class ServeArgs(BaseModel):
     # AVX512-BF16), else the model source's dtype (`longmem.loading.inference_dtype`).
     device: str = "auto"
     dtype: str = "auto"
-    nprobe: int = 32
+    nprobe: int | None = None  # IVF lists a shard search probes (None: each shard's measured setting)
     log_encoding: str = "TEXT"  # the deployments' logs: "TEXT" or "JSON" (one object a line, with request ids)
     docs: bool = True  # /docs, /redoc and /openapi.json (always closed when API keys are set)
     api_keys_file: str | None = None  # one key per line (a mounted secret); added to api_keys

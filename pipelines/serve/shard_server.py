@@ -13,7 +13,7 @@ from ray import serve
 class MemoryShardServer:
     """One shard of a built memory; concurrent searches are batched into one faiss call."""
 
-    def __init__(self, memory_dir: str, shard: int, nprobe: int = 32, device: str = "auto"):
+    def __init__(self, memory_dir: str, shard: int, nprobe: int | None = None, device: str = "auto"):
         import torch
 
         from longmem.memory.store import MemoryStore, read_manifest
