@@ -242,8 +242,10 @@ def cmd_memory_info(args) -> int:
     manifest = read_manifest(args.memory)
     if args.verify:
         MemoryStore.open(args.memory, verify=True)
-    out = {"spec": manifest["spec"], "build": manifest["build"], "totals": manifest["totals"],
-           "shards": [{k: s[k] for k in ("name", "documents", "chunks", "tokens", "index")} for s in manifest["shards"]],
+    out = {"spec": manifest["spec"], "build": manifest["build"], "generation": manifest.get("generation", 1),
+           "totals": manifest["totals"],
+           "shards": [{k: s[k] for k in ("name", "documents", "chunks", "tokens", "index", "nprobe", "recall@64") if k in s}
+                      for s in manifest["shards"]],
            "verified": bool(args.verify)}
     print(json.dumps(out, indent=2))
     return 0

@@ -164,3 +164,26 @@ def test_a_token_quota_admits_under_its_limit_and_says_when_to_retry():
     assert quota.used("a") == 76
     with pytest.raises(ValueError):
         TokenQuota(per_minute=0)
+
+
+def test_each_shard_deployment_scales_on_its_own_and_spreads_over_nodes(tmp_path):
+    """Shard deployments take a replica count or their own autoscaling config, and a cap of
+    replicas per node; the model deployment's settings stay its own."""
+    import torch
+
+    from conftest import tiny_longmem
+    from longmem.memory.encoder import MemoryEncoder, write_memory_dir
+    from pipelines.serve.app import app_builder
+
+    model = tiny_longmem("llama")
+    write_memory_dir(tmp_path / "m", MemoryEncoder(model), [("d", torch.arange(200) % 100)], shards=2)
+
+    def shard_deployments(**args):
+        app = app_builder({"memories": {"m": str(tmp_path / "m")}, **args})
+        return [s._bound_deployment for s in app._bound_deployment.init_args[0]._bound_deployment.init_args[1]["m"]]
+
+    fixed = shard_deployments(shard_replicas=3)
+    assert len(fixed) == 2 and all(d._deployment_config.num_replicas == 3 for d in fixed)
+    scaled = shard_deployments(shard_autoscaling={"min_replicas": 1, "max_replicas": 4}, shard_max_replicas_per_node=1)
+    assert all(d._deployment_config.autoscaling_config.max_replicas == 4 for d in scaled)
+    assert all(d._replica_config.max_replicas_per_node == 1 for d in scaled)

@@ -236,12 +236,14 @@ def calibrate_nprobe(index, vectors_path: Path, n: int, queries: int = 256, k: i
     rows_of_q = np.arange(0, n, max(1, n // queries))[: len(q)]
     best_s = np.full((len(q), k + 1), -np.inf, np.float32)
     best_r = np.full((len(q), k + 1), -1, np.int64)
-    for a in range(0, n, 4 * BLOCK_ROWS):  # exact top-(k+1) in blocks
-        block = read_npy_rows(vectors_path, a, min(n, a + 4 * BLOCK_ROWS))
-        s = q @ block.T
-        s_all, r_all = np.concatenate([best_s, s], 1), np.concatenate([best_r, np.broadcast_to(np.arange(a, a + len(block)), s.shape)], 1)
-        top = np.argpartition(-s_all, k, axis=1)[:, : k + 1]
-        best_s, best_r = np.take_along_axis(s_all, top, 1), np.take_along_axis(r_all, top, 1)
+    for a in range(0, n, BLOCK_ROWS):  # exact top-(k+1), a block at a time
+        s = q @ read_npy_rows(vectors_path, a, min(n, a + BLOCK_ROWS)).T  # (queries, block)
+        kk = min(k + 1, s.shape[1])
+        top = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
+        s_all = np.concatenate([best_s, np.take_along_axis(s, top, 1)], 1)
+        r_all = np.concatenate([best_r, top + a], 1)
+        keep = np.argpartition(-s_all, k, axis=1)[:, : k + 1]
+        best_s, best_r = np.take_along_axis(s_all, keep, 1), np.take_along_axis(r_all, keep, 1)
 
     def recall(found: np.ndarray) -> float:
         hits = [len((set(e) - {r}) & (set(f) - {r})) / k for e, f, r in zip(best_r, found, rows_of_q)]

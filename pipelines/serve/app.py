@@ -300,12 +300,18 @@ def app_builder(args: dict):
     a = with_env_keys(ServeArgs(**(args or {})))
     a.model.validate()  # a setting the checkpoint fixes is refused here, not in a failed replica
     logs = {"encoding": a.log_encoding}
+    shard_options = {"ray_actor_options": resources(a.shard_cpus, a.shard_gpus), "logging_config": logs}
+    if a.shard_autoscaling:
+        shard_options["autoscaling_config"] = a.shard_autoscaling
+    else:
+        shard_options["num_replicas"] = a.shard_replicas
+    if a.shard_max_replicas_per_node:
+        shard_options["max_replicas_per_node"] = a.shard_max_replicas_per_node
     shards = {}
     for name, directory in a.memories.items():
         n = len(read_manifest(directory)["shards"])
         shards[name] = [
-            MemoryShardServer.options(name=f"MemoryShard-{name}-{i}", ray_actor_options=resources(a.shard_cpus, a.shard_gpus),
-                                      logging_config=logs)
+            MemoryShardServer.options(name=f"MemoryShard-{name}-{i}", **shard_options)
             .bind(directory, i, a.nprobe, "cpu" if a.device == "cpu" else "auto")
             for i in range(n)
         ]

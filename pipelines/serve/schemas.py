@@ -42,6 +42,12 @@ class ServeArgs(BaseModel):
     model_gpus: float = 0.0  # GPUs per model replica (Ray shows a replica only the GPUs it asked for)
     torch_threads: int | None = None  # the model replica's compute threads; default: model_cpus, at least 1
     shard_cpus: float = 0.25
+    # Replicas of each shard deployment: a fixed count, or a Serve autoscaling_config per shard
+    # (a hot shard grows on its own); at most this many replicas of one shard on a node, so a
+    # shard's replicas (and their page caches) spread over nodes. None: Serve's default.
+    shard_replicas: int = Field(default=1, ge=1)
+    shard_autoscaling: dict | None = None
+    shard_max_replicas_per_node: int | None = Field(default=None, ge=1)
     shard_gpus: float = 0.0  # GPUs per shard replica: its faiss index is searched there (the gpu extra)
     ingress_cpus: float = 0.25
     # "auto": CUDA where the replica sees a GPU, else the CPU. dtype "auto": bfloat16 on CUDA
