@@ -5,8 +5,8 @@
 Baseline: MemoryEncoder.encode (the frozen backbone up to the memory layer) called in a loop over
 the same windows and batch size, in this process, with as many torch threads as one actor gets.
 Pipeline: `build_memory` on the same text, timed over its encoding stage (actor start included),
-with 1 actor, then 2 actors of 1 CPU each. Also reports bytes on disk per token and the encoder
-actor's peak RSS. Prints one JSON object.
+with 1 actor, then 2 actors of 1 CPU each. Also reports bytes on disk per token at chunk sizes 1
+and 4 (the index is exact at this size) and the encoder actor's peak RSS. Prints one JSON object.
 """
 
 import argparse
@@ -40,13 +40,14 @@ def plain_loop(model, ids: np.ndarray, batch: int, threads: int) -> float:
     return len(ids) / (time.perf_counter() - t0)
 
 
-def pipeline(corpus: Path, batch: int, actors: int, threads: int) -> dict:
+def pipeline(corpus: Path, batch: int, actors: int, threads: int, chunk_size: int | None = None) -> dict:
     from pipelines.build_memory import BuildJob, build_memory
 
     out = Path(tempfile.mkdtemp(prefix="bench-memory-"))
     try:
+        model = {"overrides": {"memory.chunk_size": chunk_size}} if chunk_size else {}
         job = BuildJob(corpus=[str(corpus)], out=str(out / "m"), batch_size=batch, min_actors=actors,
-                       max_actors=actors, num_cpus_per_actor=threads)
+                       max_actors=actors, num_cpus_per_actor=threads, model=model)
         summary = build_memory(job, progress=lambda m: print(m, file=sys.stderr))
     finally:
         shutil.rmtree(out, ignore_errors=True)
@@ -73,7 +74,10 @@ def main():
     report["pipeline_2_actors_tokens_per_s"] = two["encode_tokens_per_s"]
     report["two_over_one_actor"] = two["encode_tokens_per_s"] / one["encode_tokens_per_s"]
     report["plain_loop_tokens_per_s_2_threads"] = plain_loop(model, ids, args.batch_size, 2)
-    report["bytes_per_token"] = one["bytes_per_token"]
+    report[f"bytes_per_token_chunk_size_{model.config.memory.chunk_size}"] = one["bytes_per_token"]
+    for c in (1, 4):
+        if c != model.config.memory.chunk_size:
+            report[f"bytes_per_token_chunk_size_{c}"] = pipeline(corpus, args.batch_size, 2, 1, chunk_size=c)["bytes_per_token"]
     report["encoder_peak_rss_mb"] = one["encoder_peak_rss_mb"]
     shutil.rmtree(corpus, ignore_errors=True)
     print(json.dumps(report, indent=2))

@@ -262,19 +262,23 @@ def _encode_missing(ray, docs_ds, job: BuildJob, out: Path, wanted: dict, sdiges
     # (materialised) before any encoder actor starts: otherwise actors that take every CPU of the
     # cluster wait forever on windows that can never be cut. Windows hold token ids only, about
     # the size of the tokenised corpus already held.
+    # A small build still gets a few blocks per actor, so every actor has work; a large one gets
+    # part_windows a block (few part files).
+    total = sum(len(v) for v in wanted.values())
+    per_block = max(1, min(job.part_windows, math.ceil(total / (4 * job.max_actors))))
     windows = docs_ds.map_batches(WindowsOf(config.window, wanted, sdigest, config.sink_tokens), batch_size=1
-                                  ).repartition(target_num_rows_per_block=job.part_windows).materialize()
+                                  ).repartition(target_num_rows_per_block=per_block).materialize()
     encoded = windows.map_batches(
         EncodeWindows,
         fn_constructor_kwargs={"model": job.model.to_dict(), "out": str(out),
                                "num_threads": math.ceil(job.num_cpus_per_actor),
                                "use_gpu": job.num_gpus_per_actor > 0, "batch_size": job.batch_size},
         compute=ActorPoolStrategy(min_size=job.min_actors, max_size=job.max_actors),
-        batch_size=job.part_windows,
+        batch_size=per_block,
         num_gpus=job.num_gpus_per_actor,
         num_cpus=job.num_cpus_per_actor,
     )
-    tokens, peak_rss, total = 0, 0.0, sum(len(v) for v in wanted.values())
+    tokens, peak_rss = 0, 0.0
     t0 = last = time.time()
     for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
         for k, part, offset, length in zip(batch["key"], batch["part"], batch["offset"], batch["length"]):

@@ -180,12 +180,18 @@ def build_index(vectors: np.ndarray, kind: str, seed: int = 0):
 
 
 def _training_sample(path: Path, n: int, size: int) -> np.ndarray:
-    """Every (n // size)-th row of a (n, D) .npy file, read in blocks: deterministic, bounded."""
+    """Every (n // size)-th row of a (n, D) .npy file: deterministic, and read a block (or, when
+    the rows are far apart, a row) at a time, so memory is the sample's, never the file's."""
     step = max(1, n // size)
+    wanted = np.arange(0, n, step)[:size]
+    if step > 64:  # far apart: read the rows themselves
+        return np.ascontiguousarray(np.concatenate([read_npy_rows(path, r, r + 1) for r in wanted]))
     out = []
-    for a in range(0, n, BLOCK_ROWS * step):
-        out.append(read_npy_rows(path, a, min(n, a + BLOCK_ROWS * step))[::step])
-    return np.ascontiguousarray(np.concatenate(out)[:size])
+    for a in range(0, n, BLOCK_ROWS):
+        rows = wanted[(wanted >= a) & (wanted < a + BLOCK_ROWS)]
+        if len(rows):
+            out.append(read_npy_rows(path, a, min(n, a + BLOCK_ROWS))[rows - a])
+    return np.ascontiguousarray(np.concatenate(out))
 
 
 def write_head_index(vectors_path: Path, directory: Path, h: int, kind: str, n: int, d: int) -> dict:
@@ -236,8 +242,9 @@ def calibrate_nprobe(index, vectors_path: Path, n: int, queries: int = 256, k: i
     rows_of_q = np.arange(0, n, max(1, n // queries))[: len(q)]
     best_s = np.full((len(q), k + 1), -np.inf, np.float32)
     best_r = np.full((len(q), k + 1), -1, np.int64)
-    for a in range(0, n, BLOCK_ROWS):  # exact top-(k+1), a block at a time
-        s = q @ read_npy_rows(vectors_path, a, min(n, a + BLOCK_ROWS)).T  # (queries, block)
+    step = BLOCK_ROWS // 4
+    for a in range(0, n, step):  # exact top-(k+1), a block at a time
+        s = q @ read_npy_rows(vectors_path, a, min(n, a + step)).T  # (queries, block)
         kk = min(k + 1, s.shape[1])
         top = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
         s_all = np.concatenate([best_s, np.take_along_axis(s, top, 1)], 1)
