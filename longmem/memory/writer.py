@@ -28,8 +28,11 @@ from .store import (_NP_DTYPES, FORMAT_VERSION, INDEX_KINDS, MANIFEST, SHARD_MET
 # Below this many chunks a shard's index is exact; above it, IVF (`index="auto"`, the default).
 # Exact search costs grow with the shard, IVF's with its square root (docs/results.md).
 AUTO_IVF_CHUNKS = 262_144
-MAX_IVF_LISTS = 16_384  # caps the training sample (40 vectors a list) and the quantizer's cost
-TRAIN_PER_LIST = 40  # faiss wants >= 39
+MAX_IVF_LISTS = 16_384  # caps the quantizer's cost
+# k-means trains on 40 vectors a list, at most TRAIN_SAMPLE in all: the sample is what a shard's
+# writer holds, so it must not grow with the shard (above 6,554 lists a list gets fewer than 40).
+TRAIN_PER_LIST = 40
+TRAIN_SAMPLE = 262_144
 KMEANS_ITERATIONS = 10
 # An IVF shard is probed with the fewest lists that keep this recall@64 against exact search,
 # measured on the shard's own keys when it is written (the serving default; an explicit nprobe wins).
@@ -158,6 +161,7 @@ def _empty_ivf(kind: str, d: int, n: int, seed: int = 0):
         index.pq.cp.seed = seed  # deterministic training: a rebuilt shard is byte-identical
     index.cp.seed = seed
     index.cp.niter = KMEANS_ITERATIONS
+    index.cp.min_points_per_centroid = 16  # the sample is capped (TRAIN_SAMPLE)
     index.own_fields = True
     quantizer.this.disown()
     return index
@@ -184,14 +188,18 @@ def _training_sample(path: Path, n: int, size: int) -> np.ndarray:
     the rows are far apart, a row) at a time, so memory is the sample's, never the file's."""
     step = max(1, n // size)
     wanted = np.arange(0, n, step)[:size]
+    out = np.empty((len(wanted), *np.load(path, mmap_mode="r").shape[1:]), np.float32)
     if step > 64:  # far apart: read the rows themselves
-        return np.ascontiguousarray(np.concatenate([read_npy_rows(path, r, r + 1) for r in wanted]))
-    out = []
+        for i, r in enumerate(wanted):
+            out[i] = read_npy_rows(path, r, r + 1)[0]
+        return out
+    filled = 0
     for a in range(0, n, BLOCK_ROWS):
         rows = wanted[(wanted >= a) & (wanted < a + BLOCK_ROWS)]
         if len(rows):
-            out.append(read_npy_rows(path, a, min(n, a + BLOCK_ROWS))[rows - a])
-    return np.ascontiguousarray(np.concatenate(out))
+            out[filled : filled + len(rows)] = read_npy_rows(path, a, min(n, a + BLOCK_ROWS))[rows - a]
+            filled += len(rows)
+    return out
 
 
 def write_head_index(vectors_path: Path, directory: Path, h: int, kind: str, n: int, d: int) -> dict:
@@ -209,7 +217,7 @@ def write_head_index(vectors_path: Path, directory: Path, h: int, kind: str, n: 
     from faiss.contrib.ondisk import merge_ondisk
 
     trained = _empty_ivf(kind, d, n)
-    trained.train(_training_sample(vectors_path, n, TRAIN_PER_LIST * trained.nlist))
+    trained.train(_training_sample(vectors_path, n, min(TRAIN_SAMPLE, TRAIN_PER_LIST * trained.nlist)))
     blocks = []
     for b, a in enumerate(range(0, n, 4 * BLOCK_ROWS)):
         part = faiss.clone_index(trained)
@@ -400,7 +408,7 @@ def shard_task_memory(tokens: int, spec: MemorySpec) -> int:
     never the shard itself, with room for the rest: what the task asks Ray for."""
     per_token = 2 * spec.num_kv_heads * spec.chunk_size * spec.head_dim * 4
     rows = min(max(1, tokens // spec.chunk_size), 4 * BLOCK_ROWS)
-    sample = min(max(1, tokens // spec.chunk_size), TRAIN_PER_LIST * MAX_IVF_LISTS) * spec.head_dim * 4
+    sample = min(max(1, tokens // spec.chunk_size), TRAIN_SAMPLE) * spec.head_dim * 4
     return 3 * rows * per_token + 4 * sample + (256 << 20)
 
 
