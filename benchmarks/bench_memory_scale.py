@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import AUSTEN, machine
+from common import AUSTEN, machine, timeit
 from longmem.backbone import cache_dir
 from longmem.loading import load_model
 from longmem.memory.encoder import MemoryEncoder, write_memory_dir
@@ -180,13 +180,7 @@ def synthetic_memory(spec, gen: TokenKeys, tokens: int, folder: Path, window: in
 
 
 def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+    return 1000 * timeit(fn, repeats=repeats)
 
 
 def exact_topk(store: MemoryStore, q: np.ndarray, k: int) -> np.ndarray:
