@@ -359,7 +359,7 @@ def build_memory(job: BuildJob, address: str | None = None, progress=print) -> d
     encoded_tokens, encode_seconds, peak_rss = 0, 0.0, 0.0
     if pending:
         needed = {p for s in pending for p in [*s["pieces"], s["before"], s["after"]] if p is not None}
-        located = {k: v for k, v in scan_parts(out / PARTS).items()}
+        located = scan_parts(out / PARTS)
         wanted: dict[str, list[int]] = {}
         for p in sorted(needed, key=lambda p: (p.doc_id, p.start)):
             if key_of(p) not in located:

@@ -96,11 +96,6 @@ def shard_name(i: int, digest: str) -> str:
     return f"shard-{i:05d}-{digest[:10]}"
 
 
-def documents_digest(docs: list[tuple[str, int]]) -> str:
-    """A digest of (doc_id, num_tokens) pairs."""
-    return hashlib.sha256(json.dumps(docs).encode()).hexdigest()[:32]
-
-
 # ---------------------------------------------------------------------------------- .npy streams
 class NpyWriter:
     """A .npy file written front to back in pieces: the header first (its shape is known), then
@@ -326,15 +321,18 @@ class ShardWriter:
         if len(self.table["doc_id"]) >= BLOCK_ROWS:
             self._flush_table()
 
-    def _flush_table(self) -> None:
+    def _flush_table(self, always: bool = False) -> None:
+        """Write the buffered rows as one row group (`always`: even none, so an empty shard's
+        table is readable)."""
         import pyarrow as pa
 
-        if not self.table["doc_id"]:
+        if not self.table["doc_id"] and not always:
             return
         ids = np.concatenate(self.table["token_ids"]) if self.table["token_ids"] else np.zeros(0, np.int32)
+        positions = np.concatenate(self.table["position"]) if self.table["position"] else np.zeros(0, np.int64)
         batch = pa.table({
             "doc_id": pa.array(self.table["doc_id"], pa.string()),
-            "position": pa.array(np.concatenate(self.table["position"]), pa.int64()),
+            "position": pa.array(positions, pa.int64()),
             "token_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids, pa.int32()), self.spec.chunk_size),
         }, schema=self.schema)
         self.parquet.write_table(batch)
@@ -345,13 +343,7 @@ class ShardWriter:
         next-token read needs across the shard's two ends (see `MemoryShard`): `prev_token_id`
         (the token before the first chunk, in the same document) and `next_token_id` with
         `next_values` (Hkv, D) (the token after the last chunk). Returns the shard's metadata."""
-        self._flush_table()
-        if not self.keys.rows:  # an empty shard still gets a readable table
-            import pyarrow as pa
-
-            self.parquet.write_table(pa.table({"doc_id": pa.array([], pa.string()), "position": pa.array([], pa.int64()),
-                                               "token_ids": pa.FixedSizeListArray.from_arrays(
-                                                   pa.array([], pa.int32()), self.spec.chunk_size)}, schema=self.schema))
+        self._flush_table(always=not self.keys.rows)
         self.parquet.close()
         for w in (self.keys, self.values, *self.heads):
             w.close()
