@@ -23,11 +23,13 @@ encoded once by the backbone (DistractorMemory).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import random
 import time
 import zlib
 from dataclasses import asdict, dataclass
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -202,6 +204,41 @@ class EpisodeSampler:
         asked_key, asked_value, _ = facts[rng.randrange(len(facts))]
         style = template.restate if rng.random() < 0.5 else template.paraphrase
         return self._ask(ids, style.format(kind=kind, key=asked_key), asked_value)
+
+
+SHUFFLE_EPISODES = 256  # episodes held back to shuffle a stream, so consecutive ones come from other documents
+
+
+def episode_stream(passes: Callable[[], Iterable[tuple[str, object]]], window: int, cfg: TrainConfig, tokenizer=None,
+                   shuffle: int = SHUFFLE_EPISODES) -> Iterator[Episode]:
+    """Every episode of a run, in order, from a corpus read as a stream (never the whole corpus at once).
+
+    `passes()` gives one pass over the corpus as (digest, tokens) pairs. Pass e (an epoch) draws
+    len(tokens) // episode_length episodes from each document that holds one, with a seed of the
+    run's seed, e and the document's digest: an episode depends on its document, not on what was
+    read before it. A seeded buffer of `shuffle` episodes mixes documents. The stream never ends
+    (a run takes the steps it needs) and holds one document and the buffer at a time.
+    """
+    segments = cfg.segments_per_episode
+    length = window * segments
+    order = random.Random(f"shuffle:{cfg.seed}")
+    buffer: list[Episode] = []
+    for epoch in itertools.count():
+        drawn = 0
+        for digest, tokens in passes():
+            tokens = torch.as_tensor(tokens).long()
+            if tokens.numel() < length:
+                continue
+            sampler = EpisodeSampler([tokens], window, segments, cfg.curriculum, f"{cfg.seed}/{epoch}/{digest}", tokenizer)
+            for _ in range(tokens.numel() // length):
+                buffer.append(sampler.sample())
+                drawn += 1
+                if len(buffer) > shuffle:
+                    i = order.randrange(len(buffer))
+                    buffer[i], buffer[-1] = buffer[-1], buffer[i]
+                    yield buffer.pop()
+        if not drawn:
+            raise InputError(f"no training document holds one episode ({segments} segments x {window} tokens = {length})")
 
 
 def distractor_segments(documents, window: int, cfg: TrainConfig) -> list[torch.Tensor]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -183,6 +184,18 @@ def read_documents(paths: list[str], text_field: str = "text"):
 
     files = expand_corpus(paths)
     return ray.data.read_datasource(CorpusFiles(files, text_field))
+
+
+def iter_documents_here(paths: list[str], text_field: str = "text"):
+    """The corpus's (doc_id, text, skip) rows in the order `read_documents` gives them, read in this
+    process a block at a time: for a head of the corpus, where stopping a Ray read early would leave
+    its tasks holding the cluster."""
+    for path in expand_corpus(paths):
+        filesystem, inner = pafs.FileSystem.from_uri(path if "://" in path else str(Path(path).resolve()))
+        parquet = path.lower().endswith(PARQUET_SUFFIXES)
+        with (filesystem.open_input_file(inner) if parquet else filesystem.open_input_stream(inner)) as f:
+            for table in _read_corpus_file(f, path, text_field):
+                yield from table.to_pylist()
 
 
 _TOKENIZERS: dict = {}

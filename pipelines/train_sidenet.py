@@ -1,9 +1,11 @@
 """Memory-augmented adaptation of the SideNet with Ray Train.
 
-Driver: corpus -> documents (Ray Data) -> tokens (Ray tasks) -> episodes drawn by the curriculum
-(a seeded, precomputed sequence, so a resumed run sees exactly the data an uninterrupted one
-would) -> TorchTrainer. Each worker holds its own frozen backbone and per-row memory banks; only
-the SideNet is wrapped by DDP. Checkpoints (SideNet + optimizer + schedule + step) every N steps;
+Driver: corpus -> documents (Ray Data's streaming reads) -> tokens (batched, in Ray tasks) -> the
+TorchTrainer's dataset, read as a stream. Every worker turns the stream into the run's episodes by
+the curriculum (longmem.training.episode_stream: seeded by document, so a resumed run sees exactly
+the data an uninterrupted one would) and keeps its share; no one holds the whole corpus. The driver
+reads only the corpus's head: the key centre and the distractor pool come from it. Each worker
+holds its own frozen backbone and per-row memory banks; only the SideNet is wrapped by DDP. Checkpoints (SideNet + optimizer + schedule + step) every N steps;
 a run started again with the same name and storage path resumes from the latest one.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -23,11 +26,13 @@ import torch
 from longmem.backbone import cache_dir, resolve_backbone
 from longmem.loading import ModelSource, load_source
 from longmem.model import WEIGHTS_NAME, InputError, LongMem, refuse_non_checkpoint, replace_folder
-from longmem.training import (DistractorMemory, Episode, EpisodeSampler, TrainConfig, distractor_segments,
-                              make_optimizer, require_copy_head, train_step)
+from longmem.training import (DistractorMemory, TrainConfig, distractor_segments, episode_stream, make_optimizer,
+                              require_copy_head, train_step)
 
 STATE_NAME = "trainer_state.pt"
 MODEL_DIR = "model"
+# The distractor pool is drawn from the corpus's first this many times its own size of tokens.
+DISTRACTOR_HEAD_FACTOR = 8
 
 
 @dataclass
@@ -127,35 +132,44 @@ def build_model(job: dict, device="cpu") -> LongMem:
     return load_source(ModelSource.from_dict(job["model"]), device=device)
 
 
-def load_documents(job: TrainJob) -> tuple[list[np.ndarray], dict]:
-    """Read and tokenise the corpus with Ray Data; returns token arrays and skip counts."""
+def corpus_stream(job: TrainJob):
+    """The tokenised corpus as a Ray Dataset (rows: doc_id, tokens, num_tokens, digest, skip), read
+    in a fixed order: episodes follow the order documents arrive in."""
     from pipelines.corpus import Tokenize, read_documents
 
     source = resolve_backbone(job.model.config().backbone.name)
-    rows = read_documents(job.corpus, job.text_field).map_batches(Tokenize(source), batch_size=4).take_all()
-    docs = [np.asarray(r["tokens"], dtype=np.int64) for r in rows if not r["skip"]]
+    dataset = read_documents(job.corpus, job.text_field).map_batches(Tokenize(source), batch_size=4)
+    dataset.context.execution_options.preserve_order = True
+    return dataset
+
+
+def read_corpus_head(job: TrainJob, tokens: int, batch: int = 4) -> tuple[list[np.ndarray], dict]:
+    """The usable documents from the start of the corpus (in the stream's order) until they hold
+    `tokens` tokens, read and tokenised here, and what was read: counts, skips, and whether that was
+    the whole corpus."""
+    from pipelines.corpus import Tokenize, iter_documents_here
+
+    tokenize = Tokenize(resolve_backbone(job.model.config().backbone.name))
+    docs: list[np.ndarray] = []
     skipped: dict[str, int] = {}
-    for r in rows:
-        if r["skip"]:
-            skipped[r["skip"]] = skipped.get(r["skip"], 0) + 1
-    return docs, {"documents": len(docs), "tokens": int(sum(d.size for d in docs)), "skipped": skipped}
-
-
-def make_episode_dataset(job: TrainJob, docs: list[np.ndarray], window: int, tokenizer):
-    """The run's whole episode sequence as a Ray Dataset with an `index` column."""
-    import ray.data
-
-    cfg = job.train_config()
-    sampler = EpisodeSampler([torch.from_numpy(d) for d in docs], window, cfg.segments_per_episode,
-                             cfg.curriculum, cfg.seed, tokenizer)
-    n = cfg.steps * cfg.grad_accum * cfg.batch_size * job.workers
-    items = []
-    for i in range(n):
-        ep = sampler.sample()
-        items.append({"index": i, "ids": ep.ids.numpy().astype(np.int32),
-                      "labels": ep.labels.numpy().astype(np.int32), "kind": ep.kind,
-                      "answer": (ep.answer if ep.answer is not None else torch.zeros_like(ep.labels, dtype=torch.bool)).numpy()})
-    return ray.data.from_items(items), sampler.skipped
+    rows = iter_documents_here(job.corpus, job.text_field)
+    whole = True
+    while whole:
+        block = [r for _, r in zip(range(batch), rows)]
+        if not block:
+            break
+        out = tokenize({k: [r[k] for r in block] for k in ("doc_id", "text", "skip")})
+        for ids, skip in zip(out["tokens"], out["skip"]):
+            if sum(d.size for d in docs) >= max(tokens, 1):
+                whole = False  # there is more: stop reading here
+                break
+            if skip:
+                skipped[skip] = skipped.get(skip, 0) + 1
+            else:
+                docs.append(np.asarray(ids, dtype=np.int64))
+    total = int(sum(d.size for d in docs))
+    return docs, {"documents": len(docs), "tokens": total, "skipped": skipped,
+                  "corpus_read": "whole" if whole else f"first {total} tokens"}
 
 
 def train_loop_per_worker(job: dict) -> None:
@@ -191,15 +205,22 @@ def train_loop_per_worker(job: dict) -> None:
                                                 parallel_strategy_kwargs={"find_unused_parameters": True})
         model.run_sidenet_through(wrapper)
 
-    # Every worker sees the whole episode sequence and keeps rows index % world == rank: the
-    # same split on every run, so resuming at step s means skipping exactly s steps of rows.
-    rows = (r for r in ray.train.get_dataset_shard("train").iter_rows() if r["index"] % world == rank)
+    # Every worker reads the whole corpus stream, draws the run's whole episode sequence from it and
+    # keeps episodes i % world == rank: the same split on every run, so resuming at step s means
+    # skipping exactly s steps of episodes.
+    shard = ray.train.get_dataset_shard("train")
+
+    def corpus_pass():
+        for r in shard.iter_rows():
+            if not r["skip"]:
+                yield r["digest"], r["tokens"]
+
+    episodes = episode_stream(corpus_pass, model.config.memory.window, cfg, model.tokenizer)
+    rows = (e for i, e in enumerate(episodes) if i % world == rank)
     per_step = cfg.grad_accum * cfg.batch_size
 
     def next_step_batches():
-        taken = [next(rows) for _ in range(per_step)]
-        eps = [Episode(torch.as_tensor(r["ids"], dtype=torch.long), torch.as_tensor(r["labels"], dtype=torch.long), r["kind"],
-                       torch.as_tensor(r["answer"], dtype=torch.bool)) for r in taken]
+        eps = [next(rows) for _ in range(per_step)]
         return [eps[i : i + cfg.batch_size] for i in range(0, per_step, cfg.batch_size)]
 
     distractors = None
@@ -294,20 +315,29 @@ def _run_stage(job: TrainJob, address: str | None = None) -> dict:
     if cfg.copy_head_only:
         require_copy_head(probe.sidenet)  # here, not first in every worker
     window = probe.config.memory.window
-    docs, summary = load_documents(job)
+    dataset = corpus_stream(job)
+    pool = math.ceil(cfg.distractor_tokens / window) * cfg.distractor_pool * window if cfg.distractor_tokens else 0
+    docs, summary = read_corpus_head(job, max(job.key_center_tokens, DISTRACTOR_HEAD_FACTOR * pool))
     if not docs:
-        raise InputError(f"no usable documents in {job.corpus}: {summary['skipped']}")
+        raise InputError(f"no usable documents at the start of {job.corpus}: {summary['skipped']}")
+    length = window * cfg.segments_per_episode
+    fits = sum(d.size >= length for d in docs)
+    if summary["corpus_read"] == "whole" and not fits:
+        raise InputError(f"no training document holds one episode ({cfg.segments_per_episode} segments x {window} "
+                         f"tokens = {length})")
     key_center = None
     if job.key_center_tokens > 0 and probe.config.memory.center_keys and not job.model.checkpoint:
         tokens = corpus_head(docs, job.key_center_tokens)
         key_center = probe.calibrate_key_center(tokens).tolist()
         print(f"[train] key centre set from {tokens.shape[1]} corpus tokens", flush=True)
-    dataset, too_short = make_episode_dataset(job, docs, window, probe.tokenizer)
     # Every worker encodes the same distractor pool (the driver draws it once, by the run's seed).
     distractors = [s.tolist() for s in distractor_segments(docs, window, cfg)]
-    summary.update(too_short_for_an_episode=too_short, episodes=dataset.count())
-    print(f"[train] {summary['documents']} documents, {summary['tokens']} tokens, "
-          f"{summary['episodes']} episodes; skipped {summary['skipped'] or 'none'}", flush=True)
+    summary.update(episodes=cfg.steps * cfg.grad_accum * cfg.batch_size * job.workers)
+    if summary["corpus_read"] == "whole":
+        summary.update(too_short_for_an_episode=len(docs) - fits)
+    print(f"[train] {summary['documents']} documents, {summary['tokens']} tokens ({summary['corpus_read']} of the "
+          f"corpus, streamed to the workers); {summary['episodes']} episodes; skipped {summary['skipped'] or 'none'}",
+          flush=True)
     del probe
 
     trainer = TorchTrainer(

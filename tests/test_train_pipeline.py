@@ -52,7 +52,8 @@ def test_two_workers_train_resume_and_match_uninterrupted(ray_local, tiny_dir, c
     extra = dict(key_center_tokens=64, train={"distractor_tokens": 64})
     first = run_training(job(tiny_dir, corpus, tmp_path / "a", "resumed", storage, stop_after=3, **extra))
     assert first["steps"] == 3
-    assert first["documents"] == 4 and first["skipped"] == {"empty": 1, "binary": 1, "no 'text' field": 1}
+    # The driver read only the corpus's head (key centre, distractor pool); the workers stream it all.
+    assert first["corpus_read"].startswith("first ") and first["documents"] < 4
     resumed = run_training(job(tiny_dir, corpus, tmp_path / "b", "resumed", storage, **extra))
     assert resumed["steps"] == 6
     straight = run_training(job(tiny_dir, corpus, tmp_path / "c", "straight", storage, **extra))
@@ -63,13 +64,35 @@ def test_two_workers_train_resume_and_match_uninterrupted(ray_local, tiny_dir, c
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
     assert a.sidenet.key_center.abs().sum() > 0 and a.key_center_digest() == b.key_center_digest()
 
-    # Training lowered the loss on its own text, and the backbone is the untouched original.
+    # Training lowered the loss on the episodes it trained on (the stream's first 12, both workers'),
+    # and the backbone is the untouched original.
+    from longmem.training import TrainConfig, episode_stream
+    from pipelines.train_sidenet import corpus_stream
+
+    spec = job(tiny_dir, corpus, tmp_path / "unused", "straight", storage, **extra)
+    rows = [r for r in corpus_stream(spec).take_all() if not r["skip"]]
+    stream = episode_stream(lambda: ((r["digest"], r["tokens"]) for r in rows), 32, TrainConfig(**spec.train))
+    trained_on = [next(stream).ids[None] for _ in range(12)]
     fresh = longmem_on(str(tiny_dir), memory__window=32, memory__capacity_tokens=256)
-    text = (corpus / "part0.txt").read_text()
-    ids = fresh.encode(text)[:, :96]
-    assert episode_loss(a, ids) < episode_loss(fresh, ids) - 0.05
+    before = sum(episode_loss(fresh, ids) for ids in trained_on) / 12
+    after = sum(episode_loss(a, ids) for ids in trained_on) / 12
+    assert after < before - 0.05, (after, before)
     assert a.config.backbone.fingerprint == fresh.config.backbone.fingerprint
     assert straight["metrics"]["step"] == 6
+
+
+def test_the_corpus_head_stops_early_and_reads_in_the_streams_order(ray_local, tiny_dir, corpus):
+    from pipelines.train_sidenet import corpus_stream, read_corpus_head
+
+    spec = job(tiny_dir, corpus, corpus / "unused", "head", corpus / "unused")
+    docs, summary = read_corpus_head(spec, 10**9)
+    assert summary["corpus_read"] == "whole" and summary["documents"] == len(docs) == 4
+    assert summary["skipped"] == {"empty": 1, "binary": 1, "no 'text' field": 1}
+    assert summary["tokens"] == sum(d.size for d in docs)
+    head, partial = read_corpus_head(spec, 10)
+    assert len(head) == 1 and partial["corpus_read"] == f"first {head[0].size} tokens"
+    streamed = [r["tokens"] for r in corpus_stream(spec).take_all() if not r["skip"]]
+    assert [d.tolist() for d in docs] == [list(t) for t in streamed]  # what the workers read, in order
 
 
 def test_bad_training_data_is_a_clear_error(ray_local, tiny_dir, tmp_path):

@@ -3,8 +3,8 @@ import torch
 
 from conftest import longmem_on, tiny_longmem
 from longmem.model import InputError
-from longmem.training import (DistractorMemory, EpisodeSampler, TrainConfig, distractor_segments, lr_factor,
-                              make_optimizer, parse_curriculum, train_step)
+from longmem.training import (DistractorMemory, EpisodeSampler, TrainConfig, distractor_segments, episode_stream,
+                              lr_factor, make_optimizer, parse_curriculum, train_step)
 
 
 def docs(n=3, length=400, seed=0):
@@ -38,6 +38,34 @@ def test_sampler_skips_short_documents_and_refuses_when_none_fit():
         EpisodeSampler([torch.arange(10)], window=32, segments=3, curriculum="plain:1")
     with pytest.raises(InputError, match="need a tokenizer"):
         EpisodeSampler(docs(), window=32, segments=3, curriculum="passkey:1")
+
+
+def test_episode_stream_reads_the_corpus_pass_by_pass_and_draws_by_document():
+    # Documents of disjoint token ranges (an episode shows whose it is); the last is too short for one.
+    corpus = [torch.arange(1000 * i, 1000 * i + 400) for i in range(4)] + [torch.arange(10)]
+    cfg = TrainConfig(segments_per_episode=3, curriculum="plain:1,repeat:1", seed=3)
+    passes = []
+
+    def one_pass(order=None):
+        passes.append(1)
+        return ((f"doc{i}", corpus[i].numpy()) for i in (order or range(len(corpus))))
+
+    def take(n, stream):
+        return [next(stream) for _ in range(n)]
+
+    # 4 episodes a document a pass (400 // 96); 40 episodes need three passes with a buffer of 8.
+    first = take(40, episode_stream(one_pass, 32, cfg, shuffle=8))
+    assert len(passes) == 3 and all(e.ids.shape == (96,) for e in first)
+    again = take(40, episode_stream(one_pass, 32, cfg, shuffle=8))
+    assert all(torch.equal(a.ids, b.ids) and a.kind == b.kind for a, b in zip(first, again))
+    # Every episode is text of one document: its seed is the document's, not the read order's.
+    assert all(len({int(w) // 1000 for w in e.ids}) == 1 for e in first)
+    assert len({int(e.ids[0]) // 1000 for e in first[:8]}) > 1  # the buffer mixes documents
+    unbuffered = take(16, episode_stream(lambda: one_pass([3, 2, 1, 0]), 32, cfg, shuffle=0))
+    reversed_first = take(4, episode_stream(lambda: one_pass([3]), 32, cfg, shuffle=0))
+    assert all(torch.equal(a.ids, b.ids) for a, b in zip(unbuffered[:4], reversed_first))
+    with pytest.raises(InputError, match="no training document holds one episode"):
+        next(episode_stream(lambda: [("short", torch.arange(10))], 32, cfg))
 
 
 def test_lr_schedule_warms_up_then_decays():
