@@ -31,6 +31,7 @@ import zlib
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 
 from .model import InputError, LongMem
@@ -226,7 +227,7 @@ def episode_stream(passes: Callable[[], Iterable[tuple[str, object]]], window: i
     for epoch in itertools.count():
         drawn = 0
         for digest, tokens in passes():
-            tokens = torch.as_tensor(tokens).long()
+            tokens = torch.tensor(np.asarray(tokens), dtype=torch.long)  # a copy: stream rows are read-only
             if tokens.numel() < length:
                 continue
             sampler = EpisodeSampler([tokens], window, segments, cfg.curriculum, f"{cfg.seed}/{epoch}/{digest}", tokenizer)

@@ -5,8 +5,9 @@ TorchTrainer's dataset, read as a stream. Every worker turns the stream into the
 the curriculum (longmem.training.episode_stream: seeded by document, so a resumed run sees exactly
 the data an uninterrupted one would) and keeps its share; no one holds the whole corpus. The driver
 reads only the corpus's head: the key centre and the distractor pool come from it. Each worker
-holds its own frozen backbone and per-row memory banks; only the SideNet is wrapped by DDP. Checkpoints (SideNet + optimizer + schedule + step) every N steps;
-a run started again with the same name and storage path resumes from the latest one.
+holds its own frozen backbone and per-row memory banks; only the SideNet is wrapped by DDP.
+Checkpoints (SideNet + optimizer + schedule + step) every N steps; a run started again with the
+same name and storage path resumes from the latest one.
 """
 
 from __future__ import annotations
@@ -153,22 +154,22 @@ def read_corpus_head(job: TrainJob, tokens: int, batch: int = 4) -> tuple[list[n
     docs: list[np.ndarray] = []
     skipped: dict[str, int] = {}
     rows = iter_documents_here(job.corpus, job.text_field)
-    whole = True
+    whole, total = True, 0
     while whole:
         block = [r for _, r in zip(range(batch), rows)]
         if not block:
             break
         out = tokenize({k: [r[k] for r in block] for k in ("doc_id", "text", "skip")})
         for ids, skip in zip(out["tokens"], out["skip"]):
-            if sum(d.size for d in docs) >= max(tokens, 1):
+            if total >= max(tokens, 1):
                 whole = False  # there is more: stop reading here
                 break
             if skip:
                 skipped[skip] = skipped.get(skip, 0) + 1
             else:
                 docs.append(np.asarray(ids, dtype=np.int64))
-    total = int(sum(d.size for d in docs))
-    return docs, {"documents": len(docs), "tokens": total, "skipped": skipped,
+                total += docs[-1].size
+    return docs, {"documents": len(docs), "tokens": int(total), "skipped": skipped,
                   "corpus_read": "whole" if whole else f"first {total} tokens"}
 
 
