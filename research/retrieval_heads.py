@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from common import AUSTEN  # noqa: E402
 
-from longmem.evaluation.recall import recall_items  # noqa: E402
+from longmem.evaluation.recall import recall_items, recall_score  # noqa: E402
 from longmem.evaluation.tasks import EvalSettings  # noqa: E402
 from longmem.loading import load_model  # noqa: E402
 
@@ -54,7 +54,7 @@ def main():
             x = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                         return_tensors="pt", return_dict=True)["input_ids"]
             out = tok.decode(ad.model.generate(x, max_new_tokens=28, do_sample=False)[0, x.shape[1]:])
-            ok = item["answers"][0].lower() in out.lower()
+            ok = recall_score(out, item["answers"]) == 1.0
             right += ok
             print(f"{item['id']} value={item['answers'][0]!r} chat answer={out!r} {'RIGHT' if ok else 'wrong'}", flush=True)
         print(f"\nbackbone, chat template, greedy right: {right}/{len(items)}")
@@ -86,7 +86,7 @@ def main():
         if not where:  # the tokenizer merged the value with its neighbour: take its first sub-token match
             where = [p for p in range(fp, min(len(ids), fp + 40)) if ids[p] == first[0]]
         vpos = where[0]
-        x = torch.as_tensor(ad.with_start(torch.as_tensor(prompt)[None]))
+        x = ad.with_start(torch.as_tensor(prompt)[None])
         shift = x.shape[1] - len(prompt)
         vpos += shift
         out = ad.model(x)
@@ -106,9 +106,10 @@ def main():
             rank[n, li] = (free > free[:, vpos: vpos + 1]).sum(-1).numpy()
             cos = free / (q[:, :, -1].norm(dim=-1)[0][:, None] * kk[0, :, : T - 1].norm(dim=-1))
             crank[n, li] = (cos > cos[:, vpos: vpos + 1]).sum(-1).numpy()
-        gen = ad.model.generate(x, max_new_tokens=8, do_sample=False)
+        # as the recall suite decodes and scores it
+        gen = ad.model.generate(x, max_new_tokens=item["max_new_tokens"], do_sample=False)
         text = tok.decode(gen[0, x.shape[1]:])
-        correct.append(item["answers"][0].lower() in text.lower())
+        correct.append(recall_score(text, item["answers"]) == 1.0)
         print(f"{item['id']} {item['style']} value={item['answers'][0]!r} at {vpos}/{T} next={pred!r} "
               f"greedy={text!r} {'RIGHT' if correct[-1] else 'wrong'}", flush=True)
     print(f"\nbackbone greedy right: {sum(correct)}/{len(correct)}")
