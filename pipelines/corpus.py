@@ -178,12 +178,13 @@ def _read_corpus_file(f, path: str, text_field: str):
         yield flush()
 
 
-def read_documents(paths: list[str], text_field: str = "text"):
-    """Ray Dataset of (doc_id, text, skip) rows; `skip` is "" for usable documents."""
+def read_documents(paths: list[str], text_field: str = "text", num_cpus: float | None = None):
+    """Ray Dataset of (doc_id, text, skip) rows; `skip` is "" for usable documents. `num_cpus`: what
+    each read task reserves (default: Ray Data's)."""
     import ray.data
 
     files = expand_corpus(paths)
-    return ray.data.read_datasource(CorpusFiles(files, text_field))
+    return ray.data.read_datasource(CorpusFiles(files, text_field), num_cpus=num_cpus)
 
 
 def iter_documents_here(paths: list[str], text_field: str = "text"):

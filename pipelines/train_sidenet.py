@@ -139,8 +139,11 @@ def corpus_stream(job: TrainJob):
     from pipelines.corpus import Tokenize, read_documents
 
     source = resolve_backbone(job.model.config().backbone.name)
-    dataset = read_documents(job.corpus, job.text_field).map_batches(Tokenize(source), batch_size=4)
-    dataset.context.execution_options.preserve_order = True
+    # The stream's tasks reserve no CPU: Ray Train leaves Ray Data only the CPUs its workers do not
+    # hold, and workers that hold every CPU (one worker a core) must still be fed.
+    dataset = read_documents(job.corpus, job.text_field, num_cpus=0).map_batches(Tokenize(source), batch_size=4,
+                                                                                  num_cpus=0)
+    dataset.context.execution_options.preserve_order = True  # read here (tests); Train gets its own options
     return dataset
 
 
@@ -308,6 +311,7 @@ def _run_stage(job: TrainJob, address: str | None = None) -> dict:
 
     cfg = job.train_config()
     init_ray(address)
+    from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -354,7 +358,9 @@ def _run_stage(job: TrainJob, address: str | None = None) -> dict:
             failure_config=FailureConfig(max_failures=job.max_failures),
         ),
         datasets={"train": dataset},
-        dataset_config=DataConfig(datasets_to_split=[]),
+        # Every worker reads the whole stream in the corpus's order (episodes follow it, and a resumed
+        # run skips what it already trained on); Train's default ingest options would not keep it.
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
     )
     result = trainer.fit()
     if result.checkpoint is None:

@@ -28,7 +28,7 @@ def job(tiny_dir, corpus, out, name, storage, **kw):
                  curriculum="plain:0.5,repeat:0.5", seed=7, distractor_tokens=0)
     train.update(kw.pop("train", {}))
     model = {"backbone": str(tiny_dir), "overrides": TINY}
-    return TrainJob(corpus=[str(corpus)], out=str(out), model=model, workers=2, cpus_per_worker=0.5, name=name,
+    return TrainJob(corpus=[str(corpus)], out=str(out), model=model, workers=2, cpus_per_worker=kw.pop("cpus_per_worker", 0.5), name=name,
                     storage_path=str(storage), checkpoint_every=3, log_every=1, train=train, **kw)
 
 
@@ -49,7 +49,9 @@ def test_two_workers_train_resume_and_match_uninterrupted(ray_local, tiny_dir, c
     # Interrupted after the checkpoint at step 3, then started again under the same name.
     # key_center_tokens: the driver centres memory keys once, and every run gets the same centre;
     # distractor_tokens: every worker encodes the same distractor pool, drawn by the driver.
-    extra = dict(key_center_tokens=64, train={"distractor_tokens": 64})
+    # The workers hold every CPU, as the recipe's do (one worker a core): the corpus stream must
+    # still reach them.
+    extra = dict(key_center_tokens=64, train={"distractor_tokens": 64}, cpus_per_worker=1.0)
     first = run_training(job(tiny_dir, corpus, tmp_path / "a", "resumed", storage, stop_after=3, **extra))
     assert first["steps"] == 3
     # The driver read only the corpus's head (key centre, distractor pool); the workers stream it all.
