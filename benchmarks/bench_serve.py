@@ -1,6 +1,8 @@
 """Serving: generated tokens/s with 8 and 32 concurrent clients ÷ 1 client (continuous batching,
 one replica), p50/p99 latency and errors at each; latency per generated token with a 3-shard
-memory ÷ without memory (same replica, one client).
+memory ÷ without memory (same replica, one client), with the memory searched through its 3 shard
+replicas and as the deployment is configured (by default a memory this small is searched inside
+the model replica).
 
     python benchmarks/bench_serve.py [--checkpoint DIR] [--memory-tokens 32768] [--seconds 60]
 
@@ -41,6 +43,8 @@ def main():
     ap.add_argument("--dtype", default="auto", help="the model replica's: float32, bfloat16, or auto (the server's choice)")
     ap.add_argument("--clients", default="1,8,32")
     ap.add_argument("--seconds", type=float, default=60)
+    ap.add_argument("--replica-search-tokens", type=int, default=None,
+                    help="the deployment's replica_search_tokens (default: the server's; 0: shard replicas)")
     args = ap.parse_args()
 
     from ray import serve
@@ -67,32 +71,48 @@ def main():
     init_ray(num_cpus=2, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(app_builder({"model": {"checkpoint": checkpoint}, "memories": {"emma": str(root / "memory")},
-                           "model_cpus": 1.0, "shard_cpus": 0.1, "ingress_cpus": 0.1,
-                           "max_ongoing_requests": 64, "max_queued_requests": 64,
-                           "torch_threads": args.torch_threads, "dtype": args.dtype}),
-              name="bench", route_prefix="/", blocking=False)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300)
     body = {"prompt": prompt, "max_tokens": args.new_tokens, "temperature": 0}
+
+    def deploy(replica_search_tokens):
+        extra = {} if replica_search_tokens is None else {"replica_search_tokens": replica_search_tokens}
+        serve.run(app_builder({"model": {"checkpoint": checkpoint}, "memories": {"emma": str(root / "memory")},
+                               "model_cpus": 1.0, "shard_cpus": 0.1, "ingress_cpus": 0.1,
+                               "max_ongoing_requests": 64, "max_queued_requests": 64,
+                               "torch_threads": args.torch_threads, "dtype": args.dtype, **extra}),
+                  name="bench", route_prefix="/", blocking=False)
+        return serve.get_deployment_handle("LongMemServer", "bench").describe.remote().result()["memories"][0]
 
     def per_token(extra) -> float:
         t0 = time.perf_counter()
         r = client.post("/v1/completions", json={**body, **extra}).json()
         return (time.perf_counter() - t0) / max(1, r["usage"]["completion_tokens"])
 
-    per_token({"memory": "emma"}), per_token({})  # warm-up
-    with_mem, without = [], []
-    for _ in range(args.rounds):  # interleaved, so drift hits both alike
-        with_mem.append(per_token({"memory": "emma"}))
-        without.append(per_token({}))
+    def memory_ratio() -> dict:
+        per_token({"memory": "emma"}), per_token({})  # warm-up
+        with_mem, without = [], []
+        for _ in range(args.rounds):  # interleaved, so drift hits both alike
+            with_mem.append(per_token({"memory": "emma"}))
+            without.append(per_token({}))
+        ms = {"ms_per_token_with_memory": 1000 * statistics.median(with_mem),
+              "ms_per_token_without_memory": 1000 * statistics.median(without)}
+        return {**ms, "ratio_with_over_without": ms["ms_per_token_with_memory"] / ms["ms_per_token_without_memory"]}
+
     from longmem.loading import inference_dtype
 
     report = {"machine": machine(), "dtype": inference_dtype("cpu") if args.dtype == "auto" else args.dtype,
               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-              "torch_threads": args.torch_threads or 1, "memory_chunks_per_shard": third // chunk, "shards": 3,
-              "ms_per_token_with_memory": 1000 * statistics.median(with_mem),
-              "ms_per_token_without_memory": 1000 * statistics.median(without)}
-    report["ratio_with_over_without"] = report["ms_per_token_with_memory"] / report["ms_per_token_without_memory"]
+              "torch_threads": args.torch_threads or 1, "memory_chunks_per_shard": third // chunk, "shards": 3}
+    # First the memory through its 3 shard replicas (as a memory above replica_search_tokens is
+    # served), then the deployment as configured (the default searches this memory in the replica).
+    remote = deploy(0)
+    report["through_shard_replicas"] = {**memory_ratio(), "bytes_received_per_query_token":
+                                        serve.get_deployment_handle("LongMemServer", "bench").describe.remote()
+                                        .result()["memories"][0]["bytes_received_per_query_token"]}
+    assert remote["searched_in"] == "shard replicas", remote
+    served = deploy(args.replica_search_tokens)
+    report["searched_in"] = served["searched_in"]
+    report.update(memory_ratio())
 
     base = f"http://127.0.0.1:{port}"
     load = {}
@@ -103,16 +123,18 @@ def main():
         if one and n != 1:
             r["tokens_per_s_over_1_client"] = r["tokens_per_s"] / one["tokens_per_s"]
     report["load"] = load
-    from ray import serve as _serve
-
-    emma = _serve.get_deployment_handle("LongMemServer", "bench").describe.remote().result()["memories"][0]
-    report["bytes_received_per_query_token"] = emma["bytes_received_per_query_token"]
     serve.shutdown()
+    shards = report["through_shard_replicas"]
     print(f"model replica dtype: {report['dtype']}")
-    print(f"ms per generated token, 3-shard memory / none: {report['ratio_with_over_without']:.2f} "
+    print(f"ms per generated token, 3-shard memory / none, searched in the {report['searched_in']}: "
+          f"{report['ratio_with_over_without']:.2f} "
           f"({report['ms_per_token_with_memory']:.1f} / {report['ms_per_token_without_memory']:.1f} ms)")
-    print(f"bytes received from the 3 shards per query token: {report['bytes_received_per_query_token'] or 0:,.0f} "
+    print(f"ms per generated token, 3-shard memory / none, through 3 shard replicas: "
+          f"{shards['ratio_with_over_without']:.2f} "
+          f"({shards['ms_per_token_with_memory']:.1f} / {shards['ms_per_token_without_memory']:.1f} ms)")
+    print(f"bytes received from the 3 shard replicas per query token: {shards['bytes_received_per_query_token'] or 0:,.0f} "
           f"(a decoding step: one query token a row; a {args.prompt_tokens}-token prompt: {args.prompt_tokens})")
+    print(f"load test: the memory searched in the {report['searched_in']}")
     for n, r in load.items():
         ratio = f", {r['tokens_per_s_over_1_client']:.2f}x 1 client" if "tokens_per_s_over_1_client" in r else ""
         print(f"{n} clients: {r['tokens_per_s']:.1f} tokens/s{ratio}; p50 {r['p50_s']:.2f} s, p99 {r['p99_s']:.2f} s; "

@@ -49,6 +49,9 @@ def served(ray_local, tiny_dir, tmp_path_factory, austen_text):
             "api_keys": [KEY1, KEY2], "model_cpus": 0.5, "shard_cpus": 0.1, "ingress_cpus": 0.1,
             "max_prompt_tokens": 300, "max_new_tokens": 64, "max_document_bytes": 20_000,
             "sessions_path": str(root / "sessions"),
+            # every memory through shard replicas here, however small (the two-replica app below
+            # searches its memory inside the model replica, the default for small memories)
+            "replica_search_tokens": 0,
             # float32, not the CPU's auto bfloat16: batched and one-at-a-time decoding are equal only
             # up to rounding, and bfloat16's flips this random model's near-tied greedy choices
             "dtype": "float32"}
@@ -256,21 +259,25 @@ def test_remote_shards_are_a_memory_that_searches_like_the_store(served):
 
     from longmem.memory import CombinedMemory, Memory
     from longmem.memory.store import MemoryStore
-    from pipelines.serve.shard_server import RemoteMemory
+    from pipelines.serve.shard_server import LocalMemory, RemoteMemory
 
     root = SERVED["root"]
     handles = [serve.get_deployment_handle(f"MemoryShard-three-{i}", app_name="longmem-test") for i in range(3)]
     remote = RemoteMemory("three", str(root / "mem3"), handles)
+    local = LocalMemory("three", str(root / "mem3"))  # what a model replica searches itself
     store = MemoryStore.open(root / "mem3")
-    assert isinstance(remote, Memory) and isinstance(store, Memory)
+    assert isinstance(remote, Memory) and isinstance(local, Memory) and isinstance(store, Memory)
     adapter = SERVED["model"].adapter
     queries = torch.randn(1, 6, adapter.num_kv_heads, adapter.head_dim, generator=torch.Generator().manual_seed(3))
     a, b = remote.search(queries, 8, with_next=True), store.search(queries, 8, with_next=True)
     c = CombinedMemory(None, [store]).search(queries, 8, with_next=True)
+    d = CombinedMemory(None, [local]).submit(queries, 8, with_next=True)()  # searched on its helper thread
     for name in ("keys", "values", "scores", "slots", "positions", "token_ids", "next_values", "next_mask",
                  "prev_token_ids", "next_token_ids"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
         assert torch.equal(getattr(c, name), getattr(b, name)), name
+        assert torch.equal(getattr(d, name), getattr(b, name)), name
+    assert local.info()["bytes_received_per_query_token"] == 0
     remote.check_model(SERVED["model"].memory_spec)
     # Lean replies: each shard sends its scores and rows, and only the winners' keys, values and
     # neighbours come back, in the memory's dtype (not a full top-k of every shard).
@@ -318,19 +325,27 @@ def test_concurrent_requests_decode_in_one_batch_and_equal_one_at_a_time(served)
 
 def test_two_replicas_serve_a_session_and_killed_replicas_lose_none_of_it(served):
     """Two model replicas share the sessions path: 50 requests on one session all find it, and
-    after both replicas are killed and replaced the session and its document are still there."""
+    after both replicas are killed and replaced the session and its document are still there.
+    Their built memory is small, so each replica searches it itself (no shard deployments), and
+    answers as the shard replicas do."""
     import ray
     from ray import serve
 
     from pipelines.serve import app_builder
 
-    _, base, text = served
+    first, base, text = served
     root = SERVED["root"]
     args = {"model": {"checkpoint": str(root / "ckpt")}, "api_keys": [KEY1], "model_replicas": 2,
-            "model_cpus": 0.4, "ingress_cpus": 0.1, "max_new_tokens": 16, "sessions_path": str(root / "sessions")}
+            "model_cpus": 0.4, "ingress_cpus": 0.1, "max_new_tokens": 16, "sessions_path": str(root / "sessions"),
+            "memories": {"three": str(root / "mem3")}, "dtype": "float32"}
     serve.run(app_builder(args), name="longmem-two", route_prefix="/two", blocking=False)
     client = httpx.Client(base_url=f"{base}/two", headers={"Authorization": f"Bearer {KEY1}"}, timeout=120)
     try:
+        assert not [a for a in shard_replicas("MemoryShard") if "longmem-two" in a["name"]]
+        text_of = lambda c: complete(c, memory="three")["choices"][0]["text"]  # noqa: E731
+        assert text_of(client) == text_of(first)
+        described = serve.get_deployment_handle("LongMemServer", "longmem-two").describe.remote().result()
+        assert described["memories"][0]["searched_in"] == "model replica"
         sid = client.post("/v1/memories").json()["id"]
         info = client.post(f"/v1/memories/{sid}/documents", json={"text": text[9000:10500]}).json()
         body = {"prompt": text[10500:10600], "max_tokens": 6, "temperature": 0, "session": sid}

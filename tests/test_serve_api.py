@@ -179,7 +179,7 @@ def test_each_shard_deployment_scales_on_its_own_and_spreads_over_nodes(tmp_path
     write_memory_dir(tmp_path / "m", MemoryEncoder(model), [("d", torch.arange(200) % 100)], shards=2)
 
     def shard_deployments(**args):
-        app = app_builder({"memories": {"m": str(tmp_path / "m")}, **args})
+        app = app_builder({"memories": {"m": str(tmp_path / "m")}, "replica_search_tokens": 0, **args})
         return [s._bound_deployment for s in app._bound_deployment.init_args[0]._bound_deployment.init_args[1]["m"]]
 
     fixed = shard_deployments(shard_replicas=3)
@@ -187,3 +187,5 @@ def test_each_shard_deployment_scales_on_its_own_and_spreads_over_nodes(tmp_path
     scaled = shard_deployments(shard_autoscaling={"min_replicas": 1, "max_replicas": 4}, shard_max_replicas_per_node=1)
     assert all(d._deployment_config.autoscaling_config.max_replicas == 4 for d in scaled)
     assert all(d._replica_config.max_replicas_per_node == 1 for d in scaled)
+    # a memory at or below replica_search_tokens gets no shard deployment: the model replica searches it
+    assert shard_deployments(replica_search_tokens=200) == [] and len(shard_deployments(replica_search_tokens=199)) == 2

@@ -464,12 +464,18 @@ class MemoryStore:
         global chunk numbers (shard offset + row)."""
         if queries.dim() != 4 or queries.shape[-1] != self.spec.head_dim:
             raise StoreError(f"queries must have shape (B, T, Hq, {self.spec.head_dim}), got {tuple(queries.shape)}")
-        q = search_queries(queries)
+        return self.assemble(queries, self.find(search_queries(queries), k, with_next), with_next)
+
+    def find(self, q: np.ndarray, k: int, with_next: bool = False) -> tuple:
+        """The two phases on numpy search vectors (`search_queries`): (scores, owner, rows, parts)."""
         scores, owner, rows = pick_winners([shard.search(q, k) for shard in self.shards], k)
         parts = [shard.gather_at(*entries_of(owner, rows, i, self.spec.num_kv_heads), with_next)
                  for i, shard in enumerate(self.shards)]
+        return scores, owner, rows, parts
+
+    def assemble(self, queries: torch.Tensor, found: tuple, with_next: bool = False) -> MemoryRetrieval:
         offsets = np.cumsum([0] + [s.num_chunks for s in self.shards])[:-1].tolist()
-        return assemble_retrieval(queries, scores, owner, rows, parts, offsets, self.spec, with_next)
+        return assemble_retrieval(queries, *found, offsets, self.spec, with_next)
 
     @property
     def num_kv_heads(self) -> int:

@@ -294,7 +294,8 @@ def resources(cpus: float, gpus: float) -> dict:
 
 
 def app_builder(args: dict):
-    """Serve application: ingress -> model -> one shard deployment per shard of each memory."""
+    """Serve application: ingress -> model -> one shard deployment per shard of each memory larger
+    than `replica_search_tokens` (smaller ones are searched inside the model replica)."""
     from longmem.memory.store import read_manifest
 
     a = with_env_keys(ServeArgs(**(args or {})))
@@ -307,9 +308,13 @@ def app_builder(args: dict):
         shard_options["num_replicas"] = a.shard_replicas
     if a.shard_max_replicas_per_node:
         shard_options["max_replicas_per_node"] = a.shard_max_replicas_per_node
-    shards = {}
+    shards = {}  # name -> its shard deployments; [] for a memory searched inside the model replica
     for name, directory in a.memories.items():
-        n = len(read_manifest(directory)["shards"])
+        manifest = read_manifest(directory)
+        if manifest["totals"]["tokens"] <= a.replica_search_tokens:
+            shards[name] = []
+            continue
+        n = len(manifest["shards"])
         shards[name] = [
             MemoryShardServer.options(name=f"MemoryShard-{name}-{i}", **shard_options)
             .bind(directory, i, a.nprobe, "cpu" if a.device == "cpu" else "auto")

@@ -12,7 +12,7 @@ from ray import serve
 
 from pipelines.serve.engine import Engine
 from pipelines.serve.schemas import ServeArgs, ServeError
-from pipelines.serve.shard_server import RemoteMemory
+from pipelines.serve.shard_server import LocalMemory, RemoteMemory
 
 logger = logging.getLogger("ray.serve")
 
@@ -34,7 +34,10 @@ class LongMemServer:
         device = self.args.resolved_device()
         source = dataclasses.replace(self.args.model, dtype=self.args.resolved_dtype(device))
         self.model = load_source(source, device=device).eval()
-        self.memories = {name: RemoteMemory(name, self.args.memories[name], handles)
+        # A memory without shard deployments is small enough to search here (replica_search_tokens).
+        self.memories = {name: RemoteMemory(name, self.args.memories[name], handles) if handles else
+                         LocalMemory(name, self.args.memories[name], self.args.nprobe,
+                                     "cpu" if device == "cpu" else "auto")
                          for name, handles in shard_handles.items()}
         for memory in self.memories.values():
             memory.check_model(self.model.memory_spec)

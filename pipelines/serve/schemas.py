@@ -41,6 +41,11 @@ class ServeArgs(BaseModel):
     model_cpus: float = 1.0
     model_gpus: float = 0.0  # GPUs per model replica (Ray shows a replica only the GPUs it asked for)
     torch_threads: int | None = None  # the model replica's compute threads; default: model_cpus, at least 1
+    # A built memory of at most this many tokens is searched inside the model replica (its shards
+    # memory-mapped, searched on a helper thread while the layers above the memory layer compute):
+    # no shard replicas and no round trips, which cost more than the search itself at this size.
+    # Larger memories get one MemoryShardServer deployment per shard. 0: always shard replicas.
+    replica_search_tokens: int = Field(default=262_144, ge=0)
     shard_cpus: float = 0.25
     # Replicas of each shard deployment: a fixed count, or a Serve autoscaling_config per shard
     # (a hot shard grows on its own); at most this many replicas of one shard on a node, so a

@@ -1,4 +1,5 @@
-"""The memory shard server, and the client side that fans a search out to every shard."""
+"""The memory shard server, the client side that fans a search out to every shard, and the
+memory a model replica searches itself (a built memory too small to be worth the round trips)."""
 
 from __future__ import annotations
 
@@ -9,21 +10,26 @@ from ray import serve
 
 
 # ------------------------------------------------------------------------------ memory shards
+def search_device(device: str) -> str:
+    """ "auto": a GPU where the process sees one and faiss can search there (the gpu extra)."""
+    if device != "auto":
+        return device
+    import torch
+
+    from longmem.memory.base import import_faiss
+
+    # a replica sees only the GPUs it asked for; faiss-cpu searches on the CPU
+    return "cuda" if torch.cuda.is_available() and hasattr(import_faiss(), "StandardGpuResources") else "cpu"
+
+
 @serve.deployment(max_ongoing_requests=64)
 class MemoryShardServer:
     """One shard of a built memory; concurrent searches are batched into one faiss call."""
 
     def __init__(self, memory_dir: str, shard: int, nprobe: int | None = None, device: str = "auto"):
-        import torch
-
         from longmem.memory.store import MemoryStore, read_manifest
 
-        if device == "auto":  # a replica sees only the GPUs it asked for; faiss-cpu searches on the CPU
-            from longmem.memory.base import import_faiss
-
-            gpu_faiss = hasattr(import_faiss(), "StandardGpuResources")
-            device = "cuda" if torch.cuda.is_available() and gpu_faiss else "cpu"
-        self.device = device
+        self.device = device = search_device(device)
         self.store = MemoryStore.open(memory_dir, shards=[shard], nprobe=nprobe, device=device)
         self.shard = self.store.shards[0]
         self.offset = sum(s["chunks"] for s in read_manifest(memory_dir)["shards"][:shard])
@@ -136,8 +142,60 @@ class RemoteMemory:
     def info(self) -> dict:
         t = self.traffic
         per_token = t["bytes"] / t["query_tokens"] if t["query_tokens"] else None
-        return {"name": self.name, "shards": len(self.handles), **self.manifest["totals"],
-                "bytes_received_per_query_token": per_token}
+        return {"name": self.name, "shards": len(self.handles), "searched_in": "shard replicas",
+                **self.manifest["totals"], "bytes_received_per_query_token": per_token}
+
+
+class LocalMemory:
+    """A built memory searched inside the model replica: the MemoryStore, memory-mapped, with the
+    same `submit` as RemoteMemory, so its search runs on a helper thread while the layers above the
+    memory layer compute (faiss and numpy release the GIL)."""
+
+    read_only = True
+
+    def __init__(self, name: str, directory: str, nprobe: int | None = None, device: str = "cpu"):
+        import torch
+
+        from longmem.memory.store import MemoryStore
+
+        self.name, self.directory = name, directory
+        self.store = MemoryStore.open(directory, nprobe=nprobe, device=search_device(device))
+        self.manifest, self.spec = self.store.manifest, self.store.spec
+        self.num_kv_heads, self.head_dim, self.chunk_size = self.spec.num_kv_heads, self.spec.head_dim, self.spec.chunk_size
+        self.device = torch.device("cpu")
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"search-{name}")
+        self.latency = _histogram("longmem_retrieval_seconds", "a search of every shard of a memory, as the model "
+                                  "replica waits for it", ("memory",))
+
+    def check_model(self, spec) -> None:
+        self.store.check_model(spec)
+
+    def add(self, keys, values, token_ids=None, streams=None, skip_first: int = 0) -> None:
+        self.store.add(keys, values)
+
+    def reset(self, streams=None) -> None:
+        """Shared by every stream: nothing of one stream's own to forget."""
+
+    def search(self, queries, k: int, streams=None, with_next: bool = False):
+        return self.submit(queries, k, with_next)()
+
+    def submit(self, queries, k: int, with_next: bool = False):
+        from longmem.memory.store import search_queries
+
+        start = time.perf_counter()
+        pending = self.pool.submit(self.store.find, search_queries(queries), k, with_next)
+
+        def collect():
+            merged = self.store.assemble(queries, pending.result(), with_next)
+            if self.latency is not None:
+                self.latency.observe(time.perf_counter() - start, tags={"memory": self.name})
+            return merged
+
+        return collect
+
+    def info(self) -> dict:
+        return {"name": self.name, "shards": len(self.store.shards), "searched_in": "model replica",
+                **self.manifest["totals"], "bytes_received_per_query_token": 0}
 
 
 def _histogram(name: str, description: str, tags: tuple):
