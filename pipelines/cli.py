@@ -224,6 +224,7 @@ def cmd_evaluate(args) -> int:
         "seeds": _ints(args.seeds), "queries": args.queries, "recall_trials": args.trials,
         "recall_lengths": _ints(args.lengths),
         "recall_tasks": [x.strip() for x in args.recall_tasks.split(",")] if args.recall_tasks else None,
+        "recall_styles": [x.strip() for x in args.recall_styles.split(",")] if args.recall_styles else None,
         "labels": [x.strip() for x in args.labels.split(",")] if args.labels else None,
     }.items() if v is not None}
     job = EvalJob(task=args.task, data=args.data, out=args.out, model=model_source(args), settings=settings, min_actors=args.min_actors,
@@ -401,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seeds", help="icl: seeds for the demonstration draw, e.g. 0,1,2")
     e.add_argument("--queries", type=int, help="icl: questions per seed (default 60)")
     e.add_argument("--recall-tasks", help="recall: single,multikey,multivalue,multiquery,vartrack (default: all)")
+    e.add_argument("--recall-styles", help="recall: question styles taken in turn, among restate,paraphrase,chat "
+                                           "(default: all three; chat needs a chat template)")
     e.add_argument("--lengths", help="recall: prompt lengths in tokens (default 4096,16384,32768,65536)")
     e.add_argument("--trials", type=int, help="recall: trials per task and length (default 20)")
     e.add_argument("--min-actors", type=int, default=1)

@@ -122,8 +122,16 @@ def _tokenizer(config: LongMemConfig):
 
     from longmem.backbone import resolve_backbone
 
-    tok = AutoTokenizer.from_pretrained(resolve_backbone(config.backbone.name))
-    return lambda text: np.asarray(tok(text, add_special_tokens=False).input_ids, dtype=np.int64)
+    return AutoTokenizer.from_pretrained(resolve_backbone(config.backbone.name))
+
+
+def _chat_turn(tok):
+    """text -> one user turn and the assistant's opening, as the serve's chat route renders it;
+    None for a tokenizer without a chat template."""
+    if not getattr(tok, "chat_template", None):
+        return None
+    return lambda text: tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                add_generation_prompt=True)
 
 
 def _read_texts(paths: list[str], text_field: str) -> tuple[list[tuple[str, str]], dict]:
@@ -140,7 +148,8 @@ def _read_texts(paths: list[str], text_field: str) -> tuple[list[tuple[str, str]
 
 
 def build_items(job: EvalJob, settings: EvalSettings, config: LongMemConfig, progress=print) -> tuple[list[dict], dict]:
-    tokenize = _tokenizer(config)
+    tok = _tokenizer(config)
+    tokenize = lambda text: np.asarray(tok(text, add_special_tokens=False).input_ids, dtype=np.int64)  # noqa: E731
     task = settings.task
     if task == "perplexity":
         texts, skipped = _read_texts(job.data, job.text_field)
@@ -170,7 +179,7 @@ def build_items(job: EvalJob, settings: EvalSettings, config: LongMemConfig, pro
 
         texts, skipped = _read_texts(job.data, job.text_field)
         try:
-            items, more = recall_items(texts, tokenize, settings)
+            items, more = recall_items(texts, tokenize, settings, chat=_chat_turn(tok))
         except ValueError as e:
             raise EvalError(str(e)) from None
     else:

@@ -43,7 +43,8 @@ def main():
     ad, tok = model.adapter, model.tokenizer
     G = ad.num_heads // ad.num_kv_heads
     settings = EvalSettings(task="recall", window=model.config.memory.window, recall_tasks=(args.task,),
-                            recall_lengths=(args.length,), recall_trials=args.trials * 2)
+                            recall_lengths=(args.length,), recall_trials=args.trials * 2,
+                            recall_styles=("restate", "paraphrase"))  # the suite as these runs measured it
     items, _ = recall_items([("persuasion.txt", (AUSTEN / "persuasion.txt").read_text())],
                             lambda s: np.asarray(tok(s, add_special_tokens=False).input_ids), settings)
     items = [i for i in items if i["style"] == args.style][: args.trials]

@@ -183,7 +183,8 @@ def tokenize(tokenizer, path: Path) -> torch.Tensor:
 def evaluate_recall(model: LongMem, lengths, trials: int, tasks) -> dict:
     tok = model.tokenizer
     settings = EvalSettings(task="recall", window=model.config.memory.window, recall_tasks=tuple(tasks),
-                            recall_lengths=tuple(lengths), recall_trials=trials)
+                            recall_lengths=tuple(lengths), recall_trials=trials,
+                            recall_styles=("restate", "paraphrase"))  # the suite as these runs measured it
     text = (AUSTEN / HELD_OUT).read_text()
     items, _ = recall_items([(HELD_OUT, text)], lambda s: np.asarray(tok(s, add_special_tokens=False).input_ids), settings)
     cells = {}

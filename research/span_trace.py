@@ -33,7 +33,8 @@ def main():
     tok = model.tokenizer
     task, length, _ = args.item.split("/")
     settings = EvalSettings(task="recall", window=model.config.memory.window, recall_tasks=(task,),
-                            recall_lengths=(int(length),), recall_trials=10)
+                            recall_lengths=(int(length),), recall_trials=10,
+                            recall_styles=("restate", "paraphrase"))  # the suite as these runs measured it
     items, _ = recall_items([(HELD_OUT, (AUSTEN / HELD_OUT).read_text())],
                             lambda s: np.asarray(tok(s, add_special_tokens=False).input_ids), settings)
     item = next(i for i in items if i["id"] == args.item)

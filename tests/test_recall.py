@@ -31,10 +31,17 @@ def settings(**kw):
     return EvalSettings(**{**base, **kw}).validate()
 
 
+def chat_turn(tok):
+    return lambda text: tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                add_generation_prompt=True)
+
+
 def test_items_plant_every_fact_at_its_depth_and_end_with_the_question(tok, austen_text):
     tokenize = tokenize_with(tok)
-    items, _ = recall_items([("p", austen_text[:200_000])], tokenize, settings(recall_lengths=(2048, 4096)))
+    items, _ = recall_items([("p", austen_text[:200_000])], tokenize, settings(recall_lengths=(2048, 4096)),
+                            chat=chat_turn(tok))
     assert len(items) == len(RECALL_TASKS) * 2 * 6
+    assistant = chat_turn(tok)("")[chat_turn(tok)("").rindex("<|im_end|>") + len("<|im_end|>"):]
     for item in items:
         prompt = item["prompt"]
         assert item["length"] <= len(prompt) <= item["length"] + 300, (item["id"], len(prompt))  # whole sentences
@@ -43,11 +50,26 @@ def test_items_plant_every_fact_at_its_depth_and_end_with_the_question(tok, aust
             assert answer in text  # every expected value (or variable) is planted
         first = item["fact_positions"][0] / len(prompt)
         assert abs(first - item["depth"]) < 0.15, (item["id"], first, item["depth"])  # whole sentences
-        assert text.rstrip().endswith(("is:", "is", "Answer:", "are"))  # the question closes the prompt
-    styles = {i["style"] for i in items}
-    assert styles == {"restate", "paraphrase"}
-    again, _ = recall_items([("p", austen_text[:200_000])], tokenize, settings(recall_lengths=(2048, 4096)))
+        if item["style"] == "chat":  # the question is a user turn, then the assistant's opening
+            assert text.endswith(assistant) and "<|im_start|>user\n" in text[-400:], text[-400:]
+            turn = text[text.rindex("<|im_start|>user\n"):]
+            assert "Question:" not in turn and "Answer:" not in turn and turn.count("?") + turn.count(".") >= 1
+            assert item["max_new_tokens"] > 20  # room for a sentence around the value
+        else:
+            assert text.rstrip().endswith(("is:", "is", "Answer:", "are"))  # the question closes the prompt
+            assert "<|im_start|>" not in text
+    # the styles in turn: each (task, length) cell asks every style twice in its six trials
+    for task in RECALL_TASKS:
+        cell = [i["style"] for i in items if i["task"] == task and i["length"] == 2048]
+        assert sorted(cell) == sorted(["restate", "paraphrase", "chat"] * 2), cell
+    again, _ = recall_items([("p", austen_text[:200_000])], tokenize, settings(recall_lengths=(2048, 4096)),
+                            chat=chat_turn(tok))
     assert all(np.array_equal(a["prompt"], b["prompt"]) for a, b in zip(items, again))  # seeded
+    plain, _ = recall_items([("p", austen_text[:200_000])], tokenize,
+                            settings(recall_lengths=(2048,), recall_styles=("restate", "paraphrase")))
+    assert {i["style"] for i in plain} == {"restate", "paraphrase"}  # no chat template needed
+    with pytest.raises(ValueError, match="chat template"):
+        recall_items([("p", austen_text[:200_000])], tokenize, settings(recall_lengths=(2048,)))
 
 
 def test_distractors_share_the_form_and_not_the_key():
@@ -109,6 +131,10 @@ def test_bad_recall_settings_are_clear_errors():
         settings(recall_lengths=(40,))
     with pytest.raises(EvalError, match="depths are shares"):
         settings(depths=(1.5,))
+    with pytest.raises(EvalError, match="recall styles must be distinct"):
+        settings(recall_styles=("restate", "shouting"))
+    with pytest.raises(EvalError, match="recall styles must be distinct"):
+        settings(recall_styles=())
 
 
 class RecallOracle:

@@ -13,9 +13,13 @@ question at the end; scored by string match on greedy answers):
 Every question names its key (in multikey it is what tells the asked fact from the distractors).
 Facts are written and asked with EVAL_TEMPLATES and key words of their own, which no training
 episode uses (training plants PASSKEY_FACT and facts.TRAIN_TEMPLATES; a test checks they never
-share a sentence frame or a key word). Half the trials ask in the fact's
-own words and half in other words (`style`), so recall of a copied sentence and of a restated
-question are reported apart.
+share a sentence frame or a key word). Trials take the question styles in turn (`style`), so
+recall of a copied sentence and of a question in other words are reported apart:
+
+    restate     the fact's own words up to the value ("... the special magic number for X is:")
+    paraphrase  other words, as a plain-text quiz line ("Question: which magic number ...? Answer:")
+    chat        the paraphrase as one user turn of the model's chat template, the way a user asks
+                a chat endpoint about a document in memory (the text before it is the document)
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import numpy as np
 from ..facts import VALUE_KINDS, Template, key, value
 
 RECALL_TASKS = ("single", "multikey", "multivalue", "multiquery", "vartrack")
-STYLES = ("restate", "paraphrase")
+STYLES = ("restate", "paraphrase", "chat")
 
 # Evaluation only: never planted in training (tests/test_recall.py checks it).
 EVAL_TEMPLATES = (
@@ -81,7 +85,7 @@ def needles(task: str, rng: random.Random, style: str, kind: str, template: Temp
         facts = [fill(template.fact, key=first, value=answer)]
         if task == "multikey":
             facts += [fill(template.fact, key=_key(rng, taken), value=_value(kind, rng)) for _ in range(3)]
-        question = template.restate if style == "restate" else template.paraphrase
+        question = template.restate if style == "restate" else template.paraphrase  # chat: the paraphrase
         return facts, fill(question, key=first), [answer]
     if task == "multivalue":
         values = list(dict.fromkeys(_value(kind, rng) for _ in range(3)))
@@ -92,14 +96,22 @@ def needles(task: str, rng: random.Random, style: str, kind: str, template: Temp
     return facts, fill(template.many, keys=", ".join(keys[:-1]) + " and " + keys[-1]), values
 
 
+def chat_question(question: str) -> str:
+    """A quiz line as a user would type it: " Question: which ...? Answer: the x are" -> "Which ...?"."""
+    text = question.strip().removeprefix("Question:").split(" Answer:")[0].strip()
+    return text[:1].upper() + text[1:]
+
+
 def split_sentences(text: str) -> list[str]:
     text = " ".join(text.split())
     return [s for s in re.split(r"(?<=[.!?])\s+", text) if s]
 
 
-def recall_items(haystacks: list[tuple[str, str]], tokenize, settings) -> tuple[list[dict], dict]:
+def recall_items(haystacks: list[tuple[str, str]], tokenize, settings, chat=None) -> tuple[list[dict], dict]:
     """Haystack texts -> one item per (task, length, trial): a prompt of about `length` tokens whose
-    facts sit at a depth (a share of the prompt before them) spread over `settings.depths`."""
+    facts sit at a depth (a share of the prompt before them) spread over `settings.depths`.
+    `chat(text)` renders one user turn and the assistant's opening (the tokenizer's chat
+    template); the chat style needs it."""
     sentences = [tokenize(" " + s) for _, text in haystacks for s in split_sentences(text)]
     sentences = [s for s in sentences if len(s)]
     total = sum(len(s) for s in sentences)
@@ -110,16 +122,24 @@ def recall_items(haystacks: list[tuple[str, str]], tokenize, settings) -> tuple[
         for length in settings.recall_lengths:
             rng = random.Random(f"{settings.seed}/{task}/{length}")
             for trial in range(settings.recall_trials):
-                style = STYLES[trial % 2]
+                styles = settings.recall_styles
+                style = styles[trial % len(styles)]
                 depth = settings.depths[trial % len(settings.depths)]
                 kind = VALUE_KINDS[trial % len(VALUE_KINDS)]
-                template = EVAL_TEMPLATES[(trial // 2) % len(EVAL_TEMPLATES)]
+                template = EVAL_TEMPLATES[(trial // len(styles)) % len(EVAL_TEMPLATES)]
                 facts, question, answers = needles(task, rng, style, kind, template)
+                if style == "chat":
+                    if chat is None:
+                        raise ValueError("the chat question style needs a model whose tokenizer has a chat "
+                                         "template; leave chat out of recall_styles")
+                    question = chat(chat_question(question))
                 prompt, at = _plant(sentences, [tokenize(f) for f in facts], tokenize(question), length, depth, rng)
+                # a chat answer is a sentence around the value
+                new_tokens = (12 if len(answers) == 1 else 8 * len(answers) + 8) + (20 if style == "chat" else 0)
                 items.append({"kind": "recall", "id": f"{task}/{length:06d}/{trial:03d}", "group": f"{task}/{length}",
                               "task": task, "length": length, "depth": depth, "style": style, "value_kind": kind,
                               "prompt": prompt, "fact_positions": at, "answers": answers,
-                              "max_new_tokens": 12 if len(answers) == 1 else 8 * len(answers) + 8})
+                              "max_new_tokens": new_tokens})
     return items, {}
 
 

@@ -148,12 +148,14 @@ def recall_markdown(report: dict) -> list[str]:
         task, length = row["cell"]
         cells = [f"{100 * row[r]:.0f}% ± {100 * row[r + '_ci']:.0f}" for r in RECALL_READINGS]
         lines.append(f"| {task} | {length:,} | {row['trials']} | " + " | ".join(cells) + " |")
-    lines += ["", "By question style (restate: the fact's own words; paraphrase: other words), LongMem with memory:", "",
-              "| task | prompt tokens | style | trials | LongMem, memory |", "|---|---|---|---|---|"]
+    lines += ["", "By question style (restate: the fact's own words; paraphrase: other words, a quiz line; chat: "
+              "the paraphrase as a user turn of the chat template):", "",
+              "| task | prompt tokens | style | trials | " + " | ".join(RECALL_READINGS.values()) + " |",
+              "|---" * (len(RECALL_READINGS) + 4) + "|"]
     for row in res["by_style"]:
         task, length, style = row["cell"]
-        lines.append(f"| {task} | {length:,} | {style} | {row['trials']} | "
-                     f"{100 * row['longmem_memory']:.0f}% ± {100 * row['longmem_memory_ci']:.0f} |")
+        cells = [f"{100 * row[r]:.0f}% ± {100 * row[r + '_ci']:.0f}" for r in RECALL_READINGS]
+        lines.append(f"| {task} | {length:,} | {style} | {row['trials']} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 

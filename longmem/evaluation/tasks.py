@@ -54,6 +54,7 @@ class EvalSettings:
     recall_tasks: tuple[str, ...] = ("single", "multikey", "multivalue", "multiquery", "vartrack")
     recall_lengths: tuple[int, ...] = (4096, 16384, 32768, 65536)  # prompt tokens
     recall_trials: int = 20  # per task and length
+    recall_styles: tuple[str, ...] = ("restate", "paraphrase", "chat")  # question styles, taken in turn
     depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)  # where the facts sit in the prompt
 
     def validate(self) -> "EvalSettings":
@@ -69,11 +70,14 @@ class EvalSettings:
             if any(p < self.window for p in self.prefix_tokens):
                 raise EvalError(f"every prefix length must be at least the window ({self.window}): {self.prefix_tokens}")
         if self.task == "recall":
-            from .recall import RECALL_TASKS
+            from .recall import RECALL_TASKS, STYLES
 
             unknown = sorted(set(self.recall_tasks) - set(RECALL_TASKS))
             if unknown or not self.recall_tasks:
                 raise EvalError(f"recall tasks must be among {', '.join(RECALL_TASKS)}, got {list(self.recall_tasks)}")
+            if not self.recall_styles or set(self.recall_styles) - set(STYLES) or \
+                    len(set(self.recall_styles)) < len(self.recall_styles):
+                raise EvalError(f"recall styles must be distinct, among {', '.join(STYLES)}; got {list(self.recall_styles)}")
             if self.recall_trials < 1 or not self.recall_lengths or min(self.recall_lengths) < 2 * self.window:
                 raise EvalError(f"recall needs trials >= 1 and prompt lengths of at least twice the window "
                                 f"({2 * self.window}): got {self.recall_trials}, {list(self.recall_lengths)}")
