@@ -7,7 +7,7 @@ the model replica).
     python benchmarks/bench_serve.py [--checkpoint DIR] [--memory-tokens 32768] [--seconds 60]
 
 The memory is built in-process from real text (Emma) into 3 shards; the model is the checkpoint
-given, else a fresh SideNet on the default backbone. Half the clients read the memory. Prints one
+given, else a fresh SideNet on the default backbone shaped like a trained one (common.as_trained). Half the clients read the memory. Prints one
 summary line per figure, then one JSON object.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from common import AUSTEN, machine
+from common import AUSTEN, as_trained, machine
 
 
 def free_port() -> int:
@@ -57,7 +57,7 @@ def main():
     model = load_model(checkpoint=args.checkpoint)
     root = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     if not args.checkpoint:
-        model.save_pretrained(root / "ckpt")
+        as_trained(model).save_pretrained(root / "ckpt")
     checkpoint = args.checkpoint or str(root / "ckpt")
     ids = model.encode((AUSTEN / "emma.txt").read_text())[0, : args.memory_tokens].numpy()
     encoder = MemoryEncoder(model)
