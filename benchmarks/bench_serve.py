@@ -7,8 +7,8 @@ the model replica).
     python benchmarks/bench_serve.py [--checkpoint DIR] [--memory-tokens 32768] [--seconds 60]
 
 The memory is built in-process from real text (Emma) into 3 shards; the model is the checkpoint
-given, else a fresh SideNet on the default backbone shaped like a trained one (common.as_trained). Half the clients read the memory. Prints one
-summary line per figure, then one JSON object.
+given, else a fresh SideNet on the default backbone shaped like a trained one (common.as_trained).
+Half the clients read the memory. Prints one summary line per figure, then one JSON object.
 """
 
 import argparse
