@@ -62,6 +62,11 @@ def test_items_plant_every_fact_at_its_depth_and_end_with_the_question(tok, aust
     for task in RECALL_TASKS:
         cell = [i["style"] for i in items if i["task"] == task and i["length"] == 2048]
         assert sorted(cell) == sorted(["restate", "paraphrase", "chat"] * 2), cell
+    # every style meets every value kind within nine trials
+    nine, _ = recall_items([("p", austen_text[:200_000])], tokenize,
+                           settings(recall_lengths=(2048,), recall_trials=9, recall_tasks=("single",)), chat=chat_turn(tok))
+    assert sorted((i["style"], i["value_kind"]) for i in nine) == sorted(
+        (s, k) for s in ("restate", "paraphrase", "chat") for k in ("number", "word", "code"))
     again, _ = recall_items([("p", austen_text[:200_000])], tokenize, settings(recall_lengths=(2048, 4096)),
                             chat=chat_turn(tok))
     assert all(np.array_equal(a["prompt"], b["prompt"]) for a, b in zip(items, again))  # seeded

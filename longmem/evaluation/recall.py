@@ -125,7 +125,10 @@ def recall_items(haystacks: list[tuple[str, str]], tokenize, settings, chat=None
                 styles = settings.recall_styles
                 style = styles[trial % len(styles)]
                 depth = settings.depths[trial % len(settings.depths)]
-                kind = VALUE_KINDS[trial % len(VALUE_KINDS)]
+                # every style meets every value kind: where the style count is a multiple of the
+                # kind count, the kinds shift by one each round of them
+                shift = trial // len(VALUE_KINDS) if len(styles) % len(VALUE_KINDS) == 0 else 0
+                kind = VALUE_KINDS[(trial + shift) % len(VALUE_KINDS)]
                 template = EVAL_TEMPLATES[(trial // len(styles)) % len(EVAL_TEMPLATES)]
                 facts, question, answers = needles(task, rng, style, kind, template)
                 if style == "chat":
