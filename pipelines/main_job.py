@@ -149,7 +149,13 @@ def run_main_job(job: MainJob) -> dict:
     start = min(ids.shape[1] // 3, ids.shape[1] - job.prompt_tokens - job.new_tokens)  # away from the fact
     prompt = model.tokenizer.decode(ids[0, start : start + job.prompt_tokens].tolist())
     truth = model.tokenizer.decode(ids[0, start + job.prompt_tokens : start + job.prompt_tokens + job.new_tokens].tolist())
-    log(f"4/5 endpoint: Ray Serve on 127.0.0.1 (ingress -> model -> {job.shards} shard deployments)")
+    from longmem.memory.store import read_manifest
+    from pipelines.serve.schemas import ServeArgs
+
+    # as app_builder decides: a memory this small is searched in the model replica, a larger one by shard replicas
+    small = read_manifest(memory)["totals"]["tokens"] <= ServeArgs().replica_search_tokens
+    searched = "its memory searched in the model replica" if small else f"{built['shards']} shard deployments"
+    log(f"4/5 endpoint: Ray Serve on 127.0.0.1 (ingress -> model, {searched})")
     completions = _complete_over_http(checkpoint, memory, {"question": (DEMO_QUESTION, 8),
                                                            "continuation": (prompt, job.new_tokens)})
     recall = {"question": DEMO_QUESTION, "answer": DEMO_ANSWER, **completions["question"],
