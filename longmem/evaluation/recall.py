@@ -117,12 +117,11 @@ def recall_items(haystacks: list[tuple[str, str]], tokenize, settings, chat=None
     total = sum(len(s) for s in sentences)
     if not sentences or total < max(settings.recall_lengths):
         raise ValueError(f"the haystack holds {total} tokens; the longest prompt needs {max(settings.recall_lengths)}")
-    items = []
+    items, styles = [], settings.recall_styles
     for task in settings.recall_tasks:
         for length in settings.recall_lengths:
             rng = random.Random(f"{settings.seed}/{task}/{length}")
             for trial in range(settings.recall_trials):
-                styles = settings.recall_styles
                 style = styles[trial % len(styles)]
                 depth = settings.depths[trial % len(settings.depths)]
                 # every style meets every value kind: where the style count is a multiple of the

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .recall import STYLES
+
 READINGS = ("backbone", "backbone_long", "longmem_no_memory", "longmem_memory")
 TASKS = ("perplexity", "suffix", "icl", "recall")
 DEFAULT_TEMPLATE = "Passage: {text}\nNovel: {label}\n\n"
@@ -54,7 +56,7 @@ class EvalSettings:
     recall_tasks: tuple[str, ...] = ("single", "multikey", "multivalue", "multiquery", "vartrack")
     recall_lengths: tuple[int, ...] = (4096, 16384, 32768, 65536)  # prompt tokens
     recall_trials: int = 20  # per task and length
-    recall_styles: tuple[str, ...] = ("restate", "paraphrase", "chat")  # question styles, taken in turn
+    recall_styles: tuple[str, ...] = STYLES  # question styles, taken in turn
     depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)  # where the facts sit in the prompt
 
     def validate(self) -> "EvalSettings":
@@ -70,7 +72,7 @@ class EvalSettings:
             if any(p < self.window for p in self.prefix_tokens):
                 raise EvalError(f"every prefix length must be at least the window ({self.window}): {self.prefix_tokens}")
         if self.task == "recall":
-            from .recall import RECALL_TASKS, STYLES
+            from .recall import RECALL_TASKS
 
             unknown = sorted(set(self.recall_tasks) - set(RECALL_TASKS))
             if unknown or not self.recall_tasks:

@@ -88,8 +88,7 @@ class RemoteMemory:
         self.traffic = {"bytes": 0, "query_tokens": 0}
         self.offsets = [sum(s["chunks"] for s in self.manifest["shards"][:i]) for i in range(len(handles))]
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"search-{name}")
-        self.latency = _histogram("longmem_retrieval_seconds", "a search of every shard of a memory, as the model "
-                                  "replica waits for it", ("memory",))
+        self.latency = _retrieval_histogram()
 
     def check_model(self, spec) -> None:
         self.spec.require_compatible(spec, f"memory {self.name!r}")
@@ -164,8 +163,7 @@ class LocalMemory:
         self.num_kv_heads, self.head_dim, self.chunk_size = self.spec.num_kv_heads, self.spec.head_dim, self.spec.chunk_size
         self.device = torch.device("cpu")
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"search-{name}")
-        self.latency = _histogram("longmem_retrieval_seconds", "a search of every shard of a memory, as the model "
-                                  "replica waits for it", ("memory",))
+        self.latency = _retrieval_histogram()
 
     def check_model(self, spec) -> None:
         self.store.check_model(spec)
@@ -196,6 +194,12 @@ class LocalMemory:
     def info(self) -> dict:
         return {"name": self.name, "shards": len(self.store.shards), "searched_in": "model replica",
                 **self.manifest["totals"], "bytes_received_per_query_token": 0}
+
+
+def _retrieval_histogram():
+    """The model replica's wait for a memory's search, remote or in the replica alike."""
+    return _histogram("longmem_retrieval_seconds", "a search of every shard of a memory, as the model replica "
+                      "waits for it", ("memory",))
 
 
 def _histogram(name: str, description: str, tags: tuple):
