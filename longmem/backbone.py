@@ -9,6 +9,8 @@ model runs its own attention kernels and KV cache unchanged.
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import importlib
 import importlib.util
@@ -103,6 +105,9 @@ class BackboneAdapter:
         self.config = model.config
         # (Hkv, D) subtracted from the memory layer's keys (the model's key_center weight), or None
         self.key_center: torch.Tensor | None = None
+        # The precision `run` computes in under autocast (None: the weights' own); what it returns is
+        # always in the weights' dtype (see LongMem.frozen_precision).
+        self.autocast: torch.dtype | None = None
 
     # structure
     base: nn.Module
@@ -231,24 +236,25 @@ class BackboneAdapter:
                 if fresh:
                     position_ids = torch.cat([torch.zeros_like(position_ids[:, :1]), position_ids], dim=1)
         modules = self.memory_capture_modules(memory_layer)
+        out_dtype = self.lm_head.weight.dtype
         stop = stop_after_memory and cache is None and all(j <= memory_layer for j in keep_layers)
         hidden: dict[int, torch.Tensor] = {}
         captured: list[torch.Tensor | None] = [None] * len(modules)
         handles = []
 
         def first_input(_module, args, kwargs):
-            hidden[0] = (args[0] if args else kwargs["hidden_states"])[:, lead:].detach()
+            hidden[0] = (args[0] if args else kwargs["hidden_states"])[:, lead:].detach().to(out_dtype)
 
         def layer_output(j):
             def hook(_module, _args, output):
                 out = output[0] if isinstance(output, tuple) else output
-                hidden[j] = out[:, lead:].detach()
+                hidden[j] = out[:, lead:].detach().to(out_dtype)
 
             return hook
 
         def capture(i):
             def hook(_module, _args, output):
-                captured[i] = output.detach()
+                captured[i] = output.detach().to(out_dtype)
                 if all(c is not None for c in captured):
                     if on_memory_keys is not None:
                         on_memory_keys(self._centred(self.split_captured(captured)[1][:, lead:]))
@@ -270,7 +276,11 @@ class BackboneAdapter:
                 extra["attention_mask"] = attention_mask.long()
             if position_ids is not None:
                 extra["position_ids"] = position_ids
-            self.base(input_ids=input_ids, cache=cache, use_cache=cache is not None, **extra)
+            # Entered only when set, so that an autocast the caller opened still reaches the backbone.
+            precision = (torch.autocast(input_ids.device.type, dtype=self.autocast)
+                         if self.autocast not in (None, out_dtype) else contextlib.nullcontext())
+            with precision:
+                self.base(input_ids=input_ids, cache=cache, use_cache=cache is not None, **extra)
         except _StopForward:
             pass
         finally:

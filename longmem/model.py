@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import shutil
 import tempfile
@@ -103,6 +105,19 @@ class LongMem(nn.Module):
         self.sidenet.key_center.copy_(total / count)
         self._sync_key_center()
         return self.sidenet.key_center.detach().cpu().clone()
+
+    @contextlib.contextmanager
+    def frozen_precision(self, dtype: torch.dtype | None):
+        """Run the frozen backbone's passes (memory keys/values, the hidden states the SideNet reads)
+        under autocast to `dtype` inside this block; the SideNet keeps its own precision and every
+        backbone output comes back in the weights' dtype. None: no change. Training uses it: the
+        backbone passes are the larger part of a step and need no gradients."""
+        before = self.adapter.autocast
+        self.adapter.autocast = dtype
+        try:
+            yield self
+        finally:
+            self.adapter.autocast = before
 
     def run_sidenet_through(self, wrapper: nn.Module | None) -> None:
         """Route the SideNet's forward through `wrapper` (DDP) so gradients sync across workers."""

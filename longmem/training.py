@@ -34,6 +34,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+from .loading import DTYPES, inference_dtype
 from .model import InputError, LongMem
 
 CURRICULUM_KINDS = ("plain", "repeat", "passkey", "facts")
@@ -57,7 +58,12 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     grad_accum: int = 1
-    bf16: bool = False
+    bf16: bool = False  # the trained segment's forward (SideNet included) under bfloat16 autocast
+    # The frozen backbone's passes (memory writes, the hidden states the SideNet reads): "auto" is
+    # bfloat16 where the device computes it natively (CUDA, CPUs with AMX / AVX512-BF16), where
+    # they take about half as long as in float32; else the model's own dtype. The SideNet and its
+    # gradients stay in the model's dtype.
+    frozen_dtype: str = "auto"
     seed: int = 0
     curriculum: str = "plain:0.25,repeat:0.15,passkey:0.1,facts:0.5"
     answer_weight: float = 20.0  # loss weight of a passkey answer's tokens (1 = like any other token)
@@ -81,6 +87,8 @@ class TrainConfig:
             raise InputError("train_segments must lie in [1, segments_per_episode]")
         if self.trained_layers not in ("from_memory", "all"):
             raise InputError(f"trained_layers must be 'from_memory' or 'all', got {self.trained_layers!r}")
+        if self.frozen_dtype != "auto" and self.frozen_dtype not in DTYPES:
+            raise InputError(f"frozen_dtype must be 'auto' or one of {', '.join(DTYPES)}, got {self.frozen_dtype!r}")
         if self.schedule not in ("cosine", "linear"):
             raise InputError(f"schedule must be 'cosine' or 'linear', got {self.schedule!r}")
         parse_curriculum(self.curriculum)
@@ -94,6 +102,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def frozen_precision(self, device: torch.device) -> torch.dtype | None:
+        """What LongMem.frozen_precision gets for the frozen passes on `device` (None: no autocast)."""
+        name = inference_dtype(device) if self.frozen_dtype == "auto" else self.frozen_dtype
+        return None if name == "float32" else DTYPES[name]
 
 
 def parse_curriculum(spec: str) -> dict[str, float]:
@@ -266,13 +279,14 @@ class DistractorMemory:
     would write that text; which ones follows from the episode's own tokens, so a resumed run
     draws the same."""
 
-    def __init__(self, model: LongMem, segments: list[torch.Tensor], tokens: int):
+    def __init__(self, model: LongMem, segments: list[torch.Tensor], tokens: int, precision: torch.dtype | None = None):
+        """`precision`: the frozen passes' autocast dtype (TrainConfig.frozen_precision), as in training."""
         W = model.config.memory.window
         self.per_episode = math.ceil(tokens / W)
         if len(segments) < self.per_episode:
             raise InputError(f"the distractor pool has {len(segments)} segments, an episode needs {self.per_episode}")
         self.ids, self.keys, self.values = [], [], []
-        with torch.no_grad():
+        with torch.no_grad(), model.frozen_precision(precision):
             for seg in segments:
                 if seg.numel() != W:
                     raise InputError(f"distractor segments must be {W} tokens, got {seg.numel()}")
@@ -359,42 +373,43 @@ def train_step(model: LongMem, episodes: list[list[Episode]], optimizer, schedul
     model.train()
     total, tokens, gates, shares, copy_gates = 0.0, 0, [], [], []
     bank = None
-    for micro in episodes:
-        ids = torch.stack([e.ids for e in micro]).to(model.device)  # (B, n*W)
-        labels = torch.stack([e.labels for e in micro]).to(model.device)
-        if bank is None or bank.num_streams != ids.shape[0]:
-            bank = model.new_bank(ids.shape[0])
-        bank.reset()
-        if distractors is not None:
-            distractors.fill(bank, ids)
-        if n > k:
-            model.write_memory(ids[:, : (n - k) * W], bank)
-        for j in range(n - k, n):
-            seg, lab = ids[:, j * W : (j + 1) * W], labels[:, j * W : (j + 1) * W]
-            weights = None
-            if cfg.answer_weight != 1.0 and any(e.answer is not None for e in micro):
-                answer = torch.stack([e.answer if e.answer is not None else torch.zeros_like(e.labels, dtype=torch.bool)
-                                      for e in micro]).to(model.device)[:, j * W : (j + 1) * W]
-                weights = 1.0 + (cfg.answer_weight - 1.0) * answer[:, 1:].float()  # (B, W-1), per target
-            value_read = model.sidenet.value_read_off() if cfg.copy_head_only else contextlib.nullcontext()
-            with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=cfg.bf16), value_read:
-                out = model(seg, bank=bank, labels=lab if weights is None else None, update_memory=True,
-                            previous_ids=ids[:, j * W - 1] if j else None, context_ids=model.memory_context(ids, j * W))
-            if weights is not None:
-                # Mean over scored tokens, the answer's tokens counted answer_weight times.
-                nll = torch.nn.functional.cross_entropy(out.logits[:, :-1].float().transpose(1, 2), lab[:, 1:],
-                                                        ignore_index=-100, reduction="none")
-                scored = (lab[:, 1:] != -100).float() * weights
-                out.loss = (nll * scored).sum() / scored.sum()
-            (out.loss / (k * len(episodes))).backward()
-            total += out.loss.item()
-            tokens += seg.numel()
-            if out.readout is not None:
-                has = out.readout.has_memory
-                if has.any():
-                    shares.append(out.readout.gate[has].float().mean().item())
-                if out.readout.copy_gate is not None and has.any(1).any():
-                    copy_gates.append(out.readout.copy_gate[has.any(1)].float().mean().item())
+    with model.frozen_precision(cfg.frozen_precision(model.device)):  # the SideNet keeps its dtype
+        for micro in episodes:
+            ids = torch.stack([e.ids for e in micro]).to(model.device)  # (B, n*W)
+            labels = torch.stack([e.labels for e in micro]).to(model.device)
+            if bank is None or bank.num_streams != ids.shape[0]:
+                bank = model.new_bank(ids.shape[0])
+            bank.reset()
+            if distractors is not None:
+                distractors.fill(bank, ids)
+            if n > k:
+                model.write_memory(ids[:, : (n - k) * W], bank)
+            for j in range(n - k, n):
+                seg, lab = ids[:, j * W : (j + 1) * W], labels[:, j * W : (j + 1) * W]
+                weights = None
+                if cfg.answer_weight != 1.0 and any(e.answer is not None for e in micro):
+                    answer = torch.stack([e.answer if e.answer is not None else torch.zeros_like(e.labels, dtype=torch.bool)
+                                          for e in micro]).to(model.device)[:, j * W : (j + 1) * W]
+                    weights = 1.0 + (cfg.answer_weight - 1.0) * answer[:, 1:].float()  # (B, W-1), per target
+                value_read = model.sidenet.value_read_off() if cfg.copy_head_only else contextlib.nullcontext()
+                with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=cfg.bf16), value_read:
+                    out = model(seg, bank=bank, labels=lab if weights is None else None, update_memory=True,
+                                previous_ids=ids[:, j * W - 1] if j else None, context_ids=model.memory_context(ids, j * W))
+                if weights is not None:
+                    # Mean over scored tokens, the answer's tokens counted answer_weight times.
+                    nll = torch.nn.functional.cross_entropy(out.logits[:, :-1].float().transpose(1, 2), lab[:, 1:],
+                                                            ignore_index=-100, reduction="none")
+                    scored = (lab[:, 1:] != -100).float() * weights
+                    out.loss = (nll * scored).sum() / scored.sum()
+                (out.loss / (k * len(episodes))).backward()
+                total += out.loss.item()
+                tokens += seg.numel()
+                if out.readout is not None:
+                    has = out.readout.has_memory
+                    if has.any():
+                        shares.append(out.readout.gate[has].float().mean().item())
+                    if out.readout.copy_gate is not None and has.any(1).any():
+                        copy_gates.append(out.readout.copy_gate[has.any(1)].float().mean().item())
     params = [p for p in (sidenet or model.sidenet).parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
     optimizer.step()

@@ -231,7 +231,7 @@ def train_loop_per_worker(job: dict) -> None:
     if cfg.distractor_tokens:
         segments = [torch.as_tensor(s, dtype=torch.long) for s in job["distractor_segments"]]
         t_pool = time.time()
-        distractors = DistractorMemory(model, segments, cfg.distractor_tokens)
+        distractors = DistractorMemory(model, segments, cfg.distractor_tokens, cfg.frozen_precision(model.device))
         if rank == 0:
             print(f"[train] distractor pool: {len(segments)} segments encoded in {time.time() - t_pool:.0f}s; "
                   f"{distractors.per_episode} start every episode's memory", flush=True)

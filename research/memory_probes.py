@@ -78,7 +78,8 @@ def main():
         cfg = TrainConfig(steps=args.steps, lr=args.lr, memory_lr=args.memory_lr, curriculum=args.curriculum,
                           answer_weight=args.answer_weight, distractor_tokens=args.distractor_tokens,
                           segments_per_episode=args.segments, seed=args.seed,
-                          copy_head_only=args.copy_head_only).validate()
+                          copy_head_only=args.copy_head_only,
+                          frozen_dtype="float32").validate()  # as the recorded runs trained
         books = [tokenize(tok, p) for p in sorted(AUSTEN.glob("*.txt")) if p.name != HELD_OUT]
         sampler = EpisodeSampler(books, window, cfg.segments_per_episode, cfg.curriculum, cfg.seed, tok)
         distractors = None

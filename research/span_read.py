@@ -227,7 +227,7 @@ def main():
     span = None if args.no_span else SpanRead(model.adapter.num_heads, model.adapter.head_dim, args.positions,
                                                args.hits, args.reach, args.mix_init, args.hit_weight_init)
     install(model, span)
-    cfg = TrainConfig(steps=args.steps, curriculum=args.curriculum).validate()
+    cfg = TrainConfig(steps=args.steps, curriculum=args.curriculum, frozen_dtype="float32").validate()  # as recorded
     window = model.config.memory.window
     sampler = EpisodeSampler(books, window, cfg.segments_per_episode, cfg.curriculum, cfg.seed, tok)
     distractors = DistractorMemory(model, distractor_segments(books, window, cfg), cfg.distractor_tokens)

@@ -32,15 +32,21 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--pool-segments", type=int, default=32, help="distractor pool (the job encodes 128)")
     ap.add_argument("--profile", action="store_true", help="cProfile one more step (cumulative times)")
+    ap.add_argument("--frozen-dtype", default=None, help="TrainConfig.frozen_dtype (default: the recipe's)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = TrainConfig(**yaml.safe_load((ROOT / "jobs/configs/train_sidenet.yaml").read_text())["job"]["train"])
+    if args.frozen_dtype:
+        cfg.frozen_dtype = args.frozen_dtype
+    cfg.validate()
+    print(f"frozen passes: {cfg.frozen_precision(torch.device('cpu')) or 'float32'}")
     model = load_model()
     tok, W = model.tokenizer, model.config.memory.window
     doc = np.asarray(tok((AUSTEN / "emma.txt").read_text(), add_special_tokens=False).input_ids)
     episodes = episode_stream(lambda: [("emma", doc)], W, cfg, tok)
     t = time.time()
-    pool = DistractorMemory(model, distractor_segments([doc], W, cfg)[: args.pool_segments], cfg.distractor_tokens)
+    pool = DistractorMemory(model, distractor_segments([doc], W, cfg)[: args.pool_segments], cfg.distractor_tokens,
+                            cfg.frozen_precision(model.device))
     print(f"distractor pool: {args.pool_segments} segments encoded in {time.time() - t:.1f} s")
     optimizer, scheduler = make_optimizer(model.sidenet, cfg)
     per = cfg.grad_accum * cfg.batch_size

@@ -128,6 +128,7 @@ def test_passkey_answer_tokens_can_weigh_more_in_the_loss(tiny_dir):
     in_answer = ep.answer[129:].float()
     for w in (1.0, 8.0):
         cfg = TrainConfig(steps=1, answer_weight=w, curriculum="passkey:1", lr=0.0, memory_lr=0.0, distractor_tokens=0,
+                              frozen_dtype="float32",  # as the reference above
                           trained_layers="all")
         m = copy.deepcopy(model)
         optimizer, scheduler = make_optimizer(m.sidenet, cfg)
@@ -281,3 +282,45 @@ def test_bf16_autocast_trains_on_the_recipe_memory_layout():
         optimizer, scheduler = make_optimizer(model.sidenet, cfg)
         losses[bf16] = train_step(model, [[sampler.sample()]], optimizer, scheduler, cfg, distractors=distractors)["loss"]
     assert torch.isfinite(torch.tensor(losses[True])) and abs(losses[True] - losses[False]) < 0.05 * losses[False]
+
+
+def test_frozen_passes_in_bfloat16_come_back_in_the_weights_dtype_close_to_float32():
+    torch.manual_seed(0)
+    model = tiny_longmem("llama")
+    ids = torch.randint(3, 128, (1, 32))
+    ref = model.backbone_states(ids)
+    with model.frozen_precision(torch.bfloat16):
+        low = model.backbone_states(ids)
+    assert model.adapter.autocast is None  # restored on leaving
+    for a, b in zip(ref.hidden[1:] + [ref.memory_keys, ref.memory_values],
+                    low.hidden[1:] + [low.memory_keys, low.memory_values]):
+        assert b.dtype == torch.float32
+        assert not torch.equal(a, b)  # it did run in bfloat16
+        assert ((a - b).norm() / a.norm()).item() < 0.03
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a caller's own autocast still reaches the backbone
+        outer = model.backbone_states(ids)
+    assert not torch.equal(outer.memory_keys.float(), ref.memory_keys)
+
+
+def test_frozen_dtype_choices_and_a_training_step_in_each():
+    assert TrainConfig(frozen_dtype="float32").frozen_precision(torch.device("cpu")) is None
+    assert TrainConfig(frozen_dtype="bfloat16").frozen_precision(torch.device("cpu")) == torch.bfloat16
+    from longmem.loading import inference_dtype
+    auto = TrainConfig().frozen_precision(torch.device("cpu"))
+    assert (auto or torch.float32) == {"bfloat16": torch.bfloat16, "float32": torch.float32}[inference_dtype("cpu")]
+    with pytest.raises(InputError, match="frozen_dtype must be"):
+        TrainConfig(frozen_dtype="int8").validate()
+    losses = {}
+    for frozen in ("float32", "bfloat16"):
+        torch.manual_seed(0)
+        model = tiny_longmem("llama")
+        cfg = TrainConfig(steps=2, curriculum="plain:1", distractor_tokens=64, distractor_pool=2, warmup_steps=1,
+                          frozen_dtype=frozen)
+        books = docs(n=2, length=200)
+        distractors = DistractorMemory(model, distractor_segments(books, 32, cfg), cfg.distractor_tokens,
+                                       cfg.frozen_precision(model.device))
+        sampler = EpisodeSampler(books, window=32, segments=3, curriculum=cfg.curriculum, seed=0)
+        optimizer, scheduler = make_optimizer(model.sidenet, cfg)
+        losses[frozen] = train_step(model, [[sampler.sample()]], optimizer, scheduler, cfg, distractors=distractors)["loss"]
+        assert model.adapter.autocast is None
+    assert losses["float32"] != losses["bfloat16"] and abs(losses["float32"] - losses["bfloat16"]) < 0.02 * losses["float32"]
