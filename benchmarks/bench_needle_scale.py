@@ -35,13 +35,14 @@ import torch
 from common import machine
 from longmem.backbone import cache_dir
 from longmem.demo import shakespeare_works
-from longmem.evaluation.recall import (EVAL_TEMPLATES, STYLES, chat_question, interval, needles, recall_score,
-                                       split_sentences)
+from longmem.evaluation.recall import (EVAL_TEMPLATES, STYLES, chat_question, chat_turn, interval, needles,
+                                       recall_score, split_sentences)
 from longmem.facts import VALUE_KINDS
-from longmem.loading import inference_dtype, load_model
+from longmem.loading import load_model
 from longmem.memory.encoder import MemoryEncoder, write_memory_dir
 from longmem.memory.base import CombinedMemory
 from longmem.memory.store import MemoryStore
+from longmem.training import TrainConfig
 
 TAIL_TOKENS = 192  # text from after the built part, read in the prompt before the question
 PASSAGE_TOKENS = 384  # the text around a needle in its session bank
@@ -111,8 +112,7 @@ def build(model, folder: Path, ids: np.ndarray) -> MemoryStore:
     if not (folder / "manifest.json").exists():
         log(f"[needles] encoding {len(ids):,} tokens into {folder}")
         t0 = time.time()
-        dtype = inference_dtype(model.device)
-        with model.frozen_precision(None if dtype == "float32" else getattr(torch, dtype)):
+        with model.frozen_precision(TrainConfig().frozen_precision(model.device)):  # as the recipe trains
             write_memory_dir(folder, MemoryEncoder(model), [("haystack", ids)], shards=1)
         log(f"[needles] built in {time.time() - t0:.0f} s")
     return MemoryStore.open(folder)
@@ -135,8 +135,7 @@ def main():
     torch.set_num_threads(args.threads)
     model = load_model(checkpoint=args.checkpoint) if args.checkpoint else load_model()
     tok = model.tokenizer
-    chat = lambda text: tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,  # noqa: E731
-                                                add_generation_prompt=True)
+    chat = chat_turn(tok)
     trials = make_needles(args.needles, args.seed)
     facts = [np.asarray(tok(t["fact"], add_special_tokens=False).input_ids, dtype=np.int64) for t in trials]
     need = max(args.sizes) + args.needles * (PASSAGE_TOKENS + 200) + TAIL_TOKENS + 1024

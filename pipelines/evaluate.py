@@ -125,15 +125,6 @@ def _tokenizer(config: LongMemConfig):
     return AutoTokenizer.from_pretrained(resolve_backbone(config.backbone.name))
 
 
-def _chat_turn(tok):
-    """text -> one user turn and the assistant's opening, as the serve's chat route renders it;
-    None for a tokenizer without a chat template."""
-    if not getattr(tok, "chat_template", None):
-        return None
-    return lambda text: tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                add_generation_prompt=True)
-
-
 def _read_texts(paths: list[str], text_field: str) -> tuple[list[tuple[str, str]], dict]:
     """(doc_id, text) of every usable document, read by the shared Ray Data corpus reader."""
     from pipelines.corpus import read_documents
@@ -175,11 +166,11 @@ def build_items(job: EvalJob, settings: EvalSettings, config: LongMemConfig, pro
             items += got
             skipped = _merge(skipped, sk)
     elif task == "recall":
-        from longmem.evaluation.recall import recall_items
+        from longmem.evaluation.recall import chat_turn, recall_items
 
         texts, skipped = _read_texts(job.data, job.text_field)
         try:
-            items, more = recall_items(texts, tokenize, settings, chat=_chat_turn(tok))
+            items, more = recall_items(texts, tokenize, settings, chat=chat_turn(tok))
         except ValueError as e:
             raise EvalError(str(e)) from None
     else:

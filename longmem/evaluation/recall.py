@@ -102,6 +102,15 @@ def chat_question(question: str) -> str:
     return text[:1].upper() + text[1:]
 
 
+def chat_turn(tok):
+    """text -> one user turn and the assistant's opening, as the serve's chat route renders it;
+    None for a tokenizer without a chat template."""
+    if not getattr(tok, "chat_template", None):
+        return None
+    return lambda text: tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                add_generation_prompt=True)
+
+
 def split_sentences(text: str) -> list[str]:
     text = " ".join(text.split())
     return [s for s in re.split(r"(?<=[.!?])\s+", text) if s]
