@@ -10,6 +10,7 @@ from conftest import tiny_longmem
 from longmem.config import LongMemConfig
 from longmem.memory.encoder import MemoryEncoder, write_memory_dir
 from longmem.memory import CombinedMemory, StoreError
+from longmem.memory.base import import_faiss
 from longmem.memory.store import MemoryStore, list_shards
 from longmem.model import InputError, LongMem
 
@@ -246,6 +247,10 @@ def test_ivf_shards_keep_their_lists_on_disk_and_at_full_probe_equal_exact_searc
     index_files = {p.name for p in next((tmp_path / "moved").glob("shard-*")).joinpath("index").iterdir()}
     assert index_files == {f"head-{h}.{ext}" for h in range(2) for ext in ("faiss", "ivfdata")}
     exact, ivf = MemoryStore.open(tmp_path / "flat"), MemoryStore.open(tmp_path / "moved", nprobe=10_000, verify=True)
+    faiss = import_faiss()
+    for index in ivf.shards[0].indexes:  # float16 codes, read in place (no prefetch threads per search)
+        assert type(index).__name__ == "IndexIVFScalarQuantizer"
+        assert faiss.downcast_InvertedLists(index.invlists).prefetch_nthread == 0
     queries = torch.randn(2, 6, 4, 16, generator=torch.Generator().manual_seed(7))
     a, b = exact.search(queries, 16, with_next=True), ivf.search(queries, 16, with_next=True)
     assert torch.equal(a.positions, b.positions) and torch.equal(a.token_ids, b.token_ids)

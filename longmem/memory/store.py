@@ -10,8 +10,8 @@
                                document goes on in the next shard
         index/head-<h>.npy     exact index of KV head h: (N, D) float32 chunk keys (mean of the
                                chunk's token keys; unit length for cosine), memory-mapped
-        index/head-<h>.faiss   or an IVF / IVF-PQ index over the same vectors, its inverted lists
-          + head-<h>.ivfdata   on disk beside it (memory-mapped)
+        index/head-<h>.faiss   or an IVF (float16 codes) / IVF-PQ index over the same vectors,
+          + head-<h>.ivfdata   its inverted lists on disk beside it (memory-mapped)
 
 A memory is one sequence of windows (documents in id order) cut into shards by token ranges, so a
 long document spreads over several shards. Chunks are cut exactly as a MemoryBank cuts one
@@ -99,6 +99,11 @@ class ExactKeys:
         return _to_device(index, device)
 
 
+def _holds_codes(index) -> bool:
+    """Whether a faiss index scores lossy codes rather than the indexed vectors themselves."""
+    return "ScalarQuantizer" in type(index).__name__ or "PQ" in type(index).__name__  # CPU and GPU classes
+
+
 def open_head_index(directory: Path, h: int, device: str):
     """KV head h's index in a shard's index folder: exact (memory-mapped matrix) or faiss."""
     faiss = import_faiss()
@@ -110,6 +115,10 @@ def open_head_index(directory: Path, h: int, device: str):
     if (directory / f"head-{h}.ivfdata").is_file():  # inverted lists on disk, found beside the index
         with _quiet_stdout():  # faiss prints the data file's new path on stdout
             index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
+        # By default every search starts 32 threads that touch the probed lists' pages ahead of the
+        # scan: for one decode step's query that costs several times the scan itself. The lists
+        # are read where the scan touches them.
+        faiss.downcast_InvertedLists(index.invlists).prefetch_nthread = 0
     else:
         index = faiss.read_index(str(path))
     return _to_device(index, device)
@@ -211,15 +220,17 @@ class MemoryShard:
             self.next_joined[-1] = True
         if self.num_chunks and self.edge_prev_id is not None:
             self.prev_joined[0] = True
-        # Product-quantised scores are coarse (recall@16 ~0.35 on real keys, docs/results.md): fetch
-        # rerank x k candidates and score them exactly from the memory-mapped keys.
-        self.rerank = rerank if self.meta.get("index") == "ivfpq" else 0
         self.indexes = []
         for h in range(spec.num_kv_heads):
             index = open_head_index(self.directory / "index", h, device)
             if hasattr(index, "nprobe"):  # the probes measured to keep the target recall, unless asked
                 index.nprobe = min(nprobe or self.meta.get("nprobe", 32), index.nlist)
             self.indexes.append(index)
+        # Product-quantised scores are coarse (recall@16 ~0.35 on real keys, docs/results.md): fetch
+        # rerank x k candidates and score them exactly from the memory-mapped keys. Lists of
+        # float16 codes find the right chunks but round their scores: rescore the k found, so every
+        # index kind returns exact scores (shards and memories are merged by score).
+        self.rerank = rerank if self.meta.get("index") == "ivfpq" else int(_holds_codes(self.indexes[0]))
 
     @property
     def doc_ids(self) -> list[str]:

@@ -37,7 +37,8 @@ KMEANS_ITERATIONS = 10
 # An IVF shard is probed with the fewest lists that keep this recall@64 against exact search,
 # measured on the shard's own keys when it is written (the serving default; an explicit nprobe wins).
 TARGET_RECALL = 0.95
-NPROBE_STEPS = (16, 32, 64, 128, 256, 512, 1024)
+IVF_CODES = "QT_fp16"  # what an IVF list stores of each vector (faiss.ScalarQuantizer type)
+NPROBE_STEPS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 BLOCK_ROWS = 65_536  # rows read, converted and indexed at a time while a shard is finished
 
 
@@ -150,7 +151,10 @@ def _empty_ivf(kind: str, d: int, n: int, seed: int = 0):
     quantizer = faiss.IndexFlatIP(d)
     nlist = _ivf_lists(n)
     if kind == "ivf":
-        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        # Lists hold float16 codes: the keys are stored in 16 bits, so float32 lists would only
+        # double what a probe reads; a shard rescores its hits from the stored keys (MemoryShard).
+        index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, getattr(faiss.ScalarQuantizer, IVF_CODES),
+                                              faiss.METRIC_INNER_PRODUCT, False)
     else:
         index = faiss.IndexIVFPQ(quantizer, d, nlist, d // 4, 8, faiss.METRIC_INNER_PRODUCT)
         index.pq.cp.seed = seed  # deterministic training: a rebuilt shard is byte-identical
