@@ -20,7 +20,8 @@ Figures, one JSON line each, then a summary line:
   * recall@k of the approximate index at its serving nprobe (the one the shard measured when it
     was written, for recall@64 >= 0.95 on its own keys) against exact search over the same
     stored keys, with fresh queries drawn like the memory.
-  * generation: the model decoding with each memory: prompt latency and ms per generated token.
+  * generation: the model decoding with each memory: prompt latency and ms per generated token,
+    medians of --generate-repeats generations.
   * serving RAM: anonymous RSS a process adds when it opens the memory (the rest is page cache).
 Ratios are against the 65,536-token memory measured in the same run.
 """
@@ -42,6 +43,7 @@ import torch
 from common import AUSTEN, machine, timeit
 from longmem.backbone import cache_dir
 from longmem.loading import load_model
+from longmem.memory import writer
 from longmem.memory.encoder import MemoryEncoder, write_memory_dir
 from longmem.memory.store import MemoryStore
 from longmem.memory.writer import write_manifest
@@ -209,6 +211,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=24)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--recall-queries", type=int, default=200)
+    ap.add_argument("--generate-repeats", type=int, default=3, help="model generations timed per memory (median)")
     ap.add_argument("--nprobe", type=int, help="IVF probes (default: each shard's, measured when it was written)")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -217,10 +220,13 @@ def main():
     tag = hashlib.sha1(json.dumps(spec.__dict__, sort_keys=True).encode()).hexdigest()[:12]
     root = cache_dir() / "bench" / "scale" / tag
     base_dir = real_memory(model, root / f"real-{BASE}")
+    # the large memories are rebuilt when the writer's index settings change
+    layout = hashlib.sha1(json.dumps([writer.IVF_CODES, writer.NPROBE_STEPS, writer.MAX_IVF_LISTS, writer.TRAIN_SAMPLE,
+                                      writer.TRAIN_PER_LIST]).encode()).hexdigest()[:8]
     gen = TokenKeys(MemoryStore.open(base_dir))
     memories = {BASE: base_dir}
     for size in sorted(s for s in args.sizes if s != BASE):
-        memories[size] = root / f"synthetic-{size}"
+        memories[size] = root / f"synthetic-{size}-{layout}"
         fig = synthetic_memory(spec, gen, size, memories[size], model.config.memory.window)
         print(json.dumps(fig), flush=True)
     k = model.config.memory.retrieve_tokens // spec.chunk_size
@@ -253,13 +259,16 @@ def main():
                                                       zip(rows.reshape(-1, k), exact.reshape(-1, k))])), 4)
         # the model decoding with this memory
         model.generate(ids[:, :64], store, max_new_tokens=2)
-        t0 = time.perf_counter()
-        model.generate(ids, store, max_new_tokens=1)
-        prompt_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        model.generate(ids, store, max_new_tokens=args.new_tokens + 1)
-        decode_s = time.perf_counter() - t0 - prompt_s
-        row.update(generate_prompt_ms=round(1000 * prompt_s), generate_ms_per_token=round(1000 * decode_s / args.new_tokens, 1))
+        prompts, decodes = [], []
+        for _ in range(args.generate_repeats):  # medians: one call moves with what the page cache holds
+            t0 = time.perf_counter()
+            model.generate(ids, store, max_new_tokens=1)
+            prompts.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            model.generate(ids, store, max_new_tokens=args.new_tokens + 1)
+            decodes.append((time.perf_counter() - t0 - prompts[-1]) / args.new_tokens)
+        row.update(generate_prompt_ms=round(1000 * statistics.median(prompts)),
+                   generate_ms_per_token=round(1000 * statistics.median(decodes), 1))
         results[size] = row
         print(json.dumps(row), flush=True)
         del store
