@@ -244,6 +244,7 @@ def test_ivf_shards_keep_their_lists_on_disk_and_at_full_probe_equal_exact_searc
     assert shard["index"] == "ivf"
     meta = json.loads(next((tmp_path / "moved").glob("shard-*")).joinpath("shard.json").read_text())
     assert meta["recall@64"] >= 0.95 and 1 <= meta["nprobe"] <= meta["nlist"]  # probes measured on its own keys
+    assert meta["codes"] == "float16"  # a shard that holds codes says so: its hits are rescored
     index_files = {p.name for p in next((tmp_path / "moved").glob("shard-*")).joinpath("index").iterdir()}
     assert index_files == {f"head-{h}.{ext}" for h in range(2) for ext in ("faiss", "ivfdata")}
     exact, ivf = MemoryStore.open(tmp_path / "flat"), MemoryStore.open(tmp_path / "moved", nprobe=10_000, verify=True)

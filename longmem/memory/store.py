@@ -99,11 +99,6 @@ class ExactKeys:
         return _to_device(index, device)
 
 
-def _holds_codes(index) -> bool:
-    """Whether a faiss index scores lossy codes rather than the indexed vectors themselves."""
-    return "ScalarQuantizer" in type(index).__name__ or "PQ" in type(index).__name__  # CPU and GPU classes
-
-
 def open_head_index(directory: Path, h: int, device: str):
     """KV head h's index in a shard's index folder: exact (memory-mapped matrix) or faiss."""
     faiss = import_faiss()
@@ -230,7 +225,8 @@ class MemoryShard:
         # rerank x k candidates and score them exactly from the memory-mapped keys. Lists of
         # float16 codes find the right chunks but round their scores: rescore the k found, so every
         # index kind returns exact scores (shards and memories are merged by score).
-        self.rerank = rerank if self.meta.get("index") == "ivfpq" else int(_holds_codes(self.indexes[0]))
+        # (Shards written before the codes have float32 lists and no "codes" entry.)
+        self.rerank = rerank if self.meta.get("index") == "ivfpq" else int(self.meta.get("codes") == "float16")
 
     @property
     def doc_ids(self) -> list[str]:

@@ -37,7 +37,7 @@ KMEANS_ITERATIONS = 10
 # An IVF shard is probed with the fewest lists that keep this recall@64 against exact search,
 # measured on the shard's own keys when it is written (the serving default; an explicit nprobe wins).
 TARGET_RECALL = 0.95
-IVF_CODES = "QT_fp16"  # what an IVF list stores of each vector (faiss.ScalarQuantizer type)
+IVF_CODES = "float16"  # what an IVF list stores of each vector (recorded in shard.json as "codes")
 NPROBE_STEPS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 BLOCK_ROWS = 65_536  # rows read, converted and indexed at a time while a shard is finished
 
@@ -153,7 +153,7 @@ def _empty_ivf(kind: str, d: int, n: int, seed: int = 0):
     if kind == "ivf":
         # Lists hold float16 codes: the keys are stored in 16 bits, so float32 lists would only
         # double what a probe reads; a shard rescores its hits from the stored keys (MemoryShard).
-        index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, getattr(faiss.ScalarQuantizer, IVF_CODES),
+        index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_fp16,
                                               faiss.METRIC_INNER_PRODUCT, False)
     else:
         index = faiss.IndexIVFPQ(quantizer, d, nlist, d // 4, 8, faiss.METRIC_INNER_PRODUCT)
@@ -368,6 +368,7 @@ class ShardWriter:
             "documents_digest": digest,
             "index": self.kind,
             "index_requested": self.requested,
+            **({"codes": IVF_CODES} if self.kind == "ivf" else {}),
             "edges": meta_edges,
             # the probes a search uses by default, and the recall they kept on this shard's keys
             **({"nprobe": max(p["nprobe"] for p in probes), "nlist": probes[0]["nlist"],
