@@ -260,3 +260,31 @@ def test_ivf_shards_keep_their_lists_on_disk_and_at_full_probe_equal_exact_searc
     from longmem.memory.writer import index_kind_for
 
     assert index_kind_for("auto", 1000, 64) == "flat" and index_kind_for("auto", 10_000_000, 64) == "ivf"
+
+
+def test_prewarm_reads_what_a_search_reads_index_first_within_its_budget(tmp_path, monkeypatch):
+    """Prewarming reads every shard's index files, then keys, then values, in that order, stops
+    at its budget, and leaves searches as they were."""
+    import longmem.memory.store as store_module
+
+    model = tiny_longmem("llama", **dict(SETTINGS, memory__chunk_size=1, memory__retrieve_tokens=16))
+    docs = [(f"d{i}", torch.randint(0, 100, (n,), generator=torch.Generator().manual_seed(i)).numpy())
+            for i, n in enumerate((300, 200))]
+    write_memory_dir(tmp_path / "mem", encoder_for(model), docs, shards=2, index="ivf")
+    store = MemoryStore.open(tmp_path / "mem")
+    queries = torch.randn(1, 4, 4, 16, generator=torch.Generator().manual_seed(3))
+    before = store.search(queries, 16, with_next=True)
+    read = []
+    real = store_module.prewarm_files
+    monkeypatch.setattr(store_module, "prewarm_files", lambda paths, budget: read.extend(paths) or real(paths, budget))
+    result = store.prewarm(budget_bytes=10**12)
+    tiers = [[p for shard in store.shards for p in shard.search_files()[t]] for t in range(3)]
+    assert read == tiers[0] + tiers[1] + tiers[2]
+    assert [p.name for p in tiers[0]] == [f"head-{h}.ivfdata" for _ in range(2) for h in range(2)]
+    total = sum(p.stat().st_size for p in read)
+    assert result["bytes"] == result["of_bytes"] == total and result["complete"]
+    part = store.prewarm(budget_bytes=1000)
+    assert part["bytes"] == 1000 and not part["complete"]
+    assert store.prewarm()["bytes"] > 0  # the default budget: a share of the memory available
+    after = store.search(queries, 16, with_next=True)
+    assert torch.equal(before.positions, after.positions) and torch.equal(before.scores, after.scores)

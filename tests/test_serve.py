@@ -278,6 +278,13 @@ def test_remote_shards_are_a_memory_that_searches_like_the_store(served):
         assert torch.equal(getattr(c, name), getattr(b, name)), name
         assert torch.equal(getattr(d, name), getattr(b, name)), name
     assert local.info()["bytes_received_per_query_token"] == 0
+    # Each replica that searches a built memory reads its files into the page cache as it starts.
+    local.prewarm.thread.join(timeout=60)
+    files = [p for shard in store.shards for tier in shard.search_files() for p in tier]
+    assert local.info()["prewarm"] == "done"
+    assert local.info()["prewarmed_bytes"] == sum(p.stat().st_size for p in files)
+    shard_info = handles[0].info.remote().result()
+    assert shard_info["prewarm"] == "done" and shard_info["prewarmed_bytes"] > 0
     remote.check_model(SERVED["model"].memory_spec)
     # Lean replies: each shard sends its scores and rows, and only the winners' keys, values and
     # neighbours come back, in the memory's dtype (not a full top-k of every shard).

@@ -317,7 +317,7 @@ def app_builder(args: dict):
         n = len(manifest["shards"])
         shards[name] = [
             MemoryShardServer.options(name=f"MemoryShard-{name}-{i}", **shard_options)
-            .bind(directory, i, a.nprobe, "cpu" if a.device == "cpu" else "auto")
+            .bind(directory, i, a.nprobe, "cpu" if a.device == "cpu" else "auto", a.prewarm_memory)
             for i in range(n)
         ]
     options = {"ray_actor_options": resources(a.model_cpus, a.model_gpus), "max_ongoing_requests": a.max_ongoing_requests,

@@ -37,7 +37,7 @@ class LongMemServer:
         # A memory without shard deployments is small enough to search here (replica_search_tokens).
         self.memories = {name: RemoteMemory(name, self.args.memories[name], handles) if handles else
                          LocalMemory(name, self.args.memories[name], self.args.nprobe,
-                                     "cpu" if device == "cpu" else "auto")
+                                     "cpu" if device == "cpu" else "auto", self.args.prewarm_memory)
                          for name, handles in shard_handles.items()}
         for memory in self.memories.values():
             memory.check_model(self.model.memory_spec)

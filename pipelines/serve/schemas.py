@@ -61,6 +61,10 @@ class ServeArgs(BaseModel):
     device: str = "auto"
     dtype: str = "auto"
     nprobe: int | None = None  # IVF lists a shard search probes (None: each shard's measured setting)
+    # Each replica that searches a built memory reads its files into the page cache on a background
+    # thread when it starts (up to half the memory the node has available), so that its first
+    # searches do not read every page from disk one at a time (`MemoryStore.prewarm`).
+    prewarm_memory: bool = True
     log_encoding: str = "TEXT"  # the deployments' logs: "TEXT" or "JSON" (one object a line, with request ids)
     docs: bool = True  # /docs, /redoc and /openapi.json (always closed when API keys are set)
     api_keys_file: str | None = None  # one key per line (a mounted secret); added to api_keys

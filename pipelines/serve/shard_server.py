@@ -3,6 +3,7 @@ memory a model replica searches itself (a built memory too small to be worth the
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,16 +23,45 @@ def search_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() and hasattr(import_faiss(), "StandardGpuResources") else "cpu"
 
 
+class Prewarm:
+    """Reads a store's files into the page cache on a daemon thread (`MemoryStore.prewarm`), so a
+    replica that just started does not pay for every cold page in its first searches. Searches
+    run meanwhile. `state()` is what `info()` reports."""
+
+    def __init__(self, store, enabled: bool = True):
+        self.result, self.error, self.thread = None, None, None
+        if enabled:
+            self.thread = threading.Thread(target=self._run, args=(store,), name="prewarm", daemon=True)
+            self.thread.start()
+
+    def _run(self, store):
+        try:
+            self.result = store.prewarm()
+        except OSError as e:  # a file that cannot be read fails its searches too, with the error
+            self.error = str(e)
+
+    def state(self) -> dict:
+        if self.thread is None:
+            return {"prewarm": "off"}
+        if self.error is not None:
+            return {"prewarm": "failed", "prewarm_error": self.error}
+        if self.result is None:
+            return {"prewarm": "running"}
+        return {"prewarm": "done", "prewarmed_bytes": self.result["bytes"], "prewarm_seconds": self.result["seconds"]}
+
+
 @serve.deployment(max_ongoing_requests=64)
 class MemoryShardServer:
     """One shard of a built memory; concurrent searches are batched into one faiss call."""
 
-    def __init__(self, memory_dir: str, shard: int, nprobe: int | None = None, device: str = "auto"):
+    def __init__(self, memory_dir: str, shard: int, nprobe: int | None = None, device: str = "auto",
+                 prewarm: bool = True):
         from longmem.memory.store import MemoryStore, read_manifest
 
         self.device = device = search_device(device)
         self.store = MemoryStore.open(memory_dir, shards=[shard], nprobe=nprobe, device=device)
         self.shard = self.store.shards[0]
+        self.prewarm = Prewarm(self.store, prewarm)
         self.offset = sum(s["chunks"] for s in read_manifest(memory_dir)["shards"][:shard])
         self.latency = _histogram("longmem_shard_search_seconds", "one batched faiss search of a shard", ("shard",))
         self.tags = {"shard": f"{memory_dir.rstrip('/').rsplit('/', 1)[-1]}-{shard}"}
@@ -64,7 +94,7 @@ class MemoryShardServer:
         return self.shard.gather_at(rows, kv_heads, with_next)
 
     def info(self) -> dict:
-        return {"chunks": self.shard.num_chunks, "offset": self.offset, "device": self.device}
+        return {"chunks": self.shard.num_chunks, "offset": self.offset, "device": self.device, **self.prewarm.state()}
 
 
 class RemoteMemory:
@@ -152,13 +182,14 @@ class LocalMemory:
 
     read_only = True
 
-    def __init__(self, name: str, directory: str, nprobe: int | None = None, device: str = "cpu"):
+    def __init__(self, name: str, directory: str, nprobe: int | None = None, device: str = "cpu", prewarm: bool = True):
         import torch
 
         from longmem.memory.store import MemoryStore
 
         self.name, self.directory = name, directory
         self.store = MemoryStore.open(directory, nprobe=nprobe, device=search_device(device))
+        self.prewarm = Prewarm(self.store, prewarm)
         self.manifest, self.spec = self.store.manifest, self.store.spec
         self.num_kv_heads, self.head_dim, self.chunk_size = self.spec.num_kv_heads, self.spec.head_dim, self.spec.chunk_size
         self.device = torch.device("cpu")
@@ -193,7 +224,7 @@ class LocalMemory:
 
     def info(self) -> dict:
         return {"name": self.name, "shards": len(self.store.shards), "searched_in": "model replica",
-                **self.manifest["totals"], "bytes_received_per_query_token": 0}
+                **self.manifest["totals"], "bytes_received_per_query_token": 0, **self.prewarm.state()}
 
 
 def _retrieval_histogram():
