@@ -181,6 +181,8 @@ def test_more_shards_than_windows_leaves_empty_shards_that_search_fine(tmp_path,
     torch.testing.assert_close(model(query, bank=store).logits, model(query, bank=MemoryStore.open(tmp_path / "one")).logits)
     hits = store.search(torch.randn(1, 3, 4, 16), k=5, with_next=True)
     assert hits.token_ids.shape == (1, 4, 3, 5, 4)
+    warmed = store.prewarm(budget_bytes=10**12)  # empty shards too
+    assert warmed["complete"] and warmed["bytes"] > 0
 
 
 def test_every_memory_keeps_the_contract_and_returns_the_same_retrieval(tmp_path):

@@ -275,7 +275,8 @@ class MemoryShard:
         index = self.directory / "index"
         lists = [p for h in range(self.spec.num_kv_heads) for p in (index / f"head-{h}.npy", index / f"head-{h}.ivfdata")
                  if p.is_file()]
-        return [lists, [self.directory / "keys.npy"], [self.directory / "values.npy"]]
+        return [lists, [p for p in (self.directory / "keys.npy",) if p.is_file()],
+                [p for p in (self.directory / "values.npy",) if p.is_file()]]
 
     @property
     def doc_ids(self) -> list[str]:
