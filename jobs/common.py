@@ -16,6 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `ray job submit --working-dir .` runs from the repo root, but be sure
     sys.path.insert(0, str(ROOT))
 
+from pipelines.ray_env import prepare_torch_env  # noqa: E402
+
+prepare_torch_env()  # before anything imports torch
+
 CONFIGS = ROOT / "jobs" / "configs"
 
 

@@ -43,6 +43,16 @@ class LongMemOutput:
     readout: MemoryReadout | None = None  # what the memory layer read (None without a memory)
 
 
+def next_token_nll(logits: torch.Tensor, labels: torch.Tensor, log_probs: bool) -> torch.Tensor:
+    """(B, T, V) outputs and (B, T) labels -> (B, T-1) NLL of each next token (0 where the label is
+    -100). `log_probs`: the outputs are already normalised log-probabilities (a copy head's), whose
+    NLL is the cross-entropy without a second log-softmax over the vocabulary."""
+    flat = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    targets = labels[:, 1:].reshape(-1)
+    loss = F.nll_loss if log_probs else F.cross_entropy
+    return loss(flat, targets, ignore_index=-100, reduction="none").view(labels.shape[0], -1)
+
+
 class LongMem(nn.Module):
     def __init__(self, backbone: nn.Module, config: LongMemConfig, tokenizer=None):
         super().__init__()
@@ -128,6 +138,11 @@ class LongMem(nn.Module):
         super().train(mode)
         self.backbone.eval()  # frozen means no dropout either
         return self
+
+    @property
+    def returns_log_probs(self) -> bool:
+        """Whether forward's logits are log-probabilities (a copy head mixes them) or raw logits."""
+        return self.sidenet.memory_copy is not None
 
     @property
     def device(self) -> torch.device:
@@ -251,9 +266,8 @@ class LongMem(nn.Module):
 
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
-            )
+            scored = labels[:, 1:] != -100
+            loss = next_token_nll(logits, labels, self.returns_log_probs).sum() / scored.sum()
         if update_memory:
             keys, values = self.memory_entries(input_ids, context_ids, states.memory_keys, states.memory_values)
             bank.add(keys, values, token_ids=input_ids, streams=streams)

@@ -122,15 +122,17 @@ def next_token_read(retrieval: MemoryRetrieval, temperature: torch.Tensor, prev_
     return out.reshape(B, Hq, T, D), weights, (weights * cos.masked_fill(~mask, 0.0)).sum(-1)
 
 
-def id_totals(ids: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
-    """(..., N) token ids and their masses -> (..., N): the total mass of each entry's id in its row,
-    i.e. p_copy(id) gathered back at every entry, without a vocabulary-sized tensor."""
-    sorted_ids, order = ids.sort(dim=-1)
+def id_totals(ids: torch.Tensor, mass: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., N) token ids and their masses -> the total mass of each entry's id in its row (..., N),
+    i.e. p_copy(id) gathered back at every entry, without a vocabulary-sized tensor; and whether each
+    entry is the first of its id in its row (..., N) bool, one representative per id."""
+    sorted_ids, order = ids.sort(dim=-1, stable=True)
     starts = torch.ones_like(sorted_ids, dtype=torch.bool)
     starts[..., 1:] = sorted_ids[..., 1:] != sorted_ids[..., :-1]
     segment = starts.long().cumsum(-1) - 1  # (..., N) which run of equal ids each sorted entry is in
     sums = torch.zeros_like(mass).scatter_add_(-1, segment, mass.gather(-1, order))
-    return torch.empty_like(mass).scatter_(-1, order, sums.gather(-1, segment))
+    totals = torch.empty_like(mass).scatter_(-1, order, sums.gather(-1, segment))
+    return totals, torch.empty_like(starts).scatter_(-1, order, starts)
 
 
 class MemoryCopy(nn.Module):
@@ -201,18 +203,22 @@ class MemoryCopy(nn.Module):
             readout.copy_gate = torch.zeros(read.shape, device=read.device)
             return torch.log_softmax(logits, dim=-1).to(dtype)
         norm = torch.logsumexp(logits, dim=-1, keepdim=True)  # log p_model = logits - norm
-        copy = id_totals(ids, mass)  # (B, T, N) p_copy at each entry's id
+        copy, first = id_totals(ids, mass)  # (B, T, N) p_copy at each entry's id; one entry per id
         z = self.gate_logit(hidden, readout, copy.max(-1).values)
         readout.copy_gate = torch.where(read, torch.sigmoid(z[..., 0]), torch.zeros((), device=z.device)).detach()
         keep = torch.where(read[..., None], F.logsigmoid(-z), torch.zeros((), device=z.device))  # (B, T, 1)
         index = ids.clamp_min(0)
         # log((1 - g) p + g c) in log space: stable where p or c is tiny and where g saturates
         mixed = torch.logaddexp(keep + logits.gather(-1, index) - norm, F.logsigmoid(z) + copy.clamp_min(1e-30).log())
-        mixed = torch.where(read[..., None] & (ids >= 0) & (copy > 0), mixed, torch.full_like(mixed, float("-inf")))
-        # One pass over the vocabulary: log(1 - g) + log p_model. The mix is never below it, so a
-        # max keeps the mix; entries that copy nothing leave their id alone, however many share it.
+        # One pass over the vocabulary: log(1 - g) + log p_model, then each read id's mix added at
+        # one entry of that id (the others add 0). The mix is never below the first term; the max
+        # keeps it so where rounding says otherwise. An added difference, not a scatter-max over
+        # the vocabulary, so the backward pass is a gather of the few read ids.
         out = logits - (norm - keep)
-        return out.scatter_reduce_(-1, index, mixed, reduce="amax", include_self=True).to(dtype)
+        base = out.gather(-1, index)
+        delta = torch.where(read[..., None] & (ids >= 0) & (copy > 0) & first, torch.maximum(mixed, base) - base,
+                            torch.zeros((), device=mixed.device))
+        return out.scatter_add(-1, index, delta).to(dtype)
 
 
 class SideLayer(nn.Module):

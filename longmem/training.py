@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .loading import DTYPES, inference_dtype
-from .model import InputError, LongMem
+from .model import InputError, LongMem, next_token_nll
 
 CURRICULUM_KINDS = ("plain", "repeat", "passkey", "facts")
 PASSKEY_FACT = " The pass key is {key}. Remember it. {key} is the pass key."
@@ -397,8 +397,7 @@ def train_step(model: LongMem, episodes: list[list[Episode]], optimizer, schedul
                                 previous_ids=ids[:, j * W - 1] if j else None, context_ids=model.memory_context(ids, j * W))
                 if weights is not None:
                     # Mean over scored tokens, the answer's tokens counted answer_weight times.
-                    nll = torch.nn.functional.cross_entropy(out.logits[:, :-1].float().transpose(1, 2), lab[:, 1:],
-                                                            ignore_index=-100, reduction="none")
+                    nll = next_token_nll(out.logits, lab, model.returns_log_probs)
                     scored = (lab[:, 1:] != -100).float() * weights
                     out.loss = (nll * scored).sum() / scored.sum()
                 (out.loss / (k * len(episodes))).backward()

@@ -12,6 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+from pipelines.ray_env import prepare_torch_env
+
+prepare_torch_env()  # before longmem imports torch
+
 from longmem.backbone import BackboneError
 from longmem.config import DEFAULT_BACKBONE, PRESETS, ConfigError
 from longmem.evaluation import EvalError

@@ -577,6 +577,15 @@ def test_copy_mix_at_the_read_ids_equals_the_full_vocabulary_mix():
     dense = torch.where(read[..., None], dense, log_model)
     torch.testing.assert_close(out.logits, dense, atol=1e-5, rtol=1e-5)
     assert bool((torch.sigmoid(z[0, 1:10, 0]) > 0.5).any())  # the gate opens somewhere on the repeat
+    # The same gradients as a cross-entropy over the dense mix: to the copy head, the hidden state
+    # and the LM's logits (the loss reads the log-probabilities without a second log-softmax).
+    hidden, logits = captured["inputs"][:2]
+    wrt = [hidden, logits, *copy.parameters()]
+    dense_loss = torch.nn.functional.cross_entropy(dense[0, :-1], x[0, 1:])
+    torch.testing.assert_close(out.loss, dense_loss, atol=1e-5, rtol=1e-5)
+    for fast, reference in zip(torch.autograd.grad(out.loss, wrt, retain_graph=True),
+                               torch.autograd.grad(dense_loss, wrt, retain_graph=True)):
+        torch.testing.assert_close(fast, reference, atol=1e-6, rtol=1e-4)
     out.loss.backward()
     assert copy.gate.bias.grad is not None and copy.head_logits.grad.abs().sum() > 0
 
