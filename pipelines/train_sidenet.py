@@ -57,6 +57,10 @@ class TrainJob:
     # (LongMem.calibrate_key_center); a checkpoint keeps its own.
     key_center_tokens: int = 8192
     train: dict = field(default_factory=dict)  # TrainConfig fields
+    # The local window the final model reads at (its config's memory.window), where it differs from
+    # the window it trains at: a runtime setting, so a model trained on short segments can read
+    # longer ones. None: the training window.
+    read_window: int | None = None
     # Later stages, each continuing the one before: TrainConfig fields over `train` (the recipe's
     # second stage trains the copy head alone). Each is its own resumable run, `<name>-stage<k>`.
     then: list[dict] = field(default_factory=list)
@@ -94,6 +98,10 @@ class TrainJob:
             raise InputError(f"workers must be positive, got {self.workers}")
         if self.key_center_tokens < 0:
             raise InputError(f"key_center_tokens must be >= 0, got {self.key_center_tokens}")
+        if self.read_window is not None:
+            if not isinstance(self.read_window, int) or self.read_window <= 0:
+                raise InputError(f"read_window must be a positive number of tokens, got {self.read_window!r}")
+            self.model.config().with_overrides({"memory.window": self.read_window})  # a ConfigError if it cannot be
         refuse_non_checkpoint(Path(self.out))
         for eval_job in self.eval_jobs(self.model):  # before hours of training, not after
             eval_job.validate()
@@ -285,11 +293,29 @@ def run_training(job: TrainJob, address: str | None = None, progress=print) -> d
         if job.stop_after and summaries[-1]["steps"] < stage.train_config().steps:
             return summaries[-1]  # stopped early: the run stays resumable
     summary = {**summaries[-1], "stages": summaries, "seconds": round(sum(s["seconds"] for s in summaries), 1)}
+    if job.read_window:
+        set_read_window(Path(job.out), job.read_window)
+        summary["read_window"] = job.read_window
     if len(stages) > 1:
         (Path(job.out) / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     if job.evaluate:
         summary["evaluation"] = evaluate_model(job, address, progress)
     return summary
+
+
+def set_read_window(checkpoint: Path, window: int) -> None:
+    """Write `window` as the checkpoint's memory.window (checked as any runtime setting is), atomically."""
+    from longmem.config import LongMemConfig
+    from longmem.model import CONFIG_NAME
+
+    path = checkpoint / CONFIG_NAME
+    config = LongMemConfig.load(path)
+    if config.memory.window == window:
+        return
+    updated = config.with_overrides({"memory.window": window}, checkpoint=True)
+    tmp = path.with_name(f".{CONFIG_NAME}.tmp")
+    updated.save(tmp)
+    tmp.replace(path)
 
 
 def evaluate_model(job: TrainJob, address: str | None = None, progress=print) -> dict:

@@ -111,6 +111,8 @@ def test_bad_training_data_is_a_clear_error(ray_local, tiny_dir, tmp_path):
         run_training(job(tiny_dir, tmp_path / "missing", tmp_path / "o", "missing", tmp_path / "runs"))
     with pytest.raises(InputError, match="unknown curriculum kind"):
         run_training(job(tiny_dir, short, tmp_path / "o", "bad", tmp_path / "runs", train={"curriculum": "copy:1"}))
+    with pytest.raises(InputError, match="read_window must be a positive number of tokens"):
+        run_training(job(tiny_dir, short, tmp_path / "o", "bad", tmp_path / "runs", read_window=0))
 
 
 def test_continuing_a_checkpoint_may_change_only_settings_no_weight_depends_on(tiny_dir, tmp_path):
@@ -152,7 +154,7 @@ def test_a_two_stage_job_trains_the_copy_head_second_and_skips_a_finished_stage(
     import dataclasses
 
     j = dataclasses.replace(job(tiny_dir, corpus, tmp_path / "final", "staged", tmp_path / "runs"), workers=1,
-                            cpus_per_worker=1.0, then=[{"copy_head_only": True, "steps": 2}],
+                            cpus_per_worker=1.0, then=[{"copy_head_only": True, "steps": 2}], read_window=64,
                             evaluate=[{"task": "perplexity", "data": str(corpus / "part0.txt"),
                                        "settings": {"max_doc_tokens": 256}}])
     first_out = j.stages()[0].out
@@ -160,11 +162,14 @@ def test_a_two_stage_job_trains_the_copy_head_second_and_skips_a_finished_stage(
     assert [s["steps"] for s in summary["stages"]] == [6, 2]
     first = LongMem.from_pretrained(first_out, backbone=longmem_on(str(tiny_dir)).backbone)
     final = LongMem.from_pretrained(tmp_path / "final", backbone=first.backbone)
+    # both stages train at the model's window of 32; the final model reads at the job's read_window
+    assert (first.config.memory.window, final.config.memory.window) == (32, 64)
     before = first.sidenet.state_dict()
     for name, p in final.sidenet.state_dict().items():
         assert torch.equal(p, before[name]) != name.startswith("memory_copy."), name  # stage 2 moved the copy head only
     report = json.loads((tmp_path / "final" / "evaluation" / "perplexity" / "report.json").read_text())
     assert report["results"]["overall"]["scored_tokens"] > 0  # the job evaluated its model, next to it
+    assert report["model"]["window"] == 64
     assert summary["evaluation"]["perplexity"]["out"] == str(tmp_path / "final" / "evaluation" / "perplexity")
     weights = tmp_path / "final" / "sidenet.safetensors"
     written = weights.read_bytes()
@@ -175,3 +180,17 @@ def test_a_two_stage_job_trains_the_copy_head_second_and_skips_a_finished_stage(
     rerun = run_training(changed)  # new settings for stage 2: it is trained again, stage 1 is not
     assert rerun["stages"][1]["train"]["lr"] == 1e-3  # run again under the new settings (it resumes its run)
     assert rerun["stages"][0]["seconds"] == summary["stages"][0]["seconds"]
+
+
+def test_ray_workers_get_the_torch_allocator_settings(ray_local):
+    """Workers of a local Ray started by init_ray inherit TORCH_ENV (huge pages for large CPU
+    tensors), which torch reads when it is first imported in the worker."""
+    from pipelines.ray_env import TORCH_ENV
+
+    @ray_local.remote(num_cpus=0)
+    def worker_env():
+        import os
+
+        return {key: os.environ.get(key) for key in TORCH_ENV}
+
+    assert ray_local.get(worker_env.remote()) == TORCH_ENV
