@@ -47,7 +47,7 @@ class TrainConfig:
     """Defaults are the recipe (docs/results.md): what `jobs/train_sidenet.py` runs."""
 
     steps: int = 420
-    batch_size: int = 1
+    batch_size: int = 2  # episodes a step on each worker (rows of one bank, sharing distractors)
     segments_per_episode: int = 3
     train_segments: int = 1  # trailing segments trained on; earlier ones only fill memory
     lr: float = 3e-4

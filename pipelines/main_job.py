@@ -127,7 +127,7 @@ def run_main_job(job: MainJob) -> dict:
                               workers=1, cpus_per_worker=1.5, name=f"main-{digest}-{job.train_steps}",
                               storage_path=str(work / "train"), checkpoint_every=max(10, job.train_steps // 2),
                               log_every=10,
-                              train={"steps": job.train_steps, "warmup_steps": min(10, job.train_steps),
+                              train={"steps": job.train_steps, "batch_size": 1, "warmup_steps": min(10, job.train_steps),
                                      "curriculum": "plain:0.3,repeat:0.3,passkey:0.2,facts:0.2",
                                      "answer_weight": 5.0, "distractor_tokens": 0}),
                      address=job.address)
