@@ -208,14 +208,14 @@ class MemoryCopy(nn.Module):
         readout.copy_gate = torch.where(read, torch.sigmoid(z[..., 0]), torch.zeros((), device=z.device)).detach()
         keep = torch.where(read[..., None], F.logsigmoid(-z), torch.zeros((), device=z.device))  # (B, T, 1)
         index = ids.clamp_min(0)
+        base = keep + logits.gather(-1, index) - norm  # (B, T, N) log((1 - g) p_model) at the read ids
         # log((1 - g) p + g c) in log space: stable where p or c is tiny and where g saturates
-        mixed = torch.logaddexp(keep + logits.gather(-1, index) - norm, F.logsigmoid(z) + copy.clamp_min(1e-30).log())
+        mixed = torch.logaddexp(base, F.logsigmoid(z) + copy.clamp_min(1e-30).log())
         # One pass over the vocabulary: log(1 - g) + log p_model, then each read id's mix added at
         # one entry of that id (the others add 0). The mix is never below the first term; the max
         # keeps it so where rounding says otherwise. An added difference, not a scatter-max over
         # the vocabulary, so the backward pass is a gather of the few read ids.
         out = logits - (norm - keep)
-        base = out.gather(-1, index)
         delta = torch.where(read[..., None] & (ids >= 0) & (copy > 0) & first, torch.maximum(mixed, base) - base,
                             torch.zeros((), device=mixed.device))
         return out.scatter_add(-1, index, delta).to(dtype)
