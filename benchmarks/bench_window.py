@@ -8,8 +8,10 @@ window), LongMem with memory at each window and the backbone at each of --backbo
 Decoding: ms per generated token with the local context nearly full (window - new tokens in the KV
 caches), with memory, and the backbone with as many tokens in its cache. LongMem's window slides
 by half when full (the older half moves to memory, the rest is read again), which adds about one
-token's read to every generated token: `decode_with_slides_ms_per_token`. Ratios are against LongMem at 512 (the
-default window) measured in the same run. The quality side of the choice is
+token's read to every generated token: `decode_with_slides_ms_per_token`. Encoding: ms per token of
+writing text into memory window by window (the frozen backbone up to the memory layer, what a
+memory build runs per token; a memory is encoded at the window its model reads at). Ratios are
+against LongMem at 512 (the default training window) measured in the same run. The quality side of the choice is
 `longmem evaluate perplexity --window W` (docs/results.md § Choosing the local window).
 """
 
@@ -34,6 +36,7 @@ def main():
     ap.add_argument("--memory-tokens", type=int, default=65_536)
     ap.add_argument("--new", type=int, default=16, help="decode steps timed per reading and round")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--encode-tokens", type=int, default=8192, help="tokens written into memory per encoding reading")
     ap.add_argument("--checkpoint", help="a trained checkpoint (default: a fresh model shaped like one)")
     args = ap.parse_args()
     if BASELINE not in args.windows:
@@ -48,7 +51,7 @@ def main():
         model = as_trained(load_model(overrides=settings)).eval()
     bank = model.new_bank(1)
     fill_bank_with_real_keys(model, bank, args.memory_tokens)
-    text = real_text_ids(model.tokenizer, max(args.windows + args.backbone_windows), "emma.txt")
+    text = real_text_ids(model.tokenizer, max(args.windows + args.backbone_windows + [args.encode_tokens]), "emma.txt")
     n = args.new
 
     reading = {f"longmem_{w}": (lambda w=w: model(text[:, :w], bank=bank).logits) for w in args.windows}
@@ -72,11 +75,17 @@ def main():
             cache, logits = out.cache, out.logits[:, -1]
         return time.perf_counter() - t0
 
+    def encode(w):
+        for start in range(0, args.encode_tokens, w):
+            model.memory_entries(text[:, start : start + w], model.memory_context(text, start))
+
+    encoding = {f"longmem_{w}": (lambda w=w: encode(w)) for w in args.windows}
     decoding = {f"longmem_{w}": (lambda w=w: longmem_decode(w)) for w in args.windows}
     decoding |= {f"backbone_{w}": (lambda w=w: backbone_decode(w)) for w in args.backbone_windows}
 
     with torch.no_grad():
         read_s = interleaved(reading, rounds=args.rounds)
+        encode_s = interleaved(encoding, rounds=args.rounds)
         # each call prefills its prompt untimed and returns the seconds of its n decode steps
         steps = {name: [] for name in decoding}
         for _ in range(args.rounds):
@@ -91,14 +100,19 @@ def main():
     rows = {name: {"read_ms_per_token": round(read_ms[name], 3), "read_vs_longmem_512": round(read_ms[name] / base_read, 2),
                    "decode_ms_per_token": round(decode_ms[name], 1),
                    "decode_vs_longmem_512": round(decode_ms[name] / base_decode, 2)} for name in reading}
+    base_encode = encode_s[f"longmem_{BASELINE}"]
     for name, row in rows.items():
         if name.startswith("longmem_"):
             row["decode_with_slides_ms_per_token"] = round(decode_ms[name] + read_ms[name], 1)
+            row["encode_ms_per_token"] = round(1000 * encode_s[name] / args.encode_tokens, 3)
+            row["encode_vs_longmem_512"] = round(encode_s[name] / base_encode, 2)
     print(json.dumps({"machine": machine(), "memory_tokens": bank.num_tokens(0), "new_tokens": n,
                       "rounds": args.rounds, "readings": rows}, indent=2))
     for name, row in rows.items():
         print(f"{name:>14}: read {row['read_ms_per_token']:.2f} ms/token ({row['read_vs_longmem_512']:.2f}x), "
-              f"decode {row['decode_ms_per_token']:.1f} ms/token ({row['decode_vs_longmem_512']:.2f}x)")
+              f"decode {row['decode_ms_per_token']:.1f} ms/token ({row['decode_vs_longmem_512']:.2f}x)"
+              + (f", encode {row['encode_ms_per_token']:.2f} ms/token ({row['encode_vs_longmem_512']:.2f}x)"
+                 if "encode_ms_per_token" in row else ""))
 
 
 if __name__ == "__main__":
