@@ -21,7 +21,8 @@ Figures, one JSON line each, then a summary line:
     was written, for recall@64 >= 0.95 on its own keys) against exact search over the same
     stored keys, with fresh queries drawn like the memory.
   * generation: the model decoding with each memory: prompt latency and ms per generated token,
-    medians of --generate-repeats generations.
+    medians of --generate-repeats rounds, each round one generation with every memory in turn
+    (interleaved, so the machine's drift hits every size alike).
   * serving RAM: anonymous RSS a process adds when it opens the memory (the rest is page cache).
 Ratios are against the 65,536-token memory measured in the same run.
 """
@@ -211,7 +212,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=24)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--recall-queries", type=int, default=200)
-    ap.add_argument("--generate-repeats", type=int, default=3, help="model generations timed per memory (median)")
+    ap.add_argument("--generate-repeats", type=int, default=5, help="rounds of model generations (median)")
     ap.add_argument("--nprobe", type=int, help="IVF probes (default: each shard's, measured when it was written)")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -257,21 +258,27 @@ def main():
             _, rows = store.shards[0].search(q, k)
             row[f"recall@{k}"] = round(float(np.mean([len(set(a) & set(b)) / k for a, b in
                                                       zip(rows.reshape(-1, k), exact.reshape(-1, k))])), 4)
-        # the model decoding with this memory
-        model.generate(ids[:, :64], store, max_new_tokens=2)
-        prompts, decodes = [], []
-        for _ in range(args.generate_repeats):  # medians: one call moves with what the page cache holds
+        results[size] = row
+        del store
+    # the model decoding with every memory, interleaved round by round
+    stores = {size: MemoryStore.open(folder, nprobe=args.nprobe) for size, folder in memories.items()}
+    prompts = {size: [] for size in stores}
+    decodes = {size: [] for size in stores}
+    for store in stores.values():
+        model.generate(ids[:, :64], store, max_new_tokens=2)  # opens every index and warms what it reads
+    for _ in range(args.generate_repeats):
+        for size, store in sorted(stores.items()):
             t0 = time.perf_counter()
             model.generate(ids, store, max_new_tokens=1)
-            prompts.append(time.perf_counter() - t0)
+            prompts[size].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             model.generate(ids, store, max_new_tokens=args.new_tokens + 1)
-            decodes.append((time.perf_counter() - t0 - prompts[-1]) / args.new_tokens)
-        row.update(generate_prompt_ms=round(1000 * statistics.median(prompts)),
-                   generate_ms_per_token=round(1000 * statistics.median(decodes), 1))
-        results[size] = row
+            decodes[size].append((time.perf_counter() - t0 - prompts[size][-1]) / args.new_tokens)
+    del stores
+    for size, row in sorted(results.items()):
+        row.update(generate_prompt_ms=round(1000 * statistics.median(prompts[size])),
+                   generate_ms_per_token=round(1000 * statistics.median(decodes[size]), 1))
         print(json.dumps(row), flush=True)
-        del store
     base = results[BASE]
     summary = {"figure": "summary", "machine": machine(), "k": k}
     for size, row in results.items():
