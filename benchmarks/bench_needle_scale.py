@@ -37,7 +37,6 @@ import argparse
 import json
 import random
 import re
-import socket
 import sys
 import time
 from pathlib import Path
@@ -46,7 +45,7 @@ import httpx
 import numpy as np
 import torch
 
-from common import machine
+from common import free_port, machine
 from longmem.backbone import cache_dir
 from longmem.demo import shakespeare_works
 from longmem.evaluation.recall import (EVAL_TEMPLATES, STYLES, chat_question, chat_turn, interval, needles,
@@ -100,7 +99,7 @@ def make_needles(n: int, seed: int) -> list[dict]:
 def one_of_each_form(seed: int) -> list[dict]:
     """One needle per (template, value kind), keys and values distinct, each asked in every style:
     a question dict per (needle, style), the needle's index in "needle"."""
-    rng, out, keys, values, used = random.Random(seed), [], set(), set(), set()
+    rng, out, values, used = random.Random(seed), [], set(), set()
     for template in EVAL_TEMPLATES:
         for kind in VALUE_KINDS:
             while True:
@@ -110,13 +109,12 @@ def one_of_each_form(seed: int) -> list[dict]:
                 if not set(key.split()[1:]) & used and answers[0] not in values:  # no shared adjective or noun
                     break
             used.update(key.split()[1:])
-            keys.add(key)
             values.add(answers[0])
             after = rng.getstate()
             for style in STYLES:
                 rng.setstate(state)  # the same fact, asked this way
                 f, q, a = needles("single", rng, style, kind, template)
-                out.append({"needle": len(keys) - 1, "fact": f[0], "question": q, "answer": a[0], "style": style,
+                out.append({"needle": len(out) // len(STYLES), "fact": f[0], "question": q, "answer": a[0], "style": style,
                             "kind": kind})
             rng.setstate(after)
     return out
@@ -210,12 +208,6 @@ def score_row(scores: dict[str, list[float]]) -> dict:
 
 
 # ------------------------------------------------------------------ needles inside the built memory
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def serve_memories(checkpoint: str, memories: dict[str, Path], threads: int) -> httpx.Client:
     """The serve app on 127.0.0.1 with every memory searched through its shard replicas."""
     from ray import serve

@@ -13,7 +13,6 @@ Half the clients read the memory. Prints one summary line per figure, then one J
 
 import argparse
 import json
-import socket
 import statistics
 import sys
 import tempfile
@@ -23,13 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from common import AUSTEN, as_trained, machine
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from common import AUSTEN, as_trained, free_port, machine
 
 
 def main():
