@@ -39,7 +39,7 @@ from longmem.evaluation.recall import recall_items, recall_score  # noqa: E402
 from longmem.evaluation.tasks import EvalSettings  # noqa: E402
 from longmem.loading import load_model  # noqa: E402
 from longmem.memory.bank import MemoryBank  # noqa: E402
-from longmem.model import LongMem  # noqa: E402
+from longmem.model import LongMem, next_token_nll  # noqa: E402
 from longmem.training import (DistractorMemory, EpisodeSampler, TrainConfig, distractor_segments,  # noqa: E402
                               make_optimizer, train_step)
 
@@ -128,6 +128,10 @@ def span_read(bank: MemoryBank, retrieval, q: torch.Tensor, span: SpanRead, scal
     out = torch.einsum("bhgtn,bhtnd->bhgtd", weights.to(v.dtype).reshape(B, H, G, T, N), v).reshape(B, Hq, T, D)
     mix = torch.sigmoid(torch.einsum("bhtd,hd->bht", q.float(), span.mix_weight.float()) + span.mix_bias[None, :, None])
     mix = torch.where(mask.any(-1), mix, torch.zeros_like(mix))
+    if getattr(span, "capture", False):  # the supervised runs read the weights' memory positions back
+        positions = bank.chunk_positions[retrieval.streams]  # (B, A)
+        cand_pos = positions.gather(1, idx.reshape(B, -1)).reshape(B, H, T, N).masked_fill(~valid, -1)
+        span.captured = (weights, cand_pos, mix)
     return out, weights, ids, mix
 
 
@@ -176,6 +180,75 @@ def install(model: LongMem, span: SpanRead | None) -> None:
     MemoryBank.reset = reset
 
 
+def value_targets(episode, region: int) -> list[tuple[int, int]] | None:
+    """For a facts episode: [(query position t, episode position of the value token t predicts)], one
+    per value token of the asked fact, or None where the value is not found exactly once before the
+    question (a repeated word value, or the same words in the prose)."""
+    if episode.kind != "facts" or episode.answer is None:
+        return None
+    where = episode.answer.nonzero().flatten()
+    start, value = int(where[0]), episode.ids[where[:-1]]  # the answer's tokens less the closing "."
+    if value.numel() == 0:
+        return None
+    hay = episode.ids[:region]
+    found = [p for p in range(region - value.numel() + 1) if torch.equal(hay[p : p + value.numel()], value)]
+    if len(found) != 1:
+        return None
+    return [(start + i - 1, found[0] + i) for i in range(value.numel())]
+
+
+def supervised_step(model: LongMem, episode, optimizer, scheduler, cfg: TrainConfig, distractors, span: SpanRead,
+                    weight: float, mix_weight: float = 1.0, first_tokens: int = 0) -> dict:
+    """The recipe's train_step for one episode, plus a cross-entropy of the span read's attention on
+    the asked value's memory slot, and of its mix, at the positions that predict the value."""
+    W, n = model.config.memory.window, cfg.segments_per_episode
+    model.train()
+    bank = model.new_bank(1)
+    ids, labels = episode.ids[None], episode.labels[None]
+    with model.frozen_precision(cfg.frozen_precision(model.device)):
+        distractors.fill(bank, ids)
+        base = int(bank.tokens_seen[0])  # memory position of the episode's first token
+        model.write_memory(ids[:, : (n - 1) * W], bank)
+        j = n - 1
+        seg, lab = ids[:, j * W :], labels[:, j * W :]
+        targets = value_targets(episode, (n - 1) * W) if weight > 0 else None
+        if targets and first_tokens:
+            targets = targets[:first_tokens]
+        span.capture = targets is not None
+        out = model(seg, bank=bank, labels=None, update_memory=True, previous_ids=ids[:, j * W - 1],
+                    context_ids=model.memory_context(ids, j * W))
+        span.capture = False
+        answer = episode.answer[None, j * W :] if episode.answer is not None else torch.zeros_like(lab, dtype=torch.bool)
+        weights = 1.0 + (cfg.answer_weight - 1.0) * answer[:, 1:].float()
+        nll = next_token_nll(out.logits, lab, model.returns_log_probs)
+        scored = (lab[:, 1:] != -100).float() * weights
+        loss = (nll * scored).sum() / scored.sum()
+        attn_loss = mix_loss = torch.zeros(())
+        found = 0.0
+        if targets is not None:
+            span_weights, cand_pos, mix = span.captured  # (1, Hq, W, N), (1, H, W, N), (1, Hq, W)
+            span.captured = None
+            Hq, H = span_weights.shape[1], cand_pos.shape[1]
+            t = torch.tensor([q - j * W for q, _ in targets])
+            goal = torch.tensor([base + v for _, v in targets])
+            hit = (cand_pos[0][:, t] == goal[None, :, None]).repeat_interleave(Hq // H, dim=0)  # (Hq, L, N)
+            present = hit.any(-1)  # (Hq, L)
+            if present.any():
+                p = (span_weights[0][:, t] * hit).sum(-1)
+                attn_loss = -torch.log(p[present] + 1e-6).mean()
+                mix_loss = -torch.log(mix[0][:, t][present].float() + 1e-6).mean()
+            found = present.float().mean().item()
+        (loss + weight * (attn_loss + mix_weight * mix_loss)).backward()
+    params = [p for p in model.sidenet.parameters() if p.requires_grad] + list(span.parameters())
+    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    copy_gate = out.readout.copy_gate
+    return {"loss": loss.item(), "attn_loss": attn_loss.item(), "mix_loss": mix_loss.item(), "target_found": found,
+            "copy_gate": 0.0 if copy_gate is None else copy_gate.float().mean().item()}
+
+
 def tokenize(tokenizer, path: Path) -> torch.Tensor:
     return tokenizer(path.read_text(), add_special_tokens=False, return_tensors="pt").input_ids[0]
 
@@ -217,6 +290,11 @@ def main():
     ap.add_argument("--eval-trials", type=int, default=10)
     ap.add_argument("--eval-tasks", nargs="*", default=["single", "multikey"])
     ap.add_argument("--log-every", type=int, default=20)
+    ap.add_argument("--supervise", type=float, default=0.0,
+                    help="weight of the span attention's and mix's cross-entropy on the asked value (0: off)")
+    ap.add_argument("--supervise-mix", type=float, default=1.0, help="the mix's share of that weight")
+    ap.add_argument("--supervise-tokens", type=int, default=0,
+                    help="supervise the positions that predict the value's first N tokens (0: all of them)")
     args = ap.parse_args()
     torch.manual_seed(0)
     model = load_model()
@@ -238,13 +316,19 @@ def main():
         scheduler.lr_lambdas.append(scheduler.lr_lambdas[0])
     t0 = time.time()
     for step in range(cfg.steps):
-        metrics = train_step(model, [[sampler.sample()]], optimizer, scheduler, cfg, distractors=distractors)
+        if args.supervise > 0:
+            metrics = supervised_step(model, sampler.sample(), optimizer, scheduler, cfg, distractors, span, args.supervise,
+                                      args.supervise_mix, args.supervise_tokens)
+        else:
+            metrics = train_step(model, [[sampler.sample()]], optimizer, scheduler, cfg, distractors=distractors)
         if step % args.log_every == 0 or step == cfg.steps - 1:
             extra = {}
             if span is not None:
                 extra["span_mix_bias"] = [round(x, 2) for x in span.mix_bias.tolist()]
             print(json.dumps({"step": step, "elapsed_s": round(time.time() - t0), "loss": round(metrics["loss"], 4),
-                              "copy_gate": round(metrics.get("copy_gate", 0.0), 3), **extra}), flush=True)
+                              "copy_gate": round(metrics.get("copy_gate", 0.0), 3), **extra,
+                              **{k: round(metrics[k], 4) for k in ("attn_loss", "mix_loss", "target_found") if k in metrics}}),
+                  flush=True)
     train_s = round(time.time() - t0)
     if args.out:
         model.save_pretrained(args.out)
