@@ -14,6 +14,11 @@ A learnt per-head mix (from the query) weighs it against the next read.
 
     python research/span_read.py --steps 240 --out ~/.cache/longmem/runs/span
     python research/span_read.py --steps 240 --no-span --out ~/.cache/longmem/runs/span-baseline
+    python research/span_read.py --steps 300 --supervise 1 --out ~/.cache/longmem/runs/span-sup
+
+`--supervise W` also trains the span attention on where the asked value sits in memory (facts
+episodes know it): a cross-entropy of its weight on the value's slot, and of the mix, at the
+positions that predict the value.
 
 It trains in-process from the backbone with the recipe's settings, then runs the held-out recall
 items (`longmem.evaluation.recall`: templates, keys and haystack that training never uses) with
@@ -239,7 +244,7 @@ def supervised_step(model: LongMem, episode, optimizer, scheduler, cfg: TrainCon
                 mix_loss = -torch.log(mix[0][:, t][present].float() + 1e-6).mean()
             found = present.float().mean().item()
         (loss + weight * (attn_loss + mix_weight * mix_loss)).backward()
-    params = [p for p in model.sidenet.parameters() if p.requires_grad] + list(span.parameters())
+    params = [p for p in model.sidenet.parameters() if p.requires_grad] + list(span.parameters())  # clipped together
     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     optimizer.step()
     scheduler.step()
@@ -296,6 +301,8 @@ def main():
     ap.add_argument("--supervise-tokens", type=int, default=0,
                     help="supervise the positions that predict the value's first N tokens (0: all of them)")
     args = ap.parse_args()
+    if args.supervise > 0 and args.no_span:
+        ap.error("--supervise trains the span read: drop --no-span")
     torch.manual_seed(0)
     model = load_model()
     tok = model.tokenizer
