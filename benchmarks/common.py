@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import platform
-import socket
 import statistics
 import time
 from pathlib import Path
 
 import torch
+
+from pipelines.ray_env import free_port  # noqa: F401 - the benchmarks' import point
 
 ROOT = Path(__file__).resolve().parents[1]
 AUSTEN = ROOT.parent / "shared" / "data" / "austen"
@@ -38,12 +39,6 @@ def interleaved(fns: dict, rounds: int = 7, warmup: int = 1) -> dict:
             fn()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def machine() -> str:

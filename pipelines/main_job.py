@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 import sys
 import time
 import urllib.request
@@ -25,6 +24,7 @@ from pathlib import Path
 
 from longmem.backbone import cache_dir
 from longmem.config import DEFAULT_BACKBONE
+from pipelines.ray_env import free_port
 
 
 @dataclass
@@ -58,12 +58,6 @@ def log(message: str) -> None:
     print(f"[main] {message}", file=sys.stderr, flush=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, body: dict) -> dict:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
     with urllib.request.urlopen(req, timeout=300) as r:
@@ -77,7 +71,7 @@ def _complete_over_http(checkpoint: Path, memory: Path, prompts: dict[str, tuple
 
     from pipelines.serve import app_builder
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     completions = {}
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 # Keep an embedded local Ray on loopback and lean (set before ray is imported anywhere).
 LOCAL_ENV = {
@@ -18,6 +19,13 @@ LOCAL_ENV = {
 # activations) with transparent huge pages, read when torch is first imported: without them every
 # fresh vocabulary-sized tensor costs a page fault per 4 KiB, a large part of a CPU training step.
 TORCH_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a local head, a serve proxy, a dashboard)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def prepare_torch_env() -> None:

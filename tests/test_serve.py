@@ -1,7 +1,6 @@
 """Ray Serve endpoint on a real local Ray, over real HTTP on 127.0.0.1."""
 
 import json
-import socket
 import time
 
 import httpx
@@ -10,6 +9,7 @@ import pytest
 import torch
 
 from conftest import longmem_on
+from pipelines.ray_env import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -17,12 +17,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 SETTINGS = dict(memory__window=64, memory__chunk_size=4, memory__capacity_tokens=2048, sidenet__init="paper")
 SERVED = {}  # what the served fixture built: the model and its memory folders
 KEY1, KEY2 = "key-one", "key-two"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
