@@ -114,10 +114,26 @@ class ReadConfig:
     copy_match_init: float | None = 4.0
 
 
+@dataclass
+class PassageConfig:
+    """Passage recall (longmem/memory/passages.py): before a prompt's local window is read, the
+    prompt's last tokens find the passages of memory that share their rare tokens, and those go
+    at the front of the window, where the model reads them as context. No weight depends on it."""
+
+    blocks: int = 4  # passages (blocks of memory) a prompt may bring into its window; 0: off
+    block: int = 32  # tokens a block holds; a passage is its block widened by `margin` each side
+    margin: int = 48
+    query_tokens: int = 32  # the prompt's last tokens that search
+    # a block is a passage only where its vote is this many times the 16th-best block's: a prompt
+    # that shares only common words with memory brings nothing into its window
+    stand_out: float = 1.5
+
+
 # Settings no weight depends on: they may differ from a checkpoint's (e.g. a longer memory, or a
 # memory searched chunk by chunk). Every other setting is fixed by the weights it was trained with.
 RUNTIME_SETTINGS = frozenset({"memory.window", "memory.chunk_size", "memory.retrieve_tokens",
-                              "memory.capacity_tokens", "memory.dtype", "memory.sink_tokens"})
+                              "memory.capacity_tokens", "memory.dtype", "memory.sink_tokens"}
+                             | {f"passages.{f.name}" for f in fields(PassageConfig)})
 # Read off the backbone when a model is built: never set by hand.
 DERIVED_SETTINGS = frozenset({"backbone.fingerprint", "backbone.model_type", "backbone.num_layers",
                               "backbone.global_layers"})
@@ -129,16 +145,19 @@ class LongMemConfig:
     sidenet: SideNetConfig = field(default_factory=SideNetConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     read: ReadConfig = field(default_factory=ReadConfig)
+    passages: PassageConfig = field(default_factory=PassageConfig)
 
     @classmethod
     def paper(cls) -> "LongMemConfig":
         """The paper's settings: chunks of 4 searched by the SideNet's query by inner product, an
-        attention read inside the memory layer's block, plain layer copies, raw keys, no copy head."""
+        attention read inside the memory layer's block, plain layer copies, raw keys, no copy head,
+        no passage recall."""
         return cls(
             sidenet=SideNetConfig(init="paper"),
             memory=MemoryConfig(chunk_size=4, query="side", metric="ip", center_keys=False),
             read=ReadConfig(mode="attend", scale_init=None, prev_bonus_init=None, copy_init=None,
                             copy_match_init=None),
+            passages=PassageConfig(blocks=0),
         )
 
     @classmethod
@@ -199,6 +218,14 @@ class LongMemConfig:
             value = getattr(getattr(self, section), name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{section}.{name} must be a positive integer, got {value!r}")
+        p = self.passages
+        for name in ("blocks", "block", "margin", "query_tokens"):
+            value = getattr(p, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name in ("blocks", "margin") else 1):
+                raise ConfigError(f"passages.{name} must be a {'non-negative' if name in ('blocks', 'margin') else 'positive'}"
+                                  f" integer, got {value!r}")
+        if not (isinstance(p.stand_out, (int, float)) and p.stand_out >= 1):
+            raise ConfigError(f"passages.stand_out must be at least 1, got {p.stand_out!r}")
         if isinstance(m.sink_tokens, bool) or not isinstance(m.sink_tokens, int) or not 0 <= m.sink_tokens < m.window:
             raise ConfigError(f"memory.sink_tokens must lie in [0, memory.window), got {m.sink_tokens!r}")
         for name in ("window", "retrieve_tokens", "capacity_tokens"):
@@ -292,7 +319,8 @@ class LongMemConfig:
         return cls.from_dict(data)
 
 
-_SECTIONS = {"backbone": BackboneConfig, "sidenet": SideNetConfig, "memory": MemoryConfig, "read": ReadConfig}
+_SECTIONS = {"backbone": BackboneConfig, "sidenet": SideNetConfig, "memory": MemoryConfig, "read": ReadConfig,
+             "passages": PassageConfig}
 
 
 def setting_names() -> list[str]:

@@ -2,18 +2,26 @@
 
 A prompt longer than the window is streamed: whole segments go through memory, the rest is the
 local context. When the window fills up during decoding, its older half moves into memory (when a
-writable memory is given) and the rest is re-encoded from position 0.
+writable memory is given) and the rest is re-encoded from position 0. Before a prompt's window is
+read, the passages of memory its last tokens ask about go at the window's front (passage recall,
+longmem/memory/passages.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .memory import CombinedMemory, Memory
+from .memory.passages import find_passages
 from .model import InputError, LongMem
 from .sidenet import LayerCache
+
+
+# Passages take at most this share (1/n) of the local window: the rest stays the prompt's own text.
+PASSAGE_SHARE = 4
 
 
 @dataclass
@@ -127,7 +135,45 @@ def read_past(model: LongMem, ids: torch.Tensor, memory, streams):
         # What memory stores is the backbone's alone: no SideNet pass is needed to write it.
         model.write_memory(ids[:, :local_start], memory, streams)
     previous = ids[:, local_start - 1] if local_start else None
-    return memory, streams, ids[:, local_start:], previous
+    memory, streams, local_start, passages, before = recall_passages(model, ids, local_start, memory, streams)
+    if passages is None:
+        return memory, streams, ids[:, local_start:], previous
+    return memory, streams, torch.cat([passages, ids[:, local_start:]], dim=1), before
+
+
+def recall_passages(model: LongMem, ids: torch.Tensor, local_start: int, memory, streams):
+    """Passage recall (longmem/memory/passages.py) for one prompt (1, P) whose past memory holds:
+    the passages its last tokens find, to read at the front of the local window. The window's
+    oldest tokens give way to them and go to memory. Returns (memory, streams, the new local start,
+    passages (1, n) or None, the token before the first passage (1,) or None). A batch of several
+    prompts read at once, and a memory that keeps no token ids here, read without passages."""
+    cfg, window = model.config.passages, model.config.memory.window
+    if not cfg.blocks or memory is None or ids.shape[0] != 1 or not hasattr(memory, "passage_tokens"):
+        return memory, streams, local_start, None, None
+    stream = 0 if streams is None else int(torch.as_tensor(streams).flatten()[0])
+    held = memory.passage_tokens(stream)
+    room = window // PASSAGE_SHARE
+    P = ids.shape[1]
+    movable = max(0, (P - local_start) - (window - room))  # what passages may push out is searched too
+    prompt = ids[0].cpu().numpy()
+    searched = prompt[local_start : local_start + movable]
+    if held is not None and len(held):
+        searched = np.concatenate([held, searched])
+    ranges = find_passages(searched, prompt[-cfg.query_tokens:], cfg, room)
+    if not ranges:
+        return memory, streams, local_start, None, None
+    passages = torch.as_tensor(np.concatenate([searched[a:b] for a, b in ranges]), dtype=ids.dtype,
+                               device=ids.device)[None]
+    before = None if ranges[0][0] == 0 else torch.as_tensor([int(searched[ranges[0][0] - 1])], dtype=ids.dtype,
+                                                              device=ids.device)
+    leave = max(0, (P - local_start) + passages.shape[1] - window)
+    if leave:
+        if memory.read_only:  # the prompt's own tokens go to a bank read beside the built memories
+            memory, streams = CombinedMemory(model.new_bank(1), [memory]), None
+        segment = ids[:, local_start : local_start + leave]
+        keys, values = model.memory_entries(segment, model.memory_context(ids, local_start))
+        memory.add(keys, values, token_ids=segment, streams=streams)
+    return memory, streams, local_start + leave, passages, before
 
 
 def new_generator(device, seed: int | None) -> torch.Generator:

@@ -9,16 +9,21 @@ division of labour: memory finds, the backbone reads. For each held-out recall i
 1. the prompt's past (everything before LongMem's local window) is written to memory as usual;
 2. the question (the prompt's last `--query-tokens`) searches memory with its backbone keys; each
    query token's top hits vote for the blocks of memory they fall in, each vote weighted by how
-   sharply that token's hits stand out (a word that matches everywhere votes for nothing);
+   sharply that token's hits stand out (a word that matches everywhere votes for nothing), or
+   (the default, `--search tokens`) its token ids vote as passage recall's do
+   (longmem/memory/passages.py);
 3. the best `--blocks` blocks, widened by `--margin` tokens each side and merged, are put in front
    of the local window, in the order they were written, and the model reads that.
 
 Readings: the backbone over its local window (the baseline users have); the backbone over the
-found passages + its local window; LongMem with memory (the product's read); and how often the
-asked fact lies inside the found passages.
+found passages + its local window; LongMem with memory as the product generates (its passage
+recall included); and how often the asked fact lies inside the found passages.
 
     python research/context_recall.py --checkpoint checkpoints/sidenet --trials 10
-    python research/context_recall.py --backbone gemma3-270m --window 2048 --trials 10
+    python research/context_recall.py --backbone gemma3-270m --context 2048 --trials 10 --styles restate paraphrase
+
+The figures in docs/research-log.md § Context recall were measured at 57a19ba, whose token search
+weighed a token by its count in memory (the product's, used here since, by the blocks holding it).
 
 A research driver; nothing here is part of the product.
 """
@@ -37,7 +42,9 @@ from common import AUSTEN  # noqa: E402
 
 from longmem.evaluation.recall import chat_turn, recall_items, recall_score  # noqa: E402
 from longmem.evaluation.tasks import EvalSettings  # noqa: E402
+from longmem.config import PassageConfig  # noqa: E402
 from longmem.loading import load_model  # noqa: E402
+from longmem.memory.passages import _merge as merge, find_passages  # noqa: E402
 
 
 def found_ranges(model, bank, local: torch.Tensor, query_tokens: int, memory_len: int, k: int, block: int,
@@ -56,31 +63,6 @@ def found_ranges(model, bank, local: torch.Tensor, query_tokens: int, memory_len
     votes.index_add_(0, (positions.clamp(min=0) // block).flatten(), weights.flatten().float())
     best = torch.topk(votes, min(blocks, votes.numel())).indices.tolist()
     return merge(sorted((max(0, b * block - margin), min(memory_len, (b + 1) * block + margin)) for b in best))
-
-
-def lexical_ranges(past: torch.Tensor, question: torch.Tensor, block: int, blocks: int, margin: int) -> list[tuple[int, int]]:
-    """Memory position ranges [a, b), in stream order, of the blocks that share the most rare
-    tokens with the question: each question token votes log(N / its count in memory) for every
-    block holding it."""
-    ids = past[0].numpy()
-    n = len(ids)
-    counts = np.bincount(ids, minlength=int(max(ids.max(), question.max())) + 1)
-    votes = np.zeros(n // block + 1)
-    for t in set(question[0].tolist()):
-        if counts[t]:
-            votes[np.unique(np.nonzero(ids == t)[0] // block)] += np.log(n / counts[t])
-    best = np.argsort(-votes, kind="stable")[:blocks]
-    return merge(sorted((max(0, b * block - margin), min(n, (b + 1) * block + margin)) for b in best))
-
-
-def merge(spans):
-    merged = []
-    for a, b in spans:
-        if merged and a <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
-        else:
-            merged.append((a, b))
-    return merged
 
 
 def backbone_answer(model, ids: torch.Tensor, max_new_tokens: int) -> str:
@@ -137,8 +119,9 @@ def main():
                 model.write_memory(past, bank)
                 ranges = found_ranges(model, bank, local, args.query_tokens, past.shape[1], args.k, args.block, args.blocks,
                                       args.margin, args.temperature)
-            else:
-                ranges = lexical_ranges(past, x[:, -args.query_tokens:], args.block, args.blocks, args.margin)
+            else:  # the product's passage search, every block that has a vote taking part
+                config = PassageConfig(blocks=args.blocks, block=args.block, margin=args.margin, stand_out=1.0)
+                ranges = find_passages(past[0].numpy(), x[0, -args.query_tokens:].numpy(), config, budget)
             found = torch.cat([past[:, a:b] for a, b in ranges], dim=1)
             facts = [(p, p + 8) for p in it["fact_positions"]]
             hit = any(a <= p and q <= b for p, q in facts[:1] for a, b in ranges)  # the asked fact (first)
@@ -147,13 +130,8 @@ def main():
             n = it["max_new_tokens"]
             texts = {"backbone": backbone_answer(model, local, n),
                      "backbone_found": backbone_answer(model, torch.cat([found, local[:, -keep:]], dim=1), n)}
-            if not args.no_longmem:
+            if not args.no_longmem:  # the product's generation, passage recall included
                 texts["longmem_memory"] = model.generate(x, bank=model.new_bank(1), max_new_tokens=n).texts[0]
-                # LongMem with the found passages at the front of its window, everything before in memory
-                bank = model.new_bank(1)
-                model.write_memory(x[:, :x.shape[1] - keep], bank)
-                texts["longmem_found"] = model.generate(torch.cat([found, x[:, -keep:]], dim=1), bank=bank,
-                                                        max_new_tokens=n).texts[0]
             row = {"id": it["id"], "style": it["style"], "answers": it["answers"], "found": hit,
                    "found_tokens": int(found.shape[1]), "texts": texts,
                    "scores": {r: recall_score(t, it["answers"]) for r, t in texts.items()}}

@@ -52,7 +52,7 @@ def test_each_preset_builds_and_trains_a_step(preset):
 def test_config_json_round_trip_in_sections():
     config = LongMemConfig.paper().with_overrides({"memory": {"window": 256, "capacity_tokens": 4096}})
     data = json.loads(json.dumps(config.to_dict()))
-    assert data["format"] == 2 and set(data) == {"format", "backbone", "sidenet", "memory", "read"}
+    assert data["format"] == 2 and set(data) == {"format", "backbone", "sidenet", "memory", "read", "passages"}
     assert LongMemConfig.from_dict(data) == config
     with pytest.raises(ConfigError, match="unknown settings in memory"):
         LongMemConfig.from_dict({**data, "memory": {**data["memory"], "colour": "red"}})

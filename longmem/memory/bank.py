@@ -15,6 +15,7 @@ It implements the `Memory` contract (memory/base.py).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .base import MemoryRetrieval, MemorySpec, StoreError, neighbour_tokens
@@ -120,6 +121,14 @@ class MemoryBank:
     def num_tokens(self, stream: int = 0) -> int:
         """Tokens searchable in a stream (whole chunks only)."""
         return int(self.count[stream]) * self.chunk_size
+
+    def passage_tokens(self, stream: int = 0) -> np.ndarray:
+        """The token ids a stream holds, in the order they were written (passage recall)."""
+        positions = self.chunk_positions[stream]
+        held = torch.nonzero(positions >= 0).flatten()
+        held = held[torch.argsort(positions[held])]
+        ids = self.token_ids[stream][held].reshape(-1)
+        return ids[ids >= 0].cpu().numpy()
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.chunk_keys, self.token_ids))

@@ -5,6 +5,7 @@
         search(queries, k, streams=None, with_next=False) -> MemoryRetrieval  # (B, T, H, D)
         reset(streams=None)
         check_model(spec)          # refuse a model whose keys this memory cannot hold
+        passage_tokens(stream=0)   # optional: the token ids held, in written order (passage recall)
 
 Implemented by the in-process `MemoryBank` (per-stream ring buffers), the on-disk `MemoryStore`
 (sharded, faiss), the serving layer's remote shards, and `CombinedMemory` (a bank read together
@@ -20,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 
@@ -241,6 +243,14 @@ class CombinedMemory:
     def reset(self, streams=None) -> None:
         if self.bank is not None:
             self.bank.reset(streams)
+
+    def passage_tokens(self, stream: int = 0):
+        """The token ids of the parts that hold theirs here (passage recall): built memories
+        first, then the stream's own; None where no part does."""
+        parts = [m.passage_tokens(stream) for m in self.stores + ([self.bank] if self.bank is not None else [])
+                 if hasattr(m, "passage_tokens")]
+        parts = [p for p in parts if p is not None]
+        return np.concatenate(parts) if parts else None
 
     def check_model(self, spec: MemorySpec) -> None:
         for part in ([self.bank] if self.bank is not None else []) + self.stores:

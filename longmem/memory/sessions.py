@@ -133,6 +133,9 @@ class SessionBank:
     def num_tokens(self, stream: int = 0) -> int:
         return self.bank.num_tokens(0)
 
+    def passage_tokens(self, stream: int = 0):
+        return self.bank.passage_tokens(0)
+
     @property
     def capacity_tokens(self) -> int:
         return self.bank.capacity_tokens

@@ -518,6 +518,14 @@ class MemoryStore:
         return {"bytes": done, "of_bytes": total, "complete": done >= total,
                 "seconds": round(time.perf_counter() - start, 2)}
 
+    def passage_tokens(self, stream: int = 0) -> np.ndarray:
+        """Every shard's token ids in the order they were built (passage recall; shared by every
+        stream)."""
+        if getattr(self, "_tokens", None) is None:
+            ids = np.concatenate([s.token_ids.reshape(-1) for s in self.shards]) if self.shards else np.zeros(0, np.int64)
+            self._tokens = ids[ids >= 0]
+        return self._tokens
+
     def check_model(self, spec: MemorySpec) -> None:
         """Refuse a model whose backbone, memory layer or chunking differ from the memory's."""
         self.spec.require_compatible(spec, f"memory {self.directory}")

@@ -202,6 +202,9 @@ class LocalMemory:
     def add(self, keys, values, token_ids=None, streams=None, skip_first: int = 0) -> None:
         self.store.add(keys, values)
 
+    def passage_tokens(self, stream: int = 0):
+        return self.store.passage_tokens(stream)
+
     def reset(self, streams=None) -> None:
         """Shared by every stream: nothing of one stream's own to forget."""
 
