@@ -120,7 +120,11 @@ class PassageConfig:
     prompt's last tokens find the passages of memory that share their rare tokens, and those go
     at the front of the window, where the model reads them as context. No weight depends on it."""
 
-    blocks: int = 4  # passages (blocks of memory) a prompt may bring into its window; 0: off
+    # Passages (blocks of memory) a prompt may bring into its window; 0: off. Off in the recipe: its
+    # SmolLM2 model recalls less with them (same-form distractors come into the window beside the
+    # fact); a backbone that reads context well recalls far more (4 for Gemma 3 270M; results.md
+    # § Passage recall).
+    blocks: int = 0
     block: int = 32  # tokens a block holds; a passage is its block widened by `margin` each side
     margin: int = 48
     query_tokens: int = 32  # the prompt's last tokens that search
@@ -150,14 +154,12 @@ class LongMemConfig:
     @classmethod
     def paper(cls) -> "LongMemConfig":
         """The paper's settings: chunks of 4 searched by the SideNet's query by inner product, an
-        attention read inside the memory layer's block, plain layer copies, raw keys, no copy head,
-        no passage recall."""
+        attention read inside the memory layer's block, plain layer copies, raw keys, no copy head."""
         return cls(
             sidenet=SideNetConfig(init="paper"),
             memory=MemoryConfig(chunk_size=4, query="side", metric="ip", center_keys=False),
             read=ReadConfig(mode="attend", scale_init=None, prev_bonus_init=None, copy_init=None,
                             copy_match_init=None),
-            passages=PassageConfig(blocks=0),
         )
 
     @classmethod

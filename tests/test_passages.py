@@ -66,7 +66,8 @@ def prompt_with_a_fact(model, length: int, fact_at: int):
 
 
 def test_the_window_reads_the_found_passage_first_and_what_it_pushes_out_goes_to_memory():
-    model = tiny_longmem(memory__window=64, passages__block=8, passages__margin=4, passages__query_tokens=8)
+    model = tiny_longmem(memory__window=64, passages__blocks=4, passages__block=8, passages__margin=4,
+                         passages__query_tokens=8)
     ids = prompt_with_a_fact(model, 200, fact_at=40)
     bank = model.new_bank(1)
     memory, _, local, previous = read_past(model, ids, bank, None)
@@ -92,7 +93,7 @@ def test_the_window_reads_the_found_passage_first_and_what_it_pushes_out_goes_to
 
 
 def test_without_a_match_in_memory_generation_is_unchanged():
-    model = tiny_longmem(memory__window=64)
+    model = tiny_longmem(memory__window=64, passages__blocks=4)
     ids = torch.as_tensor(haystack(200, seed=5))[None]  # its last tokens ask for nothing rare
     ids[0, -8:] = torch.tensor([11, 12, 13, 14, 15, 16, 17, 18])
     off = tiny_longmem(memory__window=64, passages__blocks=0)
@@ -105,7 +106,8 @@ def test_without_a_match_in_memory_generation_is_unchanged():
 def test_a_question_about_a_session_memory_reads_the_passage_as_the_start_of_its_window():
     """A short question about a fact held only in memory: its first logits are those of the same
     model without passage recall reading the passage and the question as one window."""
-    model = tiny_longmem(memory__window=64, passages__block=8, passages__margin=4, passages__query_tokens=8)
+    model = tiny_longmem(memory__window=64, passages__blocks=4, passages__block=8, passages__margin=4,
+                         passages__query_tokens=8)
     off = tiny_longmem(memory__window=64, passages__blocks=0)
     off.load_state_dict(model.state_dict())
     document = prompt_with_a_fact(model, 160, fact_at=60)[:, :-4]
