@@ -92,10 +92,15 @@ def main():
     ap.add_argument("--search", choices=("tokens", "keys"), default="tokens",
                     help="find passages by the question's rare tokens, or by its memory-layer keys")
     ap.add_argument("--no-longmem", action="store_true", help="skip LongMem's own read (slow)")
+    ap.add_argument("--set", dest="settings", action="append", default=[], metavar="SETTING=VALUE",
+                    help="a model setting for LongMem's reading, e.g. passages.blocks=4")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
-    overrides = {"memory.window": args.window} if args.window else None
+    overrides = {"memory.window": args.window} if args.window else {}
+    for item in args.settings:
+        key, _, value = item.partition("=")
+        overrides[key] = json.loads(value)
     model = load_model(checkpoint=args.checkpoint, backbone=args.backbone, overrides=overrides).eval()
     tok = model.tokenizer
     settings = EvalSettings(task="recall", window=model.config.memory.window, recall_tasks=tuple(args.tasks),
