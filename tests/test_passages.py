@@ -122,3 +122,29 @@ def test_a_question_about_a_session_memory_reads_the_passage_as_the_start_of_its
     by_hand = off(torch.cat([document[:, a:b], question], dim=1), bank=banks[1], previous_ids=document[:, a - 1])
     torch.testing.assert_close(first[0], by_hand.logits[:, -1], rtol=1e-5, atol=1e-5)
     assert banks[0].num_tokens(0) == banks[1].num_tokens(0)  # nothing of the question left the window
+
+
+def test_a_built_memory_gives_the_same_passages_as_a_bank_holding_the_same_text(tmp_path):
+    """A question over a read-only built memory (two shards) reads what it reads over a bank
+    holding the same document: the same passage, the same first logits."""
+    from longmem.memory import CombinedMemory
+    from longmem.memory.encoder import MemoryEncoder, write_memory_dir
+    from longmem.memory.store import MemoryStore
+
+    model = tiny_longmem(memory__window=64, passages__blocks=4, passages__block=8, passages__margin=4,
+                         passages__query_tokens=8)
+    document = prompt_with_a_fact(model, 160, fact_at=60)[:, :-4]
+    write_memory_dir(tmp_path / "m", MemoryEncoder(model), [("doc", document[0].numpy())], shards=2)
+    store = MemoryStore.open(tmp_path / "m")
+    np.testing.assert_array_equal(store.passage_tokens(), document[0].numpy())
+    bank = model.new_bank(1)
+    model.write_memory(document, bank)
+    question = torch.tensor([[13, 14, 15, 16, 17, 18, 19, 10, 11, 121, 120, 12]])
+    _, _, from_bank, _ = read_past(model, question, bank, None)
+    memory, _, from_store, _ = read_past(model, question, store, None)
+    assert torch.equal(from_store, from_bank) and from_store.shape[1] > question.shape[1]
+    assert memory is store  # nothing had to leave the window: the built memory is read as it is
+    np.testing.assert_array_equal(CombinedMemory(model.new_bank(1), [store]).passage_tokens(0), document[0].numpy())
+    a = model.generate(question, bank=bank, max_new_tokens=1, return_logits=True)[1]
+    b = model.generate(question, bank=store, max_new_tokens=1, return_logits=True)[1]
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

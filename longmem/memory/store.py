@@ -479,6 +479,7 @@ class MemoryStore:
     def __init__(self, directory: Path, manifest: dict, shards: list[MemoryShard]):
         self.directory, self.manifest, self.shards = directory, manifest, shards
         self.spec = MemorySpec.from_dict(manifest["spec"])
+        self._tokens = None  # passage_tokens, read once
 
     @classmethod
     def open(cls, directory: str | Path, verify: bool = False, nprobe: int | None = None, shards: list[int] | None = None,
@@ -521,7 +522,7 @@ class MemoryStore:
     def passage_tokens(self, stream: int = 0) -> np.ndarray:
         """Every shard's token ids in the order they were built (passage recall; shared by every
         stream)."""
-        if getattr(self, "_tokens", None) is None:
+        if self._tokens is None:
             ids = np.concatenate([s.token_ids.reshape(-1) for s in self.shards]) if self.shards else np.zeros(0, np.int64)
             self._tokens = ids[ids >= 0]
         return self._tokens
