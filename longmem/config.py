@@ -221,11 +221,11 @@ class LongMemConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{section}.{name} must be a positive integer, got {value!r}")
         p = self.passages
-        for name in ("blocks", "block", "margin", "query_tokens"):
+        for name, least, kind in (("blocks", 0, "non-negative"), ("block", 1, "positive"), ("margin", 0, "non-negative"),
+                                  ("query_tokens", 1, "positive")):
             value = getattr(p, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name in ("blocks", "margin") else 1):
-                raise ConfigError(f"passages.{name} must be a {'non-negative' if name in ('blocks', 'margin') else 'positive'}"
-                                  f" integer, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(f"passages.{name} must be a {kind} integer, got {value!r}")
         if not (isinstance(p.stand_out, (int, float)) and p.stand_out >= 1):
             raise ConfigError(f"passages.stand_out must be at least 1, got {p.stand_out!r}")
         if isinstance(m.sink_tokens, bool) or not isinstance(m.sink_tokens, int) or not 0 <= m.sink_tokens < m.window:

@@ -44,7 +44,7 @@ from longmem.evaluation.recall import chat_turn, recall_items, recall_score  # n
 from longmem.evaluation.tasks import EvalSettings  # noqa: E402
 from longmem.config import PassageConfig  # noqa: E402
 from longmem.loading import load_model  # noqa: E402
-from longmem.memory.passages import _merge as merge, find_passages  # noqa: E402
+from longmem.memory.passages import find_passages, merge_spans  # noqa: E402
 
 
 def found_ranges(model, bank, local: torch.Tensor, query_tokens: int, memory_len: int, k: int, block: int,
@@ -62,7 +62,7 @@ def found_ranges(model, bank, local: torch.Tensor, query_tokens: int, memory_len
     votes = torch.zeros(memory_len // block + 1)
     votes.index_add_(0, (positions.clamp(min=0) // block).flatten(), weights.flatten().float())
     best = torch.topk(votes, min(blocks, votes.numel())).indices.tolist()
-    return merge(sorted((max(0, b * block - margin), min(memory_len, (b + 1) * block + margin)) for b in best))
+    return merge_spans(sorted((max(0, b * block - margin), min(memory_len, (b + 1) * block + margin)) for b in best))
 
 
 def backbone_answer(model, ids: torch.Tensor, max_new_tokens: int) -> str:

@@ -65,14 +65,15 @@ def find_passages(memory_ids: np.ndarray, question: np.ndarray, config, max_toke
         if votes[b] <= 0 or votes[b] < config.stand_out * reference:
             break
         span = (max(0, b * config.block - config.margin), min(n, (b + 1) * config.block + config.margin))
-        merged = _merge(sorted(spans + [span]))
+        merged = merge_spans(sorted(spans + [span]))
         if sum(e - s for s, e in merged) > max_tokens:
             break
         chosen, spans = merged, spans + [span]
     return chosen
 
 
-def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+def merge_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted [a, b) ranges -> the same ranges with those that touch or overlap joined."""
     out: list[tuple[int, int]] = []
     for a, b in spans:
         if out and a <= out[-1][1]:
