@@ -131,6 +131,10 @@ class PassageConfig:
     # a block is a passage only where its vote is this many times the 16th-best block's: a prompt
     # that shares only common words with memory brings nothing into its window
     stand_out: float = 1.5
+    # and at least this share of the best block's vote: the asked fact's block wins on the key words
+    # the question names, and a fact of the same form that shares only the frame's words stays out
+    # (chosen on training-side items: research/passage_search.py, results.md § Passage recall)
+    near_best: float = 0.8
 
 
 # Settings no weight depends on: they may differ from a checkpoint's (e.g. a longer memory, or a
@@ -228,6 +232,8 @@ class LongMemConfig:
                 raise ConfigError(f"passages.{name} must be a {kind} integer, got {value!r}")
         if not (isinstance(p.stand_out, (int, float)) and p.stand_out >= 1):
             raise ConfigError(f"passages.stand_out must be at least 1, got {p.stand_out!r}")
+        if not (isinstance(p.near_best, (int, float)) and 0 <= p.near_best <= 1):
+            raise ConfigError(f"passages.near_best must be between 0 and 1, got {p.near_best!r}")
         if isinstance(m.sink_tokens, bool) or not isinstance(m.sink_tokens, int) or not 0 <= m.sink_tokens < m.window:
             raise ConfigError(f"memory.sink_tokens must lie in [0, memory.window), got {m.sink_tokens!r}")
         for name in ("window", "retrieve_tokens", "capacity_tokens"):

@@ -23,7 +23,9 @@ recall included); and how often the asked fact lies inside the found passages.
     python research/context_recall.py --backbone gemma3-270m --context 2048 --trials 10 --styles restate paraphrase
 
 The figures in docs/research-log.md § Context recall were measured at 57a19ba, whose token search
-weighed a token by its count in memory (the product's, used here since, by the blocks holding it).
+weighed a token by its count in memory (the product's, used here since, by the blocks holding it)
+and read every block with a vote among the best four (`--near-best 0`; the product's default since
+reads only those within 0.8 of the best block's vote).
 
 A research driver; nothing here is part of the product.
 """
@@ -88,6 +90,8 @@ def main():
     ap.add_argument("--block", type=int, default=32)
     ap.add_argument("--blocks", type=int, default=4)
     ap.add_argument("--margin", type=int, default=48)
+    ap.add_argument("--near-best", type=float, default=PassageConfig.near_best,
+                    help="token search: a block is read only at this share of the best block's vote or more")
     ap.add_argument("--temperature", type=float, default=0.05)
     ap.add_argument("--search", choices=("tokens", "keys"), default="tokens",
                     help="find passages by the question's rare tokens, or by its memory-layer keys")
@@ -125,7 +129,8 @@ def main():
                 ranges = found_ranges(model, bank, local, args.query_tokens, past.shape[1], args.k, args.block, args.blocks,
                                       args.margin, args.temperature)
             else:  # the product's passage search, every block that has a vote taking part
-                config = PassageConfig(blocks=args.blocks, block=args.block, margin=args.margin, stand_out=1.0)
+                config = PassageConfig(blocks=args.blocks, block=args.block, margin=args.margin, stand_out=1.0,
+                                       near_best=args.near_best)
                 ranges = find_passages(past[0].numpy(), x[0, -args.query_tokens:].numpy(), config, budget)
             found = torch.cat([past[:, a:b] for a, b in ranges], dim=1)
             facts = [(p, p + 8) for p in it["fact_positions"]]

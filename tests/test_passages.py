@@ -47,6 +47,19 @@ def test_passages_keep_to_their_token_budget_best_blocks_first():
     assert everything == sorted(everything)  # in the order memory holds them
 
 
+def test_a_distractor_of_the_facts_form_stays_out_when_it_falls_short_of_the_best_block():
+    ids = haystack(4000, seed=2)
+    template = [130, 131, 132]  # the frame every fact shares ("the special magic number for")
+    for at, key, value in ((600, 140, 150), (640, 141, 151), (2400, 142, 152)):
+        ids[at : at + 5] = template + [key, value]
+    question = np.array([11, 130, 131, 132, 141, 12])  # asks for key 141 in the facts' own frame
+    loose = find_passages(ids, question, PassageConfig(blocks=4, block=16, margin=0, stand_out=1.0, near_best=0.0), 512)
+    tight = find_passages(ids, question, PassageConfig(blocks=4, block=16, margin=0, stand_out=1.0, near_best=0.8), 512)
+    holds = lambda ranges, p: any(a <= p < b for a, b in ranges)  # noqa: E731
+    assert holds(loose, 644) and holds(loose, 2404)  # the asked fact and a distractor far from it
+    assert holds(tight, 644) and not holds(tight, 2404)
+
+
 def test_passage_settings_are_checked_and_may_change_on_a_checkpoint():
     from longmem.config import RUNTIME_SETTINGS, LongMemConfig
 
@@ -55,6 +68,8 @@ def test_passage_settings_are_checked_and_may_change_on_a_checkpoint():
         LongMemConfig().with_overrides({"passages.block": 0})
     with pytest.raises(ConfigError, match="passages.stand_out"):
         LongMemConfig().with_overrides({"passages.stand_out": 0.5})
+    with pytest.raises(ConfigError, match="passages.near_best"):
+        LongMemConfig().with_overrides({"passages.near_best": 1.5})
 
 
 def prompt_with_a_fact(model, length: int, fact_at: int):

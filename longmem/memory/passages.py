@@ -9,8 +9,9 @@ fact well when the fact is in its window. So before a prompt's local window is r
 1. the prompt's last `query_tokens` vote for the blocks of memory (`block` tokens each, in the
    order memory was written) that hold them, each distinct token with log(blocks / the blocks
    holding it): a word found in most blocks votes for next to nothing, a name found once votes most;
-2. the best `blocks` blocks whose vote is at least `stand_out` times the 16th-best block's become
-   passages, widened by `margin` tokens on each side and merged where they touch;
+2. the best `blocks` blocks whose vote is at least `stand_out` times the 16th-best block's, and at
+   least `near_best` times the best block's, become passages, widened by `margin` tokens on each
+   side and merged where they touch;
 3. the passages go at the front of the window in the order they were written (at most a quarter
    of the window); the window's oldest tokens give way to them and go to memory like the rest of
    the prompt's past.
@@ -59,10 +60,12 @@ def find_passages(memory_ids: np.ndarray, question: np.ndarray, config, max_toke
     if not votes.any():
         return []
     order = np.argsort(-votes, kind="stable")
-    reference = votes[order[min(REFERENCE_BLOCK, len(order)) - 1]]
+    # a passage stands out from the background and comes near the best block
+    least = max(config.stand_out * votes[order[min(REFERENCE_BLOCK, len(order)) - 1]],
+                config.near_best * votes[order[0]])
     chosen, spans = [], []
     for b in order[: config.blocks].tolist():
-        if votes[b] <= 0 or votes[b] < config.stand_out * reference:
+        if votes[b] <= 0 or votes[b] < least:
             break
         span = (max(0, b * config.block - config.margin), min(n, (b + 1) * config.block + config.margin))
         merged = merge_spans(sorted(spans + [span]))
