@@ -121,9 +121,9 @@ class PassageConfig:
     at the front of the window, where the model reads them as context. No weight depends on it."""
 
     # Passages (blocks of memory) a prompt may bring into its window; 0: off. Off in the recipe: its
-    # SmolLM2 model recalls less with them (same-form distractors come into the window beside the
-    # fact); a backbone that reads context well recalls far more (4 for Gemma 3 270M; results.md
-    # § Passage recall).
+    # SmolLM2 model recalls less with them (its memory read, trained on facts never in its window,
+    # outvotes the passage); a model that reads its window as its backbone does recalls far more
+    # (4 for a fresh model on Gemma 3 270M; results.md § Passage recall).
     blocks: int = 0
     block: int = 32  # tokens a block holds; a passage is its block widened by `margin` each side
     margin: int = 48

@@ -45,6 +45,7 @@ from common import AUSTEN  # noqa: E402
 from longmem.evaluation.recall import chat_turn, recall_items, recall_score  # noqa: E402
 from longmem.evaluation.tasks import EvalSettings  # noqa: E402
 from longmem.config import PassageConfig  # noqa: E402
+from longmem.generation import PASSAGE_SHARE  # noqa: E402
 from longmem.loading import load_model  # noqa: E402
 from longmem.memory.passages import find_passages, merge_spans  # noqa: E402
 
@@ -120,8 +121,9 @@ def main():
             window = args.context or model.config.memory.window
             start = model.local_start(x.shape[1]) if not args.context else x.shape[1] - args.context
             local = x[:, start:]
-            # passages are searched in everything their room pushes out of the window
-            budget = args.blocks * (args.block + 2 * args.margin)
+            # passages take at most a quarter of the window, as the product's do, and are searched
+            # in everything their room pushes out of it
+            budget = min(args.blocks * (args.block + 2 * args.margin), window // PASSAGE_SHARE)
             past = x[:, :x.shape[1] - (window - budget)]
             if args.search == "keys":
                 bank = model.new_bank(1)
