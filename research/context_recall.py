@@ -130,7 +130,7 @@ def main():
                 model.write_memory(past, bank)
                 ranges = found_ranges(model, bank, local, args.query_tokens, past.shape[1], args.k, args.block, args.blocks,
                                       args.margin, args.temperature)
-            else:  # the product's passage search, every block that has a vote taking part
+            else:  # the product's passage search, every block above the background taking part
                 config = PassageConfig(blocks=args.blocks, block=args.block, margin=args.margin, stand_out=1.0,
                                        near_best=args.near_best)
                 ranges = find_passages(past[0].numpy(), x[0, -args.query_tokens:].numpy(), config, budget)

@@ -33,6 +33,7 @@ from longmem import facts  # noqa: E402
 from longmem.config import PassageConfig  # noqa: E402
 from longmem.evaluation import recall  # noqa: E402
 from longmem.evaluation.tasks import EvalSettings  # noqa: E402
+from longmem.generation import PASSAGE_SHARE  # noqa: E402
 from longmem.loading import load_model  # noqa: E402
 from longmem.memory.passages import find_passages  # noqa: E402
 
@@ -53,7 +54,7 @@ def training_side():
 
 
 def score(items, config: PassageConfig) -> dict:
-    room = WINDOW // 4
+    room = WINDOW // PASSAGE_SHARE  # the product's share of the window
     out = {"fact": 0, "distractor": 0, "control": 0, "tokens": 0, "items": len(items)}
     for it in items:
         x = np.asarray(it["prompt"])

@@ -1,8 +1,8 @@
 """Can the recipe's SideNet learn to read the passages that passage recall puts in its window?
 
 With passage recall on, the shipped model answers fewer held-out questions than without it, while
-its own backbone, reading the same passages, answers more (docs/research-log.md § Passage recall
-and the trained model). This run continues the shipped model's training for a few steps with the
+its own backbone, reading the same passages, answers more (docs/research-log.md § Passage recall:
+distractors kept out, and who reads the passage). This run continues the shipped model's training for a few steps with the
 recipe's curriculum, except that every facts episode is read as the product reads a prompt with
 passage recall on: the passages its question finds in the earlier segments (the product's search,
 longmem/memory/passages.py) are put at the front of the trained segment, unscored. Then
