@@ -320,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_perplexity)
 
     t = sub.add_parser("train", help="adapt a SideNet with Ray Train (memory-augmented, curriculum episodes)")
-    t.add_argument("--corpus", nargs="+", required=True, help="folders, globs or files (.txt, .jsonl, .parquet)")
+    t.add_argument("--corpus", nargs="+", required=True, help="folders, globs or files (.txt, .jsonl, .parquet) or shakespeare:<work>, read in the order given")
     t.add_argument("--out", required=True, help="folder for the final checkpoint (new, empty, or a checkpoint)")
     add_model_args(t, device=False)
     t.add_argument("--workers", type=int, default=1)
@@ -365,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_trace)
 
     b = sub.add_parser("build-memory", help="encode corpora into a persistent, sharded memory with Ray Data")
-    b.add_argument("--corpus", nargs="+", required=True, help="folders, globs or files (.txt, .jsonl, .parquet)")
+    b.add_argument("--corpus", nargs="+", required=True, help="folders, globs or files (.txt, .jsonl, .parquet) or shakespeare:<work>, read in the order given")
     b.add_argument("--out", required=True, help="memory folder (created; a rerun resumes or skips finished shards)")
     add_model_args(b, device=False)
     b.add_argument("--shards", type=int, help="shard count (default: from --shard-tokens)")
